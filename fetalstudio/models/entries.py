@@ -1,0 +1,69 @@
+"""What the model manager knows about a model before loading it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class ModelKind(str, Enum):
+    SD_PIPELINE = "sd_pipeline"
+    LORA = "lora"
+    CONTROLNET = "controlnet"
+    SAM = "sam"
+    CLASSIFIER = "classifier"
+    SEGMENTER = "segmenter"
+
+
+class ModelFormat(str, Enum):
+    """How the weights are laid out on disk; picks the loader."""
+
+    DIFFUSERS_FOLDER = "diffusers_folder"  # model_index.json + component folders
+    SINGLE_FILE = "single_file"  # original SD layout in one .safetensors/.ckpt
+    KOHYA_LORA = "kohya_lora"  # lora_unet_..._lora_down.weight keys
+    PEFT_LORA = "peft_lora"  # diffusers/peft keys (lora_A / lora_B, unet./text_encoder. prefixes)
+    CONTROLNET_FOLDER = "controlnet_folder"
+    SAM_PTH = "sam_pth"
+    TIMM_CHECKPOINT = "timm_checkpoint"
+    HUB = "hub"  # not local yet; resolved on demand
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo_id: str
+    filename: str | None = None  # None: the whole repository (a diffusers folder)
+    revision: str | None = None
+
+    @property
+    def url(self) -> str:
+        base = f"https://huggingface.co/{self.repo_id}"
+        return f"{base}/blob/{self.revision or 'main'}/{self.filename}" if self.filename else base
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the app knows: from the manifest, from discovery, or a path the user gave."""
+
+    id: str
+    kind: ModelKind
+    format: ModelFormat
+    path: Path | None = None
+    hub: HubSource | None = None
+    licence: str = ""
+    notes: str = ""
+    origin: str = "manifest"  # manifest | discovered | user
+    #: Kind-specific details: SAM variant ("vit_b"), timm architecture, LoRA rank, ...
+    details: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def source_label(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        if self.hub is not None:
+            return f"hub:{self.hub.repo_id}" + (f"/{self.hub.filename}" if self.hub.filename else "")
+        return "?"
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None and self.path.exists()

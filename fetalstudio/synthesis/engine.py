@@ -1,0 +1,195 @@
+"""Text-to-image generation on any SD 1.x pipeline held by the model manager.
+
+The engine composes, per run, a fresh scheduler (the chosen sampler built from the model's own
+scheduler config) and the chosen LoRA adapters with their weights. LoRAs stay loaded as peft
+adapters on the pipeline, so switching between them never reloads the base model; a weight of 0
+is left out, and with no active LoRA the adapters are disabled: the base model's output exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import fetalstudio
+from fetalstudio.errors import FetalStudioError, ModelLoadError
+from fetalstudio.models.entries import ModelKind
+from fetalstudio.models.hashing import checkpoint_hash
+from fetalstudio.models.manager import ModelManager
+from fetalstudio.synthesis.samplers import make_scheduler, parse_sampler
+from fetalstudio.synthesis.settings import GeneratedImage, GenerationResult, GenerationSettings, LoraSpec
+
+log = logging.getLogger(__name__)
+
+#: (images done, images total, steps done in the current batch, steps per batch)
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    adapter_name: str
+    name: str
+    weight: float
+    hash: str
+    path: str
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "fetalstudio": fetalstudio.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class SynthesisEngine:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self._base_scheduler_configs: dict[int, dict] = {}
+        self._adapters: dict[int, dict[str, str]] = {}  # id(pipeline) -> adapter name -> path
+
+    def generate(
+        self,
+        settings: GenerationSettings,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
+    ) -> GenerationResult:
+        """Generate ``batch_count`` batches of ``batch_size`` images; image i uses seed + i.
+
+        Cancelling stops after the current denoising step; images of finished batches are kept.
+        """
+        settings = settings.validated()
+        started = time.perf_counter()
+        entry = self.manager.entry(settings.model)
+        if entry.kind is not ModelKind.SD_PIPELINE:
+            raise FetalStudioError(f"'{entry.id}' is a {entry.kind.value}, not a Stable Diffusion pipeline. Pick a generator model.")
+        images: list[GeneratedImage] = []
+        with self.manager.use(entry.id) as pipeline:
+            loras = self._apply_loras(pipeline, settings.loras)
+            base_metadata = self._base_metadata(pipeline, entry, loras, settings)
+            try:
+                for batch in range(settings.batch_count):
+                    indices = list(range(batch * settings.batch_size, (batch + 1) * settings.batch_size))
+                    batch_images = self.manager.run_with_oom_retry(
+                        lambda: self._run_batch(pipeline, settings, indices, len(images), on_progress, cancel), keep=entry.id
+                    )
+                    for index, image in zip(indices, batch_images):
+                        seed = settings.seed_for(index)
+                        generated = GeneratedImage(image, seed, index, settings, {**base_metadata, "seed": seed, "index": index})
+                        images.append(generated)
+                        if on_image is not None:
+                            on_image(generated)
+            except _Cancelled:
+                return GenerationResult(images, cancelled=True, seconds=time.perf_counter() - started)
+        return GenerationResult(images, cancelled=False, seconds=time.perf_counter() - started)
+
+    def _run_batch(self, pipeline, settings, indices, done, on_progress, cancel):
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+        pipeline.scheduler = make_scheduler(settings.sampler, self._base_scheduler_config(pipeline))
+        generators = [torch.Generator("cpu").manual_seed(settings.seed_for(i)) for i in indices]
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            if on_progress is not None:
+                on_progress(done, settings.total_images, step + 1, settings.steps)
+            return callback_kwargs
+
+        output = pipeline(
+            prompt=[settings.prompt] * len(indices),
+            negative_prompt=[settings.negative_prompt] * len(indices) if settings.negative_prompt else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            width=settings.width,
+            height=settings.height,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+            output_type="pil",
+        )
+        return output.images
+
+    def _base_scheduler_config(self, pipeline) -> dict:
+        """The model's scheduler config as loaded, before any sampler was swapped in."""
+        return self._base_scheduler_configs.setdefault(id(pipeline), dict(pipeline.scheduler.config))
+
+    def _apply_loras(self, pipeline, specs: tuple[LoraSpec, ...]) -> list[ResolvedLora]:
+        loaded = self._adapters.setdefault(id(pipeline), {})
+        resolved = []
+        for spec in specs:
+            entry = self.manager.entry(spec.source)
+            if entry.kind is not ModelKind.LORA:
+                raise FetalStudioError(f"'{spec.source}' is a {entry.kind.value}, not a LoRA. Pick a LoRA file.")
+            path = self.manager.local_path(entry)
+            digest = checkpoint_hash(path)
+            adapter_name = "lora_" + digest
+            if adapter_name not in loaded:
+                self._load_adapter(pipeline, path, adapter_name, entry.details.get("weights_file"))
+                loaded[adapter_name] = str(path)
+            name = re.sub(r"\.(safetensors|ckpt|pt|bin)$", "", path.name)
+            resolved.append(ResolvedLora(adapter_name, name, spec.weight, digest, str(path)))
+        active = [l for l in resolved if l.weight != 0]
+        if active:
+            pipeline.enable_lora()
+            pipeline.set_adapters([l.adapter_name for l in active], adapter_weights=[l.weight for l in active])
+        elif loaded:
+            pipeline.disable_lora()
+        return resolved
+
+    @staticmethod
+    def _load_adapter(pipeline, path, adapter_name: str, weights_file: str | None) -> None:
+        try:
+            if path.is_dir():
+                pipeline.load_lora_weights(str(path), weight_name=weights_file, adapter_name=adapter_name)
+            else:
+                pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+        except Exception as error:
+            raise ModelLoadError(
+                f"The LoRA {path.name} does not fit this model ({type(error).__name__}: {str(error)[:300]}). "
+                "A LoRA only works on the base architecture it was trained for (e.g. SD 1.5)."
+            ) from error
+
+    def _base_metadata(self, pipeline, entry, loras: list[ResolvedLora], settings: GenerationSettings) -> dict:
+        scheduler = make_scheduler(settings.sampler, self._base_scheduler_config(pipeline))
+        unet = pipeline.unet
+        return {
+            "settings": settings.to_dict(),
+            "sampler": parse_sampler(settings.sampler).label,
+            "scheduler": {"class": type(scheduler).__name__, "config": _jsonable(dict(scheduler.config))},
+            "model": {"id": entry.id, "name": entry.id, "hash": checkpoint_hash(self.manager.local_path(entry))},
+            "loras": [{"name": l.name, "source": l.path, "weight": l.weight, "hash": l.hash} for l in loras],
+            "versions": library_versions(),
+            "device": str(unet.device),
+            "dtype": str(unet.dtype).removeprefix("torch."),
+        }
+
+
+def _jsonable(config: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = [v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for v in value]
+        else:
+            out[key] = str(value)
+    return out
