@@ -41,6 +41,16 @@ T = TypeVar("T")
 
 MEMORY_BUDGET_ENV = "FETALSTUDIO_MEMORY_BUDGET_GB"
 
+NO_MODEL_HELP = {
+    ModelKind.SD_PIPELINE: (
+        "No image generator is installed yet. Put a Stable Diffusion 1.x model in {folder}: a "
+        "diffusers folder (with model_index.json, e.g. a copy of stable-diffusion-v1-5) or a single "
+        ".safetensors/.ckpt file (e.g. v1-5-pruned-emaonly.safetensors); or list one in "
+        "{folder}/manifest.toml. LoRA files (e.g. FU-LoRA's fetal_ultrasound_v1.0.safetensors) go "
+        "there too. Then press Refresh in the Models panel."
+    ),
+}
+
 
 @dataclass
 class LoadedModel:
@@ -120,6 +130,16 @@ class ModelManager:
 
     def ids(self, kind: ModelKind | None = None) -> list[str]:
         return [e.id for e in self.entries(kind)]
+
+    def default_id(self, kind: ModelKind) -> str:
+        """The manifest's ``default = true`` model of a kind, else the first one known."""
+        candidates = self.entries(kind)
+        for entry in candidates:
+            if entry.details.get("default", "").lower() == "true":
+                return entry.id
+        if candidates:
+            return candidates[0].id
+        raise ModelNotFoundError(NO_MODEL_HELP.get(kind, f"No {kind.value} model is installed.").format(folder=self.checkpoints_dir))
 
     def entry(self, id_or_path: str | Path) -> ModelEntry:
         """The entry for a catalog id, or for a file/folder path the user gave (registered on the fly)."""

@@ -106,6 +106,7 @@ class SynthesisEngine:
         if cancel is not None and cancel.is_set():
             raise _Cancelled
         pipeline.scheduler = make_scheduler(settings.sampler, self._base_scheduler_config(pipeline))
+        pipeline.set_progress_bar_config(disable=True)  # progress goes through on_progress
         generators = [torch.Generator("cpu").manual_seed(settings.seed_for(i)) for i in indices]
 
         def on_step_end(pipe, step, timestep, callback_kwargs):

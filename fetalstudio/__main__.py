@@ -1,0 +1,5 @@
+import sys
+
+from fetalstudio.cli import main
+
+sys.exit(main())

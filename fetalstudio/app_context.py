@@ -1,0 +1,36 @@
+"""The objects every front end shares: one model manager and the workflow engines over it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fetalstudio.models.manager import ModelManager
+from fetalstudio.paths import checkpoints_dir, outputs_dir
+from fetalstudio.synthesis.engine import SynthesisEngine
+
+
+@dataclass
+class AppContext:
+    manager: ModelManager
+    synthesis: SynthesisEngine
+    outputs_dir: Path
+
+
+def _quiet_third_party() -> None:
+    """No telemetry, no update checks, no progress-bar noise from libraries; nothing leaves the machine."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def build_context(checkpoints: Path | None = None, outputs: Path | None = None) -> AppContext:
+    _quiet_third_party()
+    manager = ModelManager(checkpoints or checkpoints_dir())
+    return AppContext(manager=manager, synthesis=SynthesisEngine(manager), outputs_dir=outputs or outputs_dir())
