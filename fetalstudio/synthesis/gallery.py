@@ -1,0 +1,21 @@
+"""Where interactively generated images are stored: outputs/synthesis/<date>/<n>-<seed>.png."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from pathlib import Path
+
+from fetalstudio.synthesis.metadata import save_png
+from fetalstudio.synthesis.settings import GeneratedImage
+
+
+def save_generated(image: GeneratedImage, outputs_dir: Path) -> Path:
+    folder = outputs_dir / "synthesis" / dt.date.today().isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    start = len(list(folder.glob("*.png")))
+    for number in itertools.count(start):
+        path = folder / f"{number:05d}-{image.seed}.png"
+        if not path.exists():
+            return save_png(image.image, path, image.settings, image.seed, image.metadata)
+    raise AssertionError("unreachable")

@@ -1,0 +1,32 @@
+"""The app shell: header and one tab per workflow. Tabs for later workflows are added here."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+import fetalstudio
+from fetalstudio.app_context import AppContext
+from fetalstudio.ui import models_tab, synthesis_tab
+
+#: System fonts only: the page must render with no request leaving the machine.
+THEME = gr.themes.Default(
+    primary_hue="teal",
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "Consolas", "monospace"],
+)
+
+CSS = "#no-generator-note { border-left: 4px solid #d97706; padding-left: 0.75em; }"
+
+
+def build_ui(context: AppContext) -> gr.Blocks:
+    with gr.Blocks(title="FetalStudio", analytics_enabled=False) as blocks:
+        gr.Markdown(
+            f"# FetalStudio <small>{fetalstudio.__version__}</small>\n"
+            "Synthesis and annotation of fetal ultrasound images. Research use only — not for diagnosis."
+        )
+        with gr.Tabs():
+            with gr.Tab("Synthesis", id="synthesis"):
+                synthesis_tab.render(context)
+            with gr.Tab("Models", id="models"):
+                models_tab.render(context)
+    return blocks
