@@ -192,12 +192,16 @@ def test_safetensors_round_trip_offline(tiny, no_network):
 
 
 def test_ckpt_round_trip_offline(tiny, no_network, tmp_path):
+    ldm = dict(tiny["ldm"])
+    # Some merged SD 1.x files carry float, off-by-a-fraction position_ids; the model must keep arange(77).
+    ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).float()[None] + 0.4
     path = tmp_path / "tiny.ckpt"
     # The Lightning layout: weights nested under "state_dict", plus plain training metadata.
-    torch.save({"state_dict": tiny["ldm"], "global_step": 470000, "epoch": 3}, path)
+    torch.save({"state_dict": ldm, "global_step": 470000, "epoch": 3}, path)
 
     loaded = load_single_file_sd_pipeline(path, config_dir=tiny["config_dir"])
     _assert_same_weights(tiny["pipe"], loaded)
+    assert torch.equal(loaded.text_encoder.embeddings.position_ids, torch.arange(77)[None])
 
 
 def test_fp16_file_and_dtype_request(tiny, tmp_path):
@@ -224,16 +228,6 @@ def test_text_encoder_without_text_model_level_loads(tiny, tmp_path, no_network)
 
     loaded = load_single_file_sd_pipeline(path, config_dir=tiny["config_dir"])
     _assert_same_weights(tiny["pipe"], loaded)
-
-
-def test_corrupted_position_ids_are_not_loaded(tiny, tmp_path):
-    """Some merged SD 1.x files carry float, off-by-a-fraction position_ids; the model must keep arange(77)."""
-    bad = dict(tiny["ldm"])
-    bad["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).float()[None] + 0.4
-    path = _save(tmp_path, "bad-position-ids.safetensors", bad)
-
-    loaded = load_single_file_sd_pipeline(path, config_dir=tiny["config_dir"])
-    assert torch.equal(loaded.text_encoder.embeddings.position_ids, torch.arange(77)[None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +289,13 @@ def test_git_lfs_pointer_is_explained(tmp_path, tiny):
     path = tmp_path / "model.safetensors"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 2132625894\n")
     with pytest.raises(ModelLoadError, match="git lfs pull"):
+        load_single_file_sd_pipeline(path, config_dir=tiny["config_dir"])
+
+
+def test_safetensors_with_another_extension_is_explained(tmp_path, tiny):
+    path = tmp_path / "model.weights"
+    shutil.copy(tiny["path"], path)
+    with pytest.raises(ModelLoadError, match="Rename it to end in .safetensors"):
         load_single_file_sd_pipeline(path, config_dir=tiny["config_dir"])
 
 
