@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="if > 0, also time the app path with a random kohya LoRA of this rank active (extra rows)",
     )
     parser.add_argument("--lora-weight", type=float, default=1.0, help="weight of the --lora-rank LoRA")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch intra-op CPU threads (0: torch's default). On a shared or small CPU, fewer threads than "
+        "cores gives steadier timings",
+    )
     parser.add_argument("--json", metavar="OUT", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines, only the table")
     args = parser.parse_args(argv)
@@ -158,7 +163,7 @@ def build_sd15_random(folder: Path, dtype: torch.dtype, device: torch.device, se
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(SD15_CONFIGS / "tokenizer")
-    scheduler_config = diffusers.SchedulerMixin.load_config(SD15_CONFIGS / "scheduler")
+    scheduler_config = json.loads((SD15_CONFIGS / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -196,6 +201,7 @@ class Row:
     batch: int
     variant: str  # "base" or "lora r<N>"
     app_seconds: list[float] = field(default_factory=list)  # per run (whole batch)
+    app_overhead_seconds: list[float] = field(default_factory=list)  # per app run: time outside the pipeline call
     plain_seconds: list[float] = field(default_factory=list)
     plain_label: str = "plain"
     same_images: bool | None = None
@@ -221,9 +227,14 @@ class Row:
     def ratio_min(self) -> float:
         return self.per_image(self.app_seconds)[1] / self.per_image(self.plain_seconds)[1]
 
+    @property
+    def overhead_ms(self) -> float:
+        return statistics.median(self.app_overhead_seconds) * 1e3
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data.update(
+            app_overhead_ms_per_run_median=self.overhead_ms,
             app_s_per_image_median=self.app_median, app_s_per_image_min=self.per_image(self.app_seconds)[1],
             plain_s_per_image_median=self.plain_median, plain_s_per_image_min=self.per_image(self.plain_seconds)[1],
             ratio_median=self.ratio, ratio_min=self.ratio_min,
@@ -260,12 +271,40 @@ class Bench:
             batch_size=batch, batch_count=1, loras=tuple(loras),
         )
 
-    def app_run(self, settings) -> tuple[float, list]:
-        synchronize(self.device)
-        started = time.perf_counter()
-        result = self.engine.generate(settings)
-        synchronize(self.device)
-        return time.perf_counter() - started, [g.image for g in result.images]
+    def app_run(self, settings) -> tuple[float, float, list]:
+        """Seconds of ``engine.generate`` and of those, seconds spent outside the diffusers call.
+
+        The pipeline class's ``__call__`` is wrapped with a clock for the duration of the app run
+        only (the engine calls ``pipeline(...)``, which Python resolves on the class), so the
+        engine's own work (settings, scheduler construction, hashing, metadata) is measured
+        directly, independent of how noisy the denoising itself is.
+        """
+        cls = type(self.pipe)
+        original = cls.__dict__.get("__call__")
+        inner = [0.0]
+        call = cls.__call__
+
+        def timed_call(pipe, *args, **kwargs):
+            started_inner = time.perf_counter()
+            try:
+                return call(pipe, *args, **kwargs)
+            finally:
+                synchronize(self.device)
+                inner[0] += time.perf_counter() - started_inner
+
+        cls.__call__ = timed_call
+        try:
+            synchronize(self.device)
+            started = time.perf_counter()
+            result = self.engine.generate(settings)
+            synchronize(self.device)
+            seconds = time.perf_counter() - started
+        finally:
+            if original is None:
+                del cls.__call__
+            else:
+                cls.__call__ = original
+        return seconds, seconds - inner[0], [g.image for g in result.images]
 
     def plain_run(self, batch: int) -> tuple[float, list]:
         import diffusers
@@ -299,16 +338,19 @@ class Bench:
             return self.plain_run(row.batch)
 
         label = f"{row.variant} batch {row.batch}"
-        self.log(f"[{label}] warm-up ...")
-        app()
-        plain()
+        warm_app, warm_overhead, _ = app()
+        warm_plain, _ = plain()
+        self.log(f"[{label}] warm-up: app {warm_app:.3f} s (outside the pipeline call {warm_overhead * 1e3:.1f} ms), "
+                 f"{row.plain_label} {warm_plain:.3f} s")
         app_images = plain_images = None
         for repeat in range(self.args.repeats):
-            seconds, app_images = app()
+            seconds, overhead, app_images = app()
             row.app_seconds.append(seconds)
+            row.app_overhead_seconds.append(overhead)
             seconds_plain, plain_images = plain()
             row.plain_seconds.append(seconds_plain)
-            self.log(f"[{label}] run {repeat + 1}/{self.args.repeats}: app {seconds:.3f} s, {row.plain_label} {seconds_plain:.3f} s")
+            self.log(f"[{label}] run {repeat + 1}/{self.args.repeats}: app {seconds:.3f} s (outside the pipeline call "
+                     f"{overhead * 1e3:.1f} ms), {row.plain_label} {seconds_plain:.3f} s")
         row.same_images, row.max_pixel_diff = compare_images(app_images, plain_images)
         return row
 
@@ -320,7 +362,7 @@ class Bench:
 # --- output -------------------------------------------------------------------------------------
 def format_table(rows: list[Row], machine: dict) -> str:
     header = ["model", "device", "dtype", "sampler", "steps", "size", "batch", "variant",
-              "app s/img", "plain s/img", "ratio", "(min: app/plain/ratio)", "same img"]
+              "app s/img", "plain s/img", "ratio", "(min: app/plain/ratio)", "app overhead ms/run", "same img"]
     lines = []
     for r in rows:
         app_med, app_min = r.per_image(r.app_seconds)
@@ -330,6 +372,7 @@ def format_table(rows: list[Row], machine: dict) -> str:
             f"{app_med:.4f}", f"{plain_med:.4f}" + ("" if r.plain_label == "plain" else f" ({r.plain_label})"),
             f"{r.ratio:.3f}" + ("" if r.ratio <= 1.05 else " !"),
             f"{app_min:.4f}/{plain_min:.4f}/{r.ratio_min:.3f}",
+            f"{r.overhead_ms:.1f}",
             "yes" if r.same_images else f"no (max diff {r.max_pixel_diff})",
         ])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
@@ -342,6 +385,7 @@ def format_table(rows: list[Row], machine: dict) -> str:
         f"transformers {machine['transformers']}, peft {machine['peft']}, python {machine['python']}"
     )
     out.append("s/img: median over runs of (seconds per batch / batch size); ratio = app/plain of medians (target <= 1.05, '!' above).")
+    out.append("app overhead ms/run: median time of engine.generate spent outside the diffusers pipeline call (per batch).")
     if any(r.variant != "base" for r in rows):
         out.append(
             "LoRA rows: 'plain+lora' = plain call on the same pipeline with the same peft adapter set active "
@@ -356,6 +400,8 @@ def format_table(rows: list[Row], machine: dict) -> str:
 # --- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     import logging
 
     logging.basicConfig(level=logging.WARNING)

