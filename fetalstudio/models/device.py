@@ -43,9 +43,22 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def default_placement(preferred_device: str | None = None) -> DevicePlacement:
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {name!r}; use fp32, fp16 or bf16.") from None
+
+
+def default_placement(preferred_device: str | None = None, preferred_dtype: str | None = None) -> DevicePlacement:
+    """Device and dtype, each overridable ($FETALSTUDIO_DEVICE, $FETALSTUDIO_DTYPE)."""
     device = pick_device(preferred_device)
-    return DevicePlacement(device=device, dtype=pick_dtype(device))
+    dtype_name = preferred_dtype or os.environ.get("FETALSTUDIO_DTYPE")
+    return DevicePlacement(device=device, dtype=parse_dtype(dtype_name) if dtype_name else pick_dtype(device))
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

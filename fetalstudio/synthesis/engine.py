@@ -13,6 +13,7 @@ import platform
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,8 +64,9 @@ def library_versions() -> dict[str, str]:
 class SynthesisEngine:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
-        self._base_scheduler_configs: dict[int, dict] = {}
-        self._adapters: dict[int, dict[str, str]] = {}  # id(pipeline) -> adapter name -> path
+        # Keyed by the pipeline object itself, so an unloaded and reloaded model starts clean.
+        self._base_scheduler_configs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> adapter name -> path
 
     def generate(
         self,
@@ -131,10 +133,14 @@ class SynthesisEngine:
 
     def _base_scheduler_config(self, pipeline) -> dict:
         """The model's scheduler config as loaded, before any sampler was swapped in."""
-        return self._base_scheduler_configs.setdefault(id(pipeline), dict(pipeline.scheduler.config))
+        if pipeline not in self._base_scheduler_configs:
+            self._base_scheduler_configs[pipeline] = dict(pipeline.scheduler.config)
+        return self._base_scheduler_configs[pipeline]
 
     def _apply_loras(self, pipeline, specs: tuple[LoraSpec, ...]) -> list[ResolvedLora]:
-        loaded = self._adapters.setdefault(id(pipeline), {})
+        if pipeline not in self._adapters:
+            self._adapters[pipeline] = {}
+        loaded = self._adapters[pipeline]
         resolved = []
         for spec in specs:
             entry = self.manager.entry(spec.source)

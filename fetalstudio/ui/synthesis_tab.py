@@ -78,6 +78,7 @@ def render(context: AppContext) -> None:
             model = gr.Dropdown(generators, value=generators[0] if generators else None, label="Generator model",
                                 elem_id="synthesis-model", allow_custom_value=True,
                                 info="An SD 1.x model id, or a path to a diffusers folder / .safetensors file")
+            rescan = gr.Button("Rescan models", size="sm", elem_id="synthesis-rescan")
             with gr.Row():
                 subject = gr.Dropdown([*subject_choices(), CUSTOM], value=PLANES[0].value, label="Subject", elem_id="synthesis-subject")
                 trimester = gr.Dropdown([t.value for t in TRIMESTERS], value="second", label="Trimester", visible=False)
@@ -130,6 +131,14 @@ def render(context: AppContext) -> None:
             return gr.update(visible=False), current_prompt
         return gr.update(visible=subject_value == HEAD_SUBJECT), prompt_for(subject_value, trimester_value)
 
+    def on_rescan(current_model: str):
+        manager.refresh()
+        models = manager.ids(ModelKind.SD_PIPELINE)
+        loras = [NO_LORA, *manager.ids(ModelKind.LORA)]
+        return [gr.update(choices=models, value=current_model or (models[0] if models else None)),
+                *[gr.update(choices=loras) for _ in range(LORA_SLOTS)]]
+
+    rescan.click(on_rescan, model, [model, *lora_dropdowns])
     subject.change(on_subject, [subject, trimester, prompt], [trimester, prompt])
     trimester.change(on_subject, [subject, trimester, prompt], [trimester, prompt])
     random_seed.click(lambda: -1, None, seed)
