@@ -194,12 +194,6 @@ def test_offline_machine_repository_cache_check_makes_no_connection(hub_manager,
     assert connection_log == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: hub.fetch_from_hub tries hf_hub_download(local_files_only=True) before the reachability "
-    "check; huggingface_hub>=2.4 then fetches its agent registry from the hub (3 s timeout) once per process",
-)
 def test_offline_machine_file_cache_check_makes_no_connection(hub_manager, monkeypatch, hub_online_unset, connection_log):
     monkeypatch.setattr(hub, "hub_reachable", lambda *args, **kwargs: False)
     with pytest.raises(OfflineModelError, match="this machine is offline"):
@@ -215,7 +209,7 @@ def test_unreachable_hub_gives_offline_guidance(hub_manager, monkeypatch):
     with pytest.raises(OfflineModelError) as caught:
         hub_manager.local_path(hub_manager.entry("fu-lora"))
     assert "this machine is offline" in str(caught.value) and "HF_HUB_OFFLINE" not in str(caught.value)
-    assert [call["local_files_only"] for call in fake.calls] == [True]  # only the cache was tried
+    assert fake.calls == []  # only the local cache was looked at; no download was attempted
 
 
 # --- online -------------------------------------------------------------------------------------
@@ -230,7 +224,7 @@ def test_online_download_lands_in_the_hub_cache(hub_manager, monkeypatch, tmp_ch
     path = hub_manager.local_path(hub_manager.entry("fu-lora"))
     assert path.is_file() and path.name == LORA_FILE
     assert path.read_bytes() == tiny_kohya_lora.read_bytes()
-    assert [call["local_files_only"] for call in fake.calls] == [True, False]  # cache first, then download
+    assert [call["local_files_only"] for call in fake.calls] == [False]  # not in the cache: one download
     assert all(call["repo_id"] == LORA_REPO and call["filename"] == LORA_FILE for call in fake.calls)
     cache = tmp_checkpoints / ".hub-cache"
     assert {call["cache_dir"] for call in fake.calls} == {str(cache)}
@@ -260,14 +254,17 @@ def test_cached_hub_file_is_used_without_network(hub_manager, monkeypatch, hf_of
     shutil.copy(tiny_kohya_lora, cached)
     calls = []
 
-    def from_cache(repo_id, filename, *, local_files_only=False, **kwargs):
-        calls.append(local_files_only)
-        assert local_files_only, "a cached file must not be downloaded again"
+    def from_cache(repo_id, filename, *, cache_dir=None, revision=None, **kwargs):
+        calls.append((repo_id, filename))
         return str(cached)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
+    def no_download(*args, **kwargs):
+        raise AssertionError("a cached file must not be downloaded again")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", from_cache)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     assert hub_manager.local_path(hub_manager.entry("fu-lora")) == cached
-    assert calls == [True]
+    assert calls == [(LORA_REPO, LORA_FILE)]
 
 
 # --- device and dtype ---------------------------------------------------------------------------
@@ -276,6 +273,7 @@ def test_cached_hub_file_is_used_without_network(hub_manager, monkeypatch, hf_of
 @pytest.fixture
 def no_accelerator(monkeypatch):
     monkeypatch.delenv("FETALSTUDIO_DEVICE", raising=False)
+    monkeypatch.delenv("FETALSTUDIO_DTYPE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
@@ -290,6 +288,7 @@ def test_cpu_only_machine_uses_cpu_and_float32(no_accelerator):
 
 
 def test_device_override_from_environment(monkeypatch):
+    monkeypatch.delenv("FETALSTUDIO_DTYPE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("FETALSTUDIO_DEVICE", "cpu")
     assert devices.pick_device() == torch.device("cpu")

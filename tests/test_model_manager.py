@@ -134,11 +134,6 @@ def test_existing_path_becomes_a_user_entry(make_manager, tiny_kohya_lora):
     assert entry.id in manager.ids()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: ModelManager.entry registers a second (user) entry for the path of a known model",
-)
 def test_path_of_a_known_model_resolves_to_its_catalog_entry(manager, tiny_sd_dir):
     assert manager.entry(tiny_sd_dir) == manager.entry("tinysd")  # else it would load twice
 
@@ -240,11 +235,6 @@ def test_pinned_models_filling_the_budget_give_a_clear_error(make_manager):
         assert manager.loaded_ids() == ["a", "b"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: ModelManager._make_room unloads unpinned models before finding that pinned ones leave no room",
-)
 def test_refused_model_does_not_evict_others_for_nothing(make_manager):
     manager = make_manager({"a": MB, "b": MB, "big": 2 * MB})
     with manager.use("a"):

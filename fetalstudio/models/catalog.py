@@ -59,6 +59,11 @@ def parse_manifest(path: Path) -> list[ModelEntry]:
 
 def _entry_from_table(table: dict, manifest: Path, number: int) -> ModelEntry:
     where = f"{manifest}, model #{number}"
+    if not isinstance(table, dict):
+        raise ManifestError(f"{where}: write each model as a [[model]] table.")
+    for key in ("path", "hub_repo", "hub_file", "kind"):
+        if key in table and not isinstance(table[key], str):
+            raise ManifestError(f"{where}: {key} must be a quoted string.")
     model_id = table.get("id")
     if not model_id or not isinstance(model_id, str):
         raise ManifestError(f"{where}: every model needs an id (a short name such as \"sd15\").")
@@ -94,7 +99,11 @@ def _declared_format(table: dict, kind: ModelKind, path: Path | None, hub, where
         except ValueError:
             raise ManifestError(f"{where}: unknown format {table['format']!r}.") from None
     if path is not None and path.exists():
-        found = inspect_path(path)
+        try:
+            found = inspect_path(path)
+        except ModelLoadError as error:  # reported when the model is loaded, not at start-up
+            log.warning("%s: %s", where, error)
+            found = None
         if found is not None:
             return found.format
     if path is None and hub is not None:
@@ -133,7 +142,7 @@ def _discover_in(root: Path, folder: Path) -> list[ModelEntry]:
             continue
         try:
             inspection = inspect_path(child)
-        except ModelLoadError as error:
+        except Exception as error:  # one odd file must never break the scan
             log.warning("Skipping %s: %s", child, error)
             continue
         if inspection is not None:

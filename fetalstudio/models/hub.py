@@ -60,26 +60,34 @@ def offline_message(entry: ModelEntry, checkpoints_dir: Path) -> str:
 
 def fetch_from_hub(entry: ModelEntry, cache_dir: Path, checkpoints_dir: Path) -> Path:
     """Local path of a hub model: from the cache if there, else downloaded (tqdm shows progress)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 
     hub = entry.hub
     assert hub is not None
     common = {"repo_id": hub.repo_id, "revision": hub.revision, "cache_dir": str(cache_dir)}
+    patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
-    def download(local_only: bool) -> Path:
+    # Cache look-ups that only read the filesystem (hf_hub_download(local_files_only=True) may
+    # still contact the hub in some huggingface_hub versions).
+    if hub.filename:
+        cached = try_to_load_from_cache(filename=hub.filename, **common)
+        if isinstance(cached, str):
+            return Path(cached)
+    else:
+        try:
+            return Path(snapshot_download(allow_patterns=patterns, local_files_only=True, **common))
+        except Exception:  # not cached (huggingface_hub raises several error types for that)
+            pass
+
+    def download() -> Path:
         if hub.filename:
-            return Path(hf_hub_download(filename=hub.filename, local_files_only=local_only, **common))
-        patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]
-        return Path(snapshot_download(allow_patterns=patterns, local_files_only=local_only, **common))
+            return Path(hf_hub_download(filename=hub.filename, **common))
+        return Path(snapshot_download(allow_patterns=patterns, **common))
 
-    try:
-        return download(local_only=True)
-    except Exception:  # not cached (huggingface_hub raises several error types for that)
-        pass
     if not hub_reachable():
         raise OfflineModelError(offline_message(entry, checkpoints_dir))
     try:
-        return download(local_only=False)
+        return download()
     except Exception as error:
         raise OfflineModelError(
             f"Downloading model '{entry.id}' from {hub.url} failed ({type(error).__name__}: {error}). "

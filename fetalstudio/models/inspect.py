@@ -104,12 +104,12 @@ def unwrap_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
                     break
     if not isinstance(loaded, dict) or not any(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ModelLoadError(f"{path.name} holds no tensors: it is not a model checkpoint.")
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 def classify_keys(keys: Iterable[str], metadata: dict[str, str], shapes) -> Inspection | None:
     """Decide kind and format from tensor names (and safetensors metadata of our own models)."""
-    keys = list(keys)
+    keys = [k for k in keys if isinstance(k, str)]
     declared = metadata.get("fetalstudio.kind")
     if declared in (ModelKind.CLASSIFIER.value, ModelKind.SEGMENTER.value):
         return Inspection(ModelKind(declared), ModelFormat.TIMM_CHECKPOINT, _prefixed(metadata))
@@ -140,7 +140,7 @@ def _lora_details(keys: list[str], shapes, down_marker: str) -> dict[str, str]:
     details = {"modules": str(len(down_keys))}
     if down_keys:
         details["rank"] = str(shapes(down_keys[0])[0])
-    details["text_encoder"] = "yes" if any("te" in k.split("_")[1:2] or "text_encoder" in k for k in keys) else "no"
+    details["text_encoder"] = "yes" if any(k.startswith("lora_te") or "text_encoder" in k for k in keys) else "no"
     return details
 
 

@@ -152,6 +152,10 @@ class ModelManager:
                 return self._catalog[key]
             path = Path(os.path.expanduser(key))
             if path.exists():
+                resolved = path.resolve()
+                for entry in self._catalog.values():  # a known model given by its path
+                    if entry.path is not None and entry.path.resolve() == resolved:
+                        return entry
                 return self._register_path(path)
         known = ", ".join(sorted(self._catalog)) or "none yet"
         raise ModelNotFoundError(
@@ -269,23 +273,35 @@ class ModelManager:
             return sum(m.size_bytes for m in self._loaded.values())
 
     def _make_room(self, needed: int, keep: str) -> None:
-        """Unload least-recently-used, unpinned models until ``needed`` more bytes fit the budget."""
-        for model_id in list(self._loaded):
-            if self.used_bytes() + needed <= self.memory_budget_bytes:
-                return
-            if model_id != keep and self._loaded[model_id].pins == 0:
-                self.unload(model_id)
-        if self.used_bytes() + needed > self.memory_budget_bytes:
+        """Unload least-recently-used, unpinned models until ``needed`` more bytes fit the budget.
+
+        Checks first whether evicting could make room at all: a load that is refused anyway must
+        not cost the user the models that are working.
+        """
+        evictable = sum(m.size_bytes for i, m in self._loaded.items() if i != keep and m.pins == 0)
+        if self.used_bytes() - evictable + needed > self.memory_budget_bytes:
             raise OutOfMemoryError(
                 f"Not enough room for a {needed / 2**30:.1f} GiB model: the models in use "
-                f"({', '.join(self._loaded)}) fill the {self.memory_budget_bytes / 2**30:.1f} GiB budget. "
-                "Wait for the running job to finish, or raise the budget."
+                f"({', '.join(i for i, m in self._loaded.items() if m.pins)}) fill the "
+                f"{self.memory_budget_bytes / 2**30:.1f} GiB budget. Wait for the running job to finish, or raise the budget."
             )
+        evicted = False
+        for model_id in list(self._loaded):  # OrderedDict: least recently used first
+            if self.used_bytes() + needed <= self.memory_budget_bytes:
+                break
+            if model_id != keep and self._loaded[model_id].pins == 0:
+                del self._loaded[model_id]
+                evicted = True
+        if evicted:
+            self._release_memory()
 
     def _evict_all_unpinned(self, keep: str | None = None) -> None:
         for model_id in list(self._loaded):
             if model_id != keep and self._loaded[model_id].pins == 0:
-                self.unload(model_id)
+                del self._loaded[model_id]
+        self._release_memory()
+
+    def _release_memory(self) -> None:
         gc.collect()
         devices.free_device_cache(self.placement.device)
 
@@ -300,15 +316,12 @@ class ModelManager:
                 raise FetalStudioError(f"Model '{model_id}' is in use by a running job; unload it when the job ends.")
             del self._loaded[model_id]
             del record
-            gc.collect()
-            devices.free_device_cache(self.placement.device)
+            self._release_memory()
             return True
 
     def unload_all(self) -> None:
         with self._lock:
-            for model_id in list(self._loaded):
-                if self._loaded[model_id].pins == 0:
-                    self.unload(model_id)
+            self._evict_all_unpinned()
 
     def loaded_ids(self) -> list[str]:
         """Loaded models, least recently used first."""
