@@ -70,56 +70,14 @@ def test_no_network_fixture_blocks_connections(no_network):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random SD 1.x-architecture pipeline, its config-only diffusers folder and its LDM state dict."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            projection_dim=32,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+    from fetalstudio.models.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(
         tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer", local_files_only=True),
         scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler", local_files_only=True),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
     root = tmp_path_factory.mktemp("tiny_sd")

@@ -44,8 +44,12 @@ def write_byte_level_clip_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def build_tiny_sd_pipeline(seed: int = 0, sample_size: int = 8):
-    """A random-weight SD-architecture pipeline; ``sample_size`` latents -> 8x pixels."""
+def build_tiny_sd_pipeline(seed: int = 0, sample_size: int = 8, tokenizer=None, scheduler=None):
+    """A random-weight SD-architecture pipeline; ``sample_size`` latents -> 8x pixels.
+
+    By default it gets a byte-level CLIP tokenizer (no download) and an Euler scheduler; pass the
+    real SD 1.5 tokenizer/scheduler to mimic a full checkpoint's layout.
+    """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     import tempfile
@@ -74,9 +78,10 @@ def build_tiny_sd_pipeline(seed: int = 0, sample_size: int = 8):
         norm_num_groups=8,
         sample_size=sample_size * 8,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_byte_level_clip_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    if tokenizer is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_byte_level_clip_tokenizer(Path(tmp))
+            tokenizer = CLIPTokenizer.from_pretrained(tmp)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -91,7 +96,7 @@ def build_tiny_sd_pipeline(seed: int = 0, sample_size: int = 8):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = EulerDiscreteScheduler(
+    scheduler = scheduler or EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
     )
     return StableDiffusionPipeline(
