@@ -55,13 +55,18 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" for computed defaults
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
             "Seconds per image of FetalStudio's synthesis path (ModelManager + SynthesisEngine) "
             "next to a plain diffusers call on the same pipeline object, and their ratio (target <= 1.05)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--model", default="tiny",
@@ -96,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (torch %s)" % torch.__version__)
     default_size = 64 if args.model == "tiny" else 512
     args.width = args.width or default_size
     args.height = args.height or default_size
@@ -203,6 +210,8 @@ class Row:
     app_seconds: list[float] = field(default_factory=list)  # per run (whole batch)
     app_overhead_seconds: list[float] = field(default_factory=list)  # per app run: time outside the pipeline call
     plain_seconds: list[float] = field(default_factory=list)
+    app_cpu_seconds: list[float] = field(default_factory=list)  # process CPU time per run (robust on a busy CPU)
+    plain_cpu_seconds: list[float] = field(default_factory=list)
     plain_label: str = "plain"
     same_images: bool | None = None
     max_pixel_diff: int | None = None
@@ -228,6 +237,10 @@ class Row:
         return self.per_image(self.app_seconds)[1] / self.per_image(self.plain_seconds)[1]
 
     @property
+    def cpu_time_ratio(self) -> float:
+        return statistics.median(self.app_cpu_seconds) / statistics.median(self.plain_cpu_seconds)
+
+    @property
     def overhead_ms(self) -> float:
         return statistics.median(self.app_overhead_seconds) * 1e3
 
@@ -237,7 +250,7 @@ class Row:
             app_overhead_ms_per_run_median=self.overhead_ms,
             app_s_per_image_median=self.app_median, app_s_per_image_min=self.per_image(self.app_seconds)[1],
             plain_s_per_image_median=self.plain_median, plain_s_per_image_min=self.per_image(self.plain_seconds)[1],
-            ratio_median=self.ratio, ratio_min=self.ratio_min,
+            ratio_median=self.ratio, ratio_min=self.ratio_min, cpu_time_ratio_median=self.cpu_time_ratio,
         )
         return data
 
@@ -271,8 +284,9 @@ class Bench:
             batch_size=batch, batch_count=1, loras=tuple(loras),
         )
 
-    def app_run(self, settings) -> tuple[float, float, list]:
-        """Seconds of ``engine.generate`` and of those, seconds spent outside the diffusers call.
+    def app_run(self, settings) -> tuple[float, float, float, list]:
+        """Wall and process-CPU seconds of ``engine.generate``, the wall seconds of it spent
+        outside the diffusers call, and the images.
 
         The pipeline class's ``__call__`` is wrapped with a clock for the duration of the app run
         only (the engine calls ``pipeline(...)``, which Python resolves on the class), so the
@@ -295,18 +309,18 @@ class Bench:
         cls.__call__ = timed_call
         try:
             synchronize(self.device)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             result = self.engine.generate(settings)
             synchronize(self.device)
-            seconds = time.perf_counter() - started
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
         finally:
             if original is None:
                 del cls.__call__
             else:
                 cls.__call__ = original
-        return seconds, seconds - inner[0], [g.image for g in result.images]
+        return seconds, cpu_seconds, seconds - inner[0], [g.image for g in result.images]
 
-    def plain_run(self, batch: int) -> tuple[float, list]:
+    def plain_run(self, batch: int) -> tuple[float, float, list]:
         import diffusers
 
         a = self.args
@@ -316,14 +330,14 @@ class Bench:
         generators = [torch.Generator("cpu").manual_seed(a.seed + i) for i in range(batch)]
         negative = [a.negative_prompt] * batch if a.negative_prompt else None
         synchronize(self.device)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         output = self.pipe(
             prompt=[a.prompt] * batch, negative_prompt=negative, num_inference_steps=a.steps,
             guidance_scale=a.guidance, width=a.width, height=a.height, generator=generators,
         )
         images = output.images
         synchronize(self.device)
-        return time.perf_counter() - started, images
+        return time.perf_counter() - started, time.process_time() - started_cpu, images
 
     def measure(self, row: Row, app_settings, before_plain=None, before_app=None) -> Row:
         """Warm-up (app, plain), then ``repeats`` x (app, plain), alternating."""
@@ -338,19 +352,22 @@ class Bench:
             return self.plain_run(row.batch)
 
         label = f"{row.variant} batch {row.batch}"
-        warm_app, warm_overhead, _ = app()
-        warm_plain, _ = plain()
+        warm_app, _, warm_overhead, _ = app()
+        warm_plain, _, _ = plain()
         self.log(f"[{label}] warm-up: app {warm_app:.3f} s (outside the pipeline call {warm_overhead * 1e3:.1f} ms), "
                  f"{row.plain_label} {warm_plain:.3f} s")
         app_images = plain_images = None
         for repeat in range(self.args.repeats):
-            seconds, overhead, app_images = app()
+            seconds, cpu_seconds, overhead, app_images = app()
             row.app_seconds.append(seconds)
+            row.app_cpu_seconds.append(cpu_seconds)
             row.app_overhead_seconds.append(overhead)
-            seconds_plain, plain_images = plain()
+            seconds_plain, cpu_plain, plain_images = plain()
             row.plain_seconds.append(seconds_plain)
+            row.plain_cpu_seconds.append(cpu_plain)
             self.log(f"[{label}] run {repeat + 1}/{self.args.repeats}: app {seconds:.3f} s (outside the pipeline call "
-                     f"{overhead * 1e3:.1f} ms), {row.plain_label} {seconds_plain:.3f} s")
+                     f"{overhead * 1e3:.1f} ms; CPU time {cpu_seconds:.3f} s), {row.plain_label} {seconds_plain:.3f} s "
+                     f"(CPU time {cpu_plain:.3f} s)")
         row.same_images, row.max_pixel_diff = compare_images(app_images, plain_images)
         return row
 
@@ -362,7 +379,7 @@ class Bench:
 # --- output -------------------------------------------------------------------------------------
 def format_table(rows: list[Row], machine: dict) -> str:
     header = ["model", "device", "dtype", "sampler", "steps", "size", "batch", "variant",
-              "app s/img", "plain s/img", "ratio", "(min: app/plain/ratio)", "app overhead ms/run", "same img"]
+              "app s/img", "plain s/img", "ratio", "(min: app/plain/ratio)", "app overhead ms/run", "CPU-time ratio", "same img"]
     lines = []
     for r in rows:
         app_med, app_min = r.per_image(r.app_seconds)
@@ -373,6 +390,7 @@ def format_table(rows: list[Row], machine: dict) -> str:
             f"{r.ratio:.3f}" + ("" if r.ratio <= 1.05 else " !"),
             f"{app_min:.4f}/{plain_min:.4f}/{r.ratio_min:.3f}",
             f"{r.overhead_ms:.1f}",
+            f"{r.cpu_time_ratio:.3f}",
             "yes" if r.same_images else f"no (max diff {r.max_pixel_diff})",
         ])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
@@ -386,6 +404,8 @@ def format_table(rows: list[Row], machine: dict) -> str:
     )
     out.append("s/img: median over runs of (seconds per batch / batch size); ratio = app/plain of medians (target <= 1.05, '!' above).")
     out.append("app overhead ms/run: median time of engine.generate spent outside the diffusers pipeline call (per batch).")
+    out.append("CPU-time ratio: app/plain of this process's CPU seconds (time.process_time); on a CPU device with "
+               "--threads 1 it is less sensitive than wall time to other processes competing for the cores.")
     if any(r.variant != "base" for r in rows):
         out.append(
             "LoRA rows: 'plain+lora' = plain call on the same pipeline with the same peft adapter set active "
@@ -411,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     from fetalstudio.synthesis.engine import SynthesisEngine
     from fetalstudio.synthesis.settings import LoraSpec
 
-    device = devices.pick_device(None if args.device == "auto" else args.device)
-    dtype = devices.pick_dtype(device) if args.dtype == "auto" else DTYPES[args.dtype]
-    placement = devices.DevicePlacement(device=device, dtype=dtype)
+    # "auto" is the app's own choice (incl. $FETALSTUDIO_DEVICE / $FETALSTUDIO_DTYPE where it honours them).
+    placement = devices.default_placement(None if args.device == "auto" else args.device)
+    if args.dtype != "auto":
+        placement = devices.DevicePlacement(device=placement.device, dtype=DTYPES[args.dtype])
+    device, dtype = placement.device, placement.dtype
     machine = machine_info(device)
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"FetalStudio synthesis benchmark: model {args.model}, {placement.label}, sampler {args.sampler}, "
@@ -453,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = LoraSpec(str(lora_path), args.lora_weight)
             # First app call loads the adapter (untimed); afterwards the plain path uses the same adapter.
             engine.generate(bench.settings(args.batch_size[0], [spec]))
-            adapter_names = list(engine._adapters[id(pipe)])
+            adapter_names = list(pipe.get_active_adapters())  # the adapter the app loaded and activated
 
             def plain_with_lora():
                 pipe.enable_lora()
