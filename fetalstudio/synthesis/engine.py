@@ -8,6 +8,7 @@ is left out, and with no active LoRA the adapters are disabled: the base model's
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import re
@@ -15,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +47,7 @@ class ResolvedLora:
     path: str
 
 
+@functools.lru_cache(maxsize=1)
 def library_versions() -> dict[str, str]:
     import diffusers
     import peft
@@ -61,12 +63,22 @@ def library_versions() -> dict[str, str]:
     }
 
 
+@dataclass
+class PipelineState:
+    """What the engine remembers about one loaded pipeline, so repeated runs cost nothing extra."""
+
+    base_scheduler_config: dict
+    model_hash: str
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> file
+    active_adapters: tuple[tuple[str, float], ...] | None = None  # None: never set
+    sampler: str | None = None
+
+
 class SynthesisEngine:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
         # Keyed by the pipeline object itself, so an unloaded and reloaded model starts clean.
-        self._base_scheduler_configs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> adapter name -> path
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def generate(
         self,
@@ -86,8 +98,10 @@ class SynthesisEngine:
             raise FetalStudioError(f"'{entry.id}' is a {entry.kind.value}, not a Stable Diffusion pipeline. Pick a generator model.")
         images: list[GeneratedImage] = []
         with self.manager.use(entry.id) as pipeline:
-            loras = self._apply_loras(pipeline, settings.loras)
-            base_metadata = self._base_metadata(pipeline, entry, loras, settings)
+            state = self._state(pipeline, entry)
+            loras = self._apply_loras(pipeline, state, settings.loras)
+            self._apply_sampler(pipeline, state, settings.sampler)
+            base_metadata = self._base_metadata(pipeline, state, entry, loras, settings)
             try:
                 for batch in range(settings.batch_count):
                     indices = list(range(batch * settings.batch_size, (batch + 1) * settings.batch_size))
@@ -104,11 +118,25 @@ class SynthesisEngine:
                 return GenerationResult(images, cancelled=True, seconds=time.perf_counter() - started)
         return GenerationResult(images, cancelled=False, seconds=time.perf_counter() - started)
 
+    def _state(self, pipeline, entry) -> PipelineState:
+        if pipeline not in self._states:
+            pipeline.set_progress_bar_config(disable=True)  # progress goes through on_progress
+            self._states[pipeline] = PipelineState(
+                base_scheduler_config=dict(pipeline.scheduler.config),  # as loaded, before any sampler swap
+                model_hash=checkpoint_hash(self.manager.local_path(entry)),
+            )
+        return self._states[pipeline]
+
+    @staticmethod
+    def _apply_sampler(pipeline, state: PipelineState, sampler: str) -> None:
+        """Swap the scheduler only when the sampler changes: every pipeline call resets its state."""
+        if state.sampler != sampler:
+            pipeline.scheduler = make_scheduler(sampler, state.base_scheduler_config)
+            state.sampler = sampler
+
     def _run_batch(self, pipeline, settings, indices, done, on_progress, cancel):
         if cancel is not None and cancel.is_set():
             raise _Cancelled
-        pipeline.scheduler = make_scheduler(settings.sampler, self._base_scheduler_config(pipeline))
-        pipeline.set_progress_bar_config(disable=True)  # progress goes through on_progress
         generators = [torch.Generator("cpu").manual_seed(settings.seed_for(i)) for i in indices]
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
@@ -131,16 +159,7 @@ class SynthesisEngine:
         )
         return output.images
 
-    def _base_scheduler_config(self, pipeline) -> dict:
-        """The model's scheduler config as loaded, before any sampler was swapped in."""
-        if pipeline not in self._base_scheduler_configs:
-            self._base_scheduler_configs[pipeline] = dict(pipeline.scheduler.config)
-        return self._base_scheduler_configs[pipeline]
-
-    def _apply_loras(self, pipeline, specs: tuple[LoraSpec, ...]) -> list[ResolvedLora]:
-        if pipeline not in self._adapters:
-            self._adapters[pipeline] = {}
-        loaded = self._adapters[pipeline]
+    def _apply_loras(self, pipeline, state: PipelineState, specs: tuple[LoraSpec, ...]) -> list[ResolvedLora]:
         resolved = []
         for spec in specs:
             entry = self.manager.entry(spec.source)
@@ -149,17 +168,20 @@ class SynthesisEngine:
             path = self.manager.local_path(entry)
             digest = checkpoint_hash(path)
             adapter_name = "lora_" + digest
-            if adapter_name not in loaded:
+            if adapter_name not in state.adapters:
                 self._load_adapter(pipeline, path, adapter_name, entry.details.get("weights_file"))
-                loaded[adapter_name] = str(path)
+                state.adapters[adapter_name] = str(path)
+                state.active_adapters = None  # loading activates the new adapter
             name = re.sub(r"\.(safetensors|ckpt|pt|bin)$", "", path.name)
             resolved.append(ResolvedLora(adapter_name, name, spec.weight, digest, str(path)))
-        active = [l for l in resolved if l.weight != 0]
-        if active:
-            pipeline.enable_lora()
-            pipeline.set_adapters([l.adapter_name for l in active], adapter_weights=[l.weight for l in active])
-        elif loaded:
-            pipeline.disable_lora()
+        active = tuple((l.adapter_name, l.weight) for l in resolved if l.weight != 0)
+        if active != state.active_adapters:  # enable/set_adapters walk every module: only on change
+            if active:
+                pipeline.enable_lora()
+                pipeline.set_adapters([name for name, _ in active], adapter_weights=[weight for _, weight in active])
+            elif state.adapters:
+                pipeline.disable_lora()  # adapters bypassed: exactly the base model
+            state.active_adapters = active
         return resolved
 
     @staticmethod
@@ -175,18 +197,17 @@ class SynthesisEngine:
                 "A LoRA only works on the base architecture it was trained for (e.g. SD 1.5)."
             ) from error
 
-    def _base_metadata(self, pipeline, entry, loras: list[ResolvedLora], settings: GenerationSettings) -> dict:
-        scheduler = make_scheduler(settings.sampler, self._base_scheduler_config(pipeline))
-        unet = pipeline.unet
+    def _base_metadata(self, pipeline, state: PipelineState, entry, loras: list[ResolvedLora], settings: GenerationSettings) -> dict:
+        placement = self.manager.placement  # cheaper than unet.device, which walks every module
         return {
             "settings": settings.to_dict(),
             "sampler": parse_sampler(settings.sampler).label,
-            "scheduler": {"class": type(scheduler).__name__, "config": _jsonable(dict(scheduler.config))},
-            "model": {"id": entry.id, "name": entry.id, "hash": checkpoint_hash(self.manager.local_path(entry))},
+            "scheduler": {"class": type(pipeline.scheduler).__name__, "config": _jsonable(dict(pipeline.scheduler.config))},
+            "model": {"id": entry.id, "name": entry.id, "hash": state.model_hash},
             "loras": [{"name": l.name, "source": l.path, "weight": l.weight, "hash": l.hash} for l in loras],
             "versions": library_versions(),
-            "device": str(unet.device),
-            "dtype": str(unet.dtype).removeprefix("torch."),
+            "device": placement.device.type,
+            "dtype": str(placement.dtype).removeprefix("torch."),
         }
 
 
