@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fetalstudio.errors import FetalStudioError
@@ -25,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     except FetalStudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from fetalstudio.paths import outputs_dir
+
+    # Gradio's copies of served and uploaded files stay inside the app's own folders, not in
+    # /tmp/gradio; set before gradio is imported, which reads it at import time.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(outputs_dir() / ".gradio-cache"))
+
     from fetalstudio.app_context import build_context
     from fetalstudio.ui.shell import CSS, THEME, build_ui
 

@@ -163,9 +163,21 @@ def _same_number_text(a: str, b: str) -> bool:
 
 def choose(page, elem_id: str, option: str) -> None:
     """Pick ``option`` in the Gradio dropdown ``#elem_id`` by clicking it in the opened list."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.locator(f"#{elem_id} input[role=combobox]")
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    item = page.get_by_role("option", name=option, exact=True)
+    deadline = time.monotonic() + 30
+    while True:  # the choices may still be arriving (e.g. right after a rescan): reopen until listed
+        if box.get_attribute("aria-expanded") != "true":
+            box.click()
+        try:
+            item.click(timeout=3000)
+            break
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+            box.press("Escape")
     _expect_value(box, option, f"dropdown #{elem_id}")
 
 

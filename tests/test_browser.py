@@ -12,7 +12,6 @@ import csv
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ try:
     from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, AppServer, choose, free_port, png_pixels, png_size,
                                        png_text, request_host, saved_images, set_number, set_slider, wait_for_any_text,
                                        wait_for_text)
-except ImportError:  # tests/ itself on sys.path (pytest's default rootdir-less import mode)
+except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path, the repo root may not be
     from browser_support import (CHROMIUM, CHROMIUM_ARGS, AppServer, choose, free_port, png_pixels, png_size,
                                  png_text, request_host, saved_images, set_number, set_slider, wait_for_any_text,
                                  wait_for_text)
@@ -145,6 +144,7 @@ def _report(request, title: str, text: str) -> None:
     if reporter is None:
         return
     with capture.global_and_fixture_disabled() if capture else _nullcontext():
+        reporter.ensure_newline()
         reporter.write_sep("-", title)
         reporter.write_line(text[-20_000:] or "(empty)")
 
@@ -195,6 +195,10 @@ def test_generate_and_download_png_with_parameters(page, folders):
     assert f"seeds {SEED}" in status and f"{STEPS} steps" in status, status
     thumbnail = page.locator("#synthesis-gallery img").first
     thumbnail.wait_for(state="visible")
+    page.wait_for_function(  # the browser really fetched and decoded the image
+        "(size) => { const i = document.querySelector('#synthesis-gallery img'); return i.complete && i.naturalWidth === size; }",
+        arg=SIZE,
+    )
 
     files = saved_images(outputs)
     assert len(files) == 1 and files[0].name.endswith(f"-{SEED}.png"), files
@@ -339,6 +343,11 @@ def test_models_tab_lists_and_refreshes(page, folders):
     assert added not in table.inner_text()
     page.click("#models-refresh")
     wait_for_text(page, "#models-table", added, 30)
+
+    # The Synthesis tab's own rescan offers the new LoRA too.
+    page.get_by_role("tab", name="Synthesis").click()
+    page.click("#synthesis-rescan")
+    choose(page, "synthesis-lora-0", added)
 
 
 def test_no_request_leaves_the_machine(requests_seen):
