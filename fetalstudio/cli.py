@@ -136,12 +136,39 @@ def run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command_group(commands, name: str, registry: dict[str, tuple[str, str]], help_text: str) -> None:
+    """``train ...`` / ``eval ...``: one sub-command per module of the registry.
+
+    Command modules keep their top-level imports light (heavy libraries are imported in ``run``),
+    so building the parser stays fast.
+    """
+    import importlib
+
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    sub = parser.add_subparsers(dest=f"{name}_command", required=True)
+    for key, (module_name, description) in registry.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # not part of this version
+        command = sub.add_parser(key, help=description, description=(module.__doc__ or description).strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fetalstudio import evaluation, training
+
     parser = argparse.ArgumentParser(prog="python -m fetalstudio", description="FetalStudio: fetal ultrasound synthesis and annotation.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_models_parser(commands)
     add_params_parser(commands)
+    add_command_group(commands, "train", training.COMMANDS, "train a model (writes a checkpoint the model manager loads)")
+    add_command_group(commands, "eval", evaluation.COMMANDS, "evaluate a model (writes a report folder)")
     return parser
 
 

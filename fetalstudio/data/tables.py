@@ -1,0 +1,106 @@
+"""Label tables as the shared data uses them.
+
+- Classification: a CSV with ``filename`` (relative to the CSV's folder) and ``plane``; or a
+  folder with one sub-folder per plane (``abdomen/``, ``brain/``...).
+- Segmentation: a CSV with ``image`` and ``mask`` (relative to the CSV's folder; the mask an
+  ellipse outline or a filled mask) and optional ``pixel_size_mm``, ``hc_mm`` and a grouping
+  column (``subject_group`` or ``patient_id``) for splits.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fetalstudio.errors import FetalStudioError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    plane: str
+    group: str = ""  # patient or exam, for group-aware splits
+
+
+@dataclass(frozen=True)
+class SegmentationPair:
+    image: Path
+    mask: Path
+    pixel_size_mm: float | None = None
+    hc_mm: float | None = None
+    group: str = ""
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FetalStudioError(f"{path} does not exist. Give a CSV file (or a folder of plane sub-folders).")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _require(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
+    present = set(rows[0]) if rows else set()
+    missing = [c for c in columns if c not in present]
+    if missing or not rows:
+        raise FetalStudioError(
+            f"{path} needs the columns {', '.join(columns)} (missing: {', '.join(missing) or 'all rows'}). "
+            "See README, 'Datasets'."
+        )
+
+
+def read_classification(source: Path) -> list[LabelledImage]:
+    """A classification CSV or a folder of per-plane sub-folders."""
+    if source.is_dir():
+        items = [
+            LabelledImage(path, folder.name.lower())
+            for folder in sorted(p for p in source.iterdir() if p.is_dir())
+            for path in sorted(folder.rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not items:
+            raise FetalStudioError(f"{source} has no images in plane sub-folders (e.g. {source}/brain/*.png).")
+        return items
+    rows = _read_csv(source)
+    _require(rows, source, ("filename", "plane"))
+    base = source.parent
+    return [LabelledImage(base / row["filename"], row["plane"].strip().lower(), row.get("patient_id", "") or "") for row in rows]
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_segmentation(source: Path) -> list[SegmentationPair]:
+    rows = _read_csv(source)
+    _require(rows, source, ("image", "mask"))
+    base = source.parent
+    pairs = []
+    for row in rows:
+        group = row.get("subject_group") or row.get("patient_id") or ""
+        pairs.append(
+            SegmentationPair(
+                image=base / row["image"], mask=base / row["mask"], pixel_size_mm=_float(row.get("pixel_size_mm")),
+                hc_mm=_float(row.get("hc_mm")), group=group, extra=row,
+            )
+        )
+    return pairs
+
+
+def group_split(groups: list[str], validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for train/validation such that no group (patient, exam) is on both sides."""
+    import random
+
+    unique = sorted(set(groups))
+    random.Random(seed).shuffle(unique)
+    n_val = max(1, round(len(unique) * validation_fraction)) if validation_fraction > 0 else 0
+    held_out = set(unique[:n_val])
+    train = [i for i, g in enumerate(groups) if g not in held_out]
+    val = [i for i, g in enumerate(groups) if g in held_out]
+    return train, val

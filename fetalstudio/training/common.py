@@ -1,0 +1,128 @@
+"""What every training command shares: accelerate, seeding, a loss/time log, resumable state.
+
+Resuming: the full training state (model, optimizer, LR scheduler, RNG states) is saved with
+``Accelerator.save_state`` into ``OUT/state/`` every ``--save-every`` steps, written to a temporary
+folder and renamed, so a kill at any moment leaves the last complete state. Running the same
+command again continues from it (``--no-resume`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_DIR = "state"
+LOG_NAME = "train_log.csv"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float) -> None:
+    group = parser.add_argument_group("training loop (shared by every train command)")
+    group.add_argument("--out", type=Path, required=True, help="output folder: checkpoint, model card, log, resumable state")
+    group.add_argument("--steps", type=int, default=steps, help="optimizer steps in total")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="images per step (per device)")
+    group.add_argument("--lr", type=float, default=lr, help="learning rate")
+    group.add_argument("--seed", type=int, default=1234, help="seed for every random number generator")
+    group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on GPUs")
+    group.add_argument("--save-every", type=int, default=200, help="save resumable state every N steps")
+    group.add_argument("--log-every", type=int, default=10, help="log loss and time every N steps")
+    group.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    group.add_argument("--no-resume", action="store_true", help="start over even if OUT/state exists")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    return accelerator
+
+
+@dataclass
+class TrainingLog:
+    """Appends one CSV row per logged step and prints it; the file survives restarts."""
+
+    path: Path
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = time.perf_counter()
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(["step", "loss", "lr", "elapsed_s", "extra"])
+
+    def log(self, step: int, loss: float, lr: float, **extra) -> None:
+        elapsed = time.perf_counter() - self.started
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([step, f"{loss:.6f}", f"{lr:.3g}", f"{elapsed:.1f}", json.dumps(extra) if extra else ""])
+        details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        print(f"step {step} loss {loss:.5f} lr {lr:.3g} {elapsed:.0f}s {details}".rstrip(), flush=True)
+
+
+class ResumableState:
+    """Saves/loads the accelerate state in OUT/state with an atomic rename; remembers the step."""
+
+    def __init__(self, accelerator, out_dir: Path) -> None:
+        self.accelerator = accelerator
+        self.folder = out_dir / STATE_DIR
+
+    def load(self) -> int:
+        """The step to continue from (0 when there is no saved state)."""
+        progress = self.folder / "progress.json"
+        if not progress.exists():
+            return 0
+        self.accelerator.load_state(str(self.folder))
+        return int(json.loads(progress.read_text())["step"])
+
+    def save(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        temporary = self.folder.with_name(STATE_DIR + ".tmp")
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        self.accelerator.save_state(str(temporary), safe_serialization=True)
+        (temporary / "progress.json").write_text(json.dumps({"step": step}))
+        previous = self.folder.with_name(STATE_DIR + ".old")
+        if self.folder.exists():
+            os.replace(self.folder, previous)
+        os.replace(temporary, self.folder)
+        if previous.exists():
+            shutil.rmtree(previous)
+
+
+def infinite(loader):
+    """Cycle a data loader forever (epochs are implicit; steps count the work)."""
+    while True:
+        yield from loader
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    temporary.replace(path)
+
+
+def device_description(accelerator) -> str:
+    device = accelerator.device
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
