@@ -26,6 +26,7 @@ class ModelFormat(str, Enum):
     CONTROLNET_FOLDER = "controlnet_folder"
     SAM_PTH = "sam_pth"
     TIMM_CHECKPOINT = "timm_checkpoint"
+    FETALSTUDIO_SEGMENTER = "fetalstudio_segmenter"  # small segment-anything model + config in metadata
     HUB = "hub"  # not local yet; resolved on demand
 
 

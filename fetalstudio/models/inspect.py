@@ -111,8 +111,10 @@ def classify_keys(keys: Iterable[str], metadata: dict[str, str], shapes) -> Insp
     """Decide kind and format from tensor names (and safetensors metadata of our own models)."""
     keys = [k for k in keys if isinstance(k, str)]
     declared = metadata.get("fetalstudio.kind")
-    if declared in (ModelKind.CLASSIFIER.value, ModelKind.SEGMENTER.value):
-        return Inspection(ModelKind(declared), ModelFormat.TIMM_CHECKPOINT, _prefixed(metadata))
+    if declared == ModelKind.CLASSIFIER.value:
+        return Inspection(ModelKind.CLASSIFIER, ModelFormat.TIMM_CHECKPOINT, _prefixed(metadata))
+    if declared == ModelKind.SEGMENTER.value:
+        return Inspection(ModelKind.SEGMENTER, ModelFormat.FETALSTUDIO_SEGMENTER, _prefixed(metadata))
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return Inspection(ModelKind.SD_PIPELINE, ModelFormat.SINGLE_FILE)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
