@@ -147,10 +147,11 @@ def render(context: AppContext) -> None:
     @user_errors
     def run_generation(model_, prompt_, negative_, sampler_, steps_, guidance_, width_, height_, seed_, batch_size_,
                        batch_count_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3,
-                       request: gr.Request, progress=gr.Progress()):
+                       request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         # Gradio injects request/progress by position, so the inputs are spelled out (no *args).
         settings = settings_from_inputs((model_, prompt_, negative_, sampler_, steps_, guidance_, width_, height_, seed_,
                                          batch_size_, batch_count_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3)).validated()
+        _fetch_models(settings)  # hub downloads happen here, where their tqdm bars reach the page
         flag = cancel_flags.fresh(request)
         events: queue.Queue = queue.Queue()
 
@@ -194,6 +195,10 @@ def render(context: AppContext) -> None:
         cancel_flags.get(request).set()
 
     cancel.click(cancel_job, None, None, queue=False)
+
+    def _fetch_models(settings: GenerationSettings) -> None:
+        for source in (settings.model, *(lora.source for lora in settings.loras)):
+            manager.local_path(manager.entry(source))
 
     @user_errors
     def load_parameters(path: str | None):
