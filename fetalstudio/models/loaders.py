@@ -90,6 +90,14 @@ def load_timm_classifier(entry: ModelEntry, path: Path, dtype: torch.dtype):
     return model.to(dtype=dtype).eval()
 
 
+def load_segmenter(entry: ModelEntry, path: Path, dtype: torch.dtype):
+    """A FetalStudio box-prompted segmenter (.safetensors, architecture in its metadata) or a
+    SAM-layout .pth listed as a segmenter; a segment-anything ``Sam`` either way."""
+    from fetalstudio.segmentation.model import load_segmenter_file
+
+    return load_segmenter_file(path).to(dtype=dtype).eval()
+
+
 def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
     for key in ("fc.weight", "classifier.weight", "head.weight", "head.fc.weight", "last_linear.weight"):
         if key in state:
@@ -135,4 +143,5 @@ LOADERS: dict[ModelKind, Loader] = {
     ModelKind.CONTROLNET: load_controlnet,
     ModelKind.SAM: load_sam,
     ModelKind.CLASSIFIER: load_timm_classifier,
+    ModelKind.SEGMENTER: load_segmenter,
 }

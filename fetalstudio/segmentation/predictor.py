@@ -1,0 +1,135 @@
+"""Box-prompted prediction at full resolution, for the small segmenter and real SAM alike.
+
+Follows segment-anything's ``SamPredictor`` (and uses it): ``set_image`` resizes the longest side
+to the model's ``image_size`` and computes the image embedding once; every ``predict`` then
+takes a box (and optional points) in the *original* image's pixel coordinates and costs one
+decoder pass. The mask logits are upsampled to the original size before thresholding, and the
+mask is cleaned there (largest region, holes filled): measuring HC at the model's 256 px instead
+costs about 0.45 mm (PROBES).
+
+    predictor = BoxPromptPredictor(model)          # a Sam from the model manager
+    predictor.set_image(image)                     # HxW grayscale or HxWx3 RGB, uint8
+    result = predictor.predict(box=(x0, y0, x1, y1))
+    result.mask, result.score                      # bool HxW, predicted IoU
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.segmentation.ellipse import largest_component
+
+
+@dataclass(frozen=True)
+class BoxPrediction:
+    mask: np.ndarray  # bool, original image size; largest region with holes filled (if postprocessed)
+    score: float  # the model's predicted IoU of this mask
+    raw_mask: np.ndarray  # bool, thresholded logits before cleaning
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """HxWx3 uint8 RGB from a path, a PIL image or an array (grayscale is replicated)."""
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        with Image.open(image) as handle:
+            image = np.asarray(handle.convert("L"))
+    elif not isinstance(image, np.ndarray):
+        image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        if array.dtype == bool or array.max() <= 1.0:
+            array = array.astype(np.float32) * 255
+        elif array.max() > 255:  # 16-bit
+            array = array.astype(np.float32) / array.max() * 255
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise FetalStudioError(f"An image must be HxW (grayscale) or HxWx3 (RGB), not shape {array.shape}.")
+    return np.ascontiguousarray(array)
+
+
+def grayscale_rgb(image) -> np.ndarray:
+    """Ultrasound input as the models see it in training: grayscale, replicated to 3 channels."""
+    rgb = to_rgb_uint8(image)
+    gray = rgb[:, :, 0] if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all() else np.asarray(
+        np.round(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), np.uint8
+    )
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+class BoxPromptPredictor:
+    """One image embedding, many prompts. Works for any segment-anything ``Sam``."""
+
+    def __init__(self, model, postprocess: bool = True) -> None:
+        from segment_anything import SamPredictor
+
+        self.model = model
+        self.postprocess = postprocess
+        self._sam = SamPredictor(model)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_encoder.img_size)
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        return self._sam.original_size if self._sam.is_image_set else None
+
+    def _autocast(self):
+        dtype = next(self.model.parameters()).dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.model.device.type, dtype=dtype)
+
+    def set_image(self, image) -> None:
+        """Compute the embedding of ``image`` (path, PIL image or array; grayscale or RGB)."""
+        rgb = grayscale_rgb(image)
+        with torch.inference_mode(), self._autocast():
+            self._sam.set_image(rgb, image_format=self.model.image_format)
+
+    def predict(self, box=None, points=None, point_labels=None) -> BoxPrediction:
+        """The mask for a box ``(x_min, y_min, x_max, y_max)`` and/or points, original pixel coords.
+
+        ``points`` is N x 2 (x, y); ``point_labels`` 1 = inside, 0 = outside (default all 1).
+        """
+        if not self._sam.is_image_set:
+            raise FetalStudioError("Call set_image(image) before predict(box=...).")
+        if box is None and points is None:
+            raise FetalStudioError("Give a box (x_min, y_min, x_max, y_max) or points to segment.")
+        sam = self._sam
+        box_torch = coords_torch = labels_torch = None
+        if box is not None:
+            box = np.asarray(box, dtype=np.float32).reshape(-1)
+            if box.shape != (4,) or not np.isfinite(box).all() or box[2] < box[0] or box[3] < box[1]:
+                raise FetalStudioError(f"A box is (x_min, y_min, x_max, y_max) with x_max >= x_min and y_max >= y_min; got {box.tolist()}.")
+            box_torch = torch.as_tensor(sam.transform.apply_boxes(box[None], sam.original_size), dtype=torch.float, device=sam.device)
+        if points is not None:
+            points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+            labels = np.ones(len(points), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
+            if len(labels) != len(points):
+                raise FetalStudioError(f"{len(points)} points but {len(labels)} point labels.")
+            coords = sam.transform.apply_coords(points, sam.original_size)
+            coords_torch = torch.as_tensor(coords[None], dtype=torch.float, device=sam.device)
+            labels_torch = torch.as_tensor(labels[None], dtype=torch.int, device=sam.device)
+        with torch.inference_mode(), self._autocast():
+            logits, iou, _ = sam.predict_torch(coords_torch, labels_torch, box_torch, None, multimask_output=False, return_logits=True)
+        raw = (logits[0, 0].float() > self.model.mask_threshold).cpu().numpy()
+        mask = largest_component(raw) if self.postprocess else raw
+        return BoxPrediction(mask=mask, score=float(iou[0, 0].float()), raw_mask=raw)
+
+    def segment(self, image, box, points=None, point_labels=None) -> BoxPrediction:
+        """``set_image`` + ``predict`` for a single prompt."""
+        self.set_image(image)
+        return self.predict(box=box, points=points, point_labels=point_labels)

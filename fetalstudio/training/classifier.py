@@ -1,0 +1,529 @@
+"""Train a timm plane classifier (abdomen, brain, femur, thorax, other) with a new 5-way head.
+
+Backbones: any timm model; the paper's are resnet18, densenet169, efficientnet_b0,
+mobilenetv2_100 and vit_base_patch16_224. Weights start random, or from a local timm weights file
+(--pretrained FILE: .safetensors/.pth of the same architecture; its 1000-class head is dropped,
+RGB stem weights are summed for grayscale input, ViT position embeddings are resampled).
+
+Training data (--data, repeatable): a folder with one sub-folder per plane (e.g.
+../shared/data/spanish_planes, or a `python -m fetalstudio generate` output folder, whose
+OUT/<plane>/<sampler>/*.png layout is read as such), or a CSV with filename,plane columns.
+Mixing real and synthetic images: give each source a share after a colon,
+
+    --data ../shared/data/spanish_planes:0.5 --data datasets/fetalstudio-tiny:0.5
+
+and that share of all training samples is drawn from it (shares are normalised; without any
+shares the sources are pooled, each image equally likely). --balance (default) draws the
+planes of each source equally often. Every step draws its images from a generator seeded by
+(seed, step), so the data order does not depend on interruptions; summary.json counts the
+samples drawn per source and plane.
+
+Model selection: --val PATH (labelled images, e.g. ../shared/data/african/train/labels.csv) is
+evaluated every --val-every steps and OUT/model.safetensors keeps the step with the best
+accuracy (then macro F1). The validation images are never trained on (a path given to both
+--data and --val is refused). Without --val, model.safetensors is the last step.
+
+Output folder: model.safetensors (loads through the model manager; preprocessing and classes in
+its metadata), last.safetensors (with --val), README.md (model card), summary.json,
+train_log.csv, val_history.json, state/ (resumable). Run the same command again to continue
+after an interruption, or with a larger --steps to train on.
+
+Example (from scratch, grayscale 128 px, strong augmentation, selected on the African planes):
+
+    python -m fetalstudio train classifier --backbone resnet18 \\
+        --data ../shared/data/spanish_planes --val ../shared/data/african/train/labels.csv \\
+        --steps 600 --out outputs/classifier-resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.training.common import add_common_arguments
+
+AUGMENTATIONS = ("none", "paper", "strong")
+CHECKPOINT = "model.safetensors"
+LAST_CHECKPOINT = "last.safetensors"
+#: Settings that define the network; a resumed run must keep them.
+ARCHITECTURE_SETTINGS = ("backbone", "input_size", "channels", "classes")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", action="append", required=True, metavar="PATH[:SHARE]",
+                      help="labelled training images: folder of plane sub-folders or CSV (filename,plane); repeatable; "
+                           "SHARE = part of the training samples drawn from this source (e.g. real:0.3 synthetic:0.7)")
+    data.add_argument("--val", type=Path, help="labelled validation images for checkpoint selection (never trained on)")
+    data.add_argument("--val-every", type=int, default=50, help="evaluate on --val every N steps (default: %(default)s)")
+    data.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                      help="draw the planes of each source equally often")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="resnet18",
+                       help="timm model: resnet18, densenet169, efficientnet_b0, mobilenetv2_100, vit_base_patch16_224 or any timm name (default: %(default)s)")
+    model.add_argument("--pretrained", type=Path, metavar="FILE",
+                       help="local timm weights file of the same architecture (default: train from scratch)")
+    model.add_argument("--input-size", type=int, default=128, help="square input size in pixels (the paper: 512; 128 is CPU-friendly) (default: %(default)s)")
+    model.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 = grayscale input, 3 = RGB (default: %(default)s)")
+    model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head (default: %(default)s)")
+    model.add_argument("--tta", choices=["none", "hflip"], default="none",
+                       help="test-time augmentation recorded in the checkpoint (hflip: average with the mirrored image) (default: %(default)s)")
+    model.add_argument("--save-dtype", choices=["fp32", "fp16"], default="fp32", help="precision of the saved weights (default: %(default)s)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--augment", choices=AUGMENTATIONS, default="strong",
+                       help="none; paper = rotation +-25 deg, hflip 0.5, vflip 0.1 (pixels in [-1, 1]); "
+                            "strong = paper + random resized crop, brightness/contrast/gamma, blur, speckle noise, erasing (default: %(default)s)")
+    optim.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy (default: %(default)s)")
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    optim.add_argument("--warmup", type=float, default=0.1, help="share of the steps with a linear LR warm-up (then cosine decay) (default: %(default)s)")
+    optim.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                       help="keep an exponential moving average of the weights (e.g. 0.99, with warm-up); "
+                            "validation and the checkpoints use it (0 = off)")
+    optim.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    optim.add_argument("--stop-after", type=int, metavar="N",
+                       help="stop after N steps of this run (state saved; run again to continue)")
+    add_common_arguments(parser, steps=600, batch_size=32, lr=2e-3)
+
+
+# --- data ----------------------------------------------------------------------------------
+@dataclass
+class Source:
+    path: Path
+    share: float | None
+    items: list  # LabelledImage
+    labels: list[int]
+
+
+def parse_data_argument(text: str) -> tuple[Path, float | None]:
+    """``PATH`` or ``PATH:SHARE`` (a path may itself contain colons; the share is a number > 0)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            share = float(tail)
+        except ValueError:
+            return Path(text), None
+        if not share > 0 or math.isinf(share):
+            raise FetalStudioError(f"--data {text}: the share after the colon must be a number above 0.")
+        return Path(head), share
+    return Path(text), None
+
+
+def load_sources(values: list[str], classes: tuple[str, ...]) -> list[Source]:
+    from fetalstudio.data.tables import read_classification
+
+    sources = []
+    for value in values:
+        path, share = parse_data_argument(value)
+        if not path.exists():
+            raise FetalStudioError(f"--data {path} does not exist. Give a folder of plane sub-folders or a CSV with filename,plane.")
+        items = read_classification(path)
+        check_labelled(items, classes, f"--data {path}")
+        sources.append(Source(path, share, items, [classes.index(item.plane) for item in items]))
+    given = [s.share is not None for s in sources]
+    if any(given) and not all(given):
+        raise FetalStudioError("Give a share to every --data source (PATH:SHARE) or to none (then the sources are pooled).")
+    return sources
+
+
+def check_labelled(items, classes: tuple[str, ...], what: str) -> None:
+    unknown = sorted({item.plane for item in items} - set(classes))
+    if unknown:
+        example = next(item.path for item in items if item.plane == unknown[0])
+        raise FetalStudioError(
+            f"{what}: unknown plane(s) {', '.join(unknown)} (e.g. {example}). Planes are {', '.join(classes)}; "
+            "rename the folders / plane column, or leave those images out."
+        )
+    missing = [item.path for item in items if not item.path.is_file()]
+    if missing:
+        raise FetalStudioError(f"{what}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}.")
+
+
+class MixtureSampler:
+    """Draws (source, item) pairs: a source by its share, then (balanced) a plane, then an image.
+
+    Step ``s`` uses ``numpy.random.default_rng([seed, s])``, so any step can be redrawn exactly.
+    """
+
+    def __init__(self, sources: list[Source], seed: int, balance: bool) -> None:
+        import numpy as np
+
+        self.seed = seed
+        self.balance = balance
+        if all(s.share is not None for s in sources):
+            weights = np.asarray([s.share for s in sources], dtype=np.float64)
+        else:
+            weights = np.asarray([len(s.items) for s in sources], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self.by_class = []
+        for source in sources:
+            groups: dict[int, list[int]] = {}
+            for index, label in enumerate(source.labels):
+                groups.setdefault(label, []).append(index)
+            self.by_class.append([groups[k] for k in sorted(groups)])
+        self.sizes = [len(s.items) for s in sources]
+
+    def draw(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, step])
+        chosen = rng.choice(len(self.sizes), size=batch_size, p=self.probabilities)
+        pairs = []
+        for source in chosen:
+            source = int(source)
+            if self.balance:
+                group = self.by_class[source][int(rng.integers(len(self.by_class[source])))]
+                pairs.append((source, group[int(rng.integers(len(group)))]))
+            else:
+                pairs.append((source, int(rng.integers(self.sizes[source]))))
+        return pairs
+
+
+def count_draws(sampler: MixtureSampler, sources: list[Source], steps: int, batch_size: int, classes) -> list[dict]:
+    """Samples drawn over steps [0, steps) per source and plane (redrawn, not logged)."""
+    counts = [{"total": 0, "per_plane": {c: 0 for c in classes}} for _ in sources]
+    for step in range(steps):
+        for source, item in sampler.draw(step, batch_size):
+            counts[source]["total"] += 1
+            counts[source]["per_plane"][classes[sources[source].labels[item]]] += 1
+    return counts
+
+
+class ImageStore:
+    """Training images decoded once, squared (letterbox) at the working size, kept in memory."""
+
+    def __init__(self, preprocessing, size: int) -> None:
+        self.preprocessing = preprocessing
+        self.size = size
+        self.cache: dict[Path, object] = {}
+
+    def get(self, path: Path):
+        image = self.cache.get(path)
+        if image is None:
+            from PIL import Image
+
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+                    image = self.preprocessing.square(opened, self.size)
+            except OSError as error:
+                raise FetalStudioError(f"{path} could not be read as an image ({error}).") from error
+            self.cache[path] = image
+        return image
+
+
+class StepBatches:
+    """A map-style dataset whose item ``i`` is the whole batch of step ``start + i``."""
+
+    def __init__(self, sources, sampler, store, augmentation, preprocessing, seed, start, steps, batch_size) -> None:
+        self.sources, self.sampler, self.store = sources, sampler, store
+        self.augmentation, self.preprocessing = augmentation, preprocessing
+        self.seed, self.start, self.steps, self.batch_size = seed, start, steps, batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+        import torch
+
+        step = self.start + index
+        inputs, labels = [], []
+        for position, (source, item) in enumerate(self.sampler.draw(step, self.batch_size)):
+            rng = np.random.default_rng([self.seed, step, position, 1])
+            image = self.store.get(self.sources[source].items[item].path)
+            inputs.append(self.preprocessing.normalize(self.augmentation(image, rng)))
+            labels.append(self.sources[source].labels[item])
+        return torch.stack(inputs), torch.tensor(labels, dtype=torch.long)
+
+
+# --- training --------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then cosine decay to 2 % of the peak."""
+    warm = max(1, int(round(warmup * total)))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from fetalstudio.classification.augment import make_augmentation
+    from fetalstudio.classification.model import ClassifierSpec, build_model, resolve_backbone, save_classifier, size_kwargs
+    from fetalstudio.classification.predict import PLANE_CLASSES, Preprocessing
+    from fetalstudio.training.common import STATE_DIR, LOG_NAME, ResumableState, TrainingLog, device_description, make_accelerator, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.batch_size < 1:
+        raise FetalStudioError("--steps and --batch-size must be at least 1.")
+    if args.input_size < 16:
+        raise FetalStudioError("--input-size must be at least 16 pixels.")
+    classes = PLANE_CLASSES
+    architecture = resolve_backbone(args.backbone)
+    preprocessing = Preprocessing(input_size=args.input_size, in_chans=args.channels,
+                                  mean=(0.5,) * args.channels, std=(0.5,) * args.channels, resize="letterbox")
+    spec = ClassifierSpec(architecture, preprocessing, classes, size_kwargs(architecture, args.input_size),
+                          tta="" if args.tta == "none" else args.tta)
+    sources = load_sources(args.data, classes)
+    val_items = _validation_items(args.val, sources, classes)
+
+    out: Path = args.out
+    if args.no_resume:
+        for name in (STATE_DIR, "val_history.json", "selection.json", "time.json", LOG_NAME, "run.json"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"backbone": architecture, "input_size": args.input_size, "channels": args.channels, "classes": list(classes),
+                "augment": args.augment, "data": [str(s.path) + (f":{s.share:g}" if s.share else "") for s in sources],
+                "balance": args.balance, "ema": args.ema, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
+                "pretrained": str(args.pretrained) if args.pretrained else None}
+    _check_resume_settings(out, settings)
+
+    accelerator = make_accelerator(args)
+    model, pretrained_report = build_model(spec, args.pretrained, drop_rate=args.drop_rate)
+    if pretrained_report:
+        print(f"pretrained weights: {pretrained_report['tensors_loaded']} tensors from {args.pretrained}", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total = args.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, args.warmup))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = None
+    if args.ema > 0:
+        if not args.ema < 1:
+            raise FetalStudioError("--ema must be between 0 and 1 (e.g. 0.99).")
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema, use_warmup=True, warmup_power=0.75)
+        accelerator.register_for_checkpointing(ema)  # saved and resumed with the state
+    state = ResumableState(accelerator, out)
+    start = state.load()
+    if start:
+        print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
+    write_json(out / "run.json", settings)
+    previous_seconds = _previous_seconds(out, start)
+
+    base_size = args.input_size if args.augment != "strong" else int(round(args.input_size * 1.25))
+    store = ImageStore(preprocessing, base_size)
+    sampler = MixtureSampler(sources, args.seed, args.balance)
+    augmentation = make_augmentation(args.augment, args.input_size)
+    end = total if not args.stop_after else min(total, start + max(1, args.stop_after))
+    batches = StepBatches(sources, sampler, store, augmentation, preprocessing, args.seed, start, end, args.batch_size)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=args.workers)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    log = TrainingLog(out / LOG_NAME)
+    validator = _Validator(val_items, preprocessing, classes, out, args.tta == "hflip") if val_items else None
+    save_dtype = torch.float16 if args.save_dtype == "fp16" else None
+    training_info = {"architecture": architecture, "data": settings["data"], "augment": args.augment, "steps": total,
+                     "batch_size": args.batch_size, "input_size": args.input_size, "channels": args.channels,
+                     "pretrained": settings["pretrained"], "seed": args.seed, "ema": args.ema}
+
+    started = time.perf_counter()
+    step = start
+    running = []
+    model.train()
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
+        with accelerator.autocast():
+            loss = loss_fn(model(inputs), labels)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=step)
+        running.append(float(loss.detach()))
+        if step % args.log_every == 0 or step == end:
+            log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0])
+            running = []
+        if validator is not None and (step % args.val_every == 0 or step == total):
+            result = validator.evaluate(_weights_to_use(accelerator, model, ema), step)
+            print(f"step {step} validation accuracy {result['accuracy']:.4f} f1 {result['f1']:.4f} "
+                  f"auc {result['auc'] if result['auc'] is None else round(result['auc'], 4)}", flush=True)
+            if validator.is_best(step):
+                save_classifier(_weights_to_use(accelerator, model, ema), out / CHECKPOINT, spec,
+                                {**training_info, "selected_step": step, "validation": str(args.val)}, save_dtype)
+            model.train()
+        if step % args.save_every == 0 or step == end:
+            state.save(step)
+            write_json(out / "time.json", {"step": step, "seconds": previous_seconds + time.perf_counter() - started})
+    seconds = previous_seconds + time.perf_counter() - started
+    finished = step >= total
+    unwrapped = _weights_to_use(accelerator, model, ema)
+    final_path = out / (LAST_CHECKPOINT if validator is not None else CHECKPOINT)
+    save_classifier(unwrapped, final_path, spec, {**training_info, "selected_step": step}, save_dtype)
+    if validator is not None and not (out / CHECKPOINT).exists():  # no validation ran yet in a short run
+        shutil.copyfile(final_path, out / CHECKPOINT)
+
+    summary = {
+        "finished": finished, "step": step, "steps": total, "resumed_from": start, "wall_time_s": round(seconds, 1),
+        "wall_time_this_run_s": round(time.perf_counter() - started, 1), "device": device_description(accelerator),
+        "architecture": architecture, "parameters": sum(p.numel() for p in unwrapped.parameters()),
+        "settings": settings, "pretrained": pretrained_report or None,
+        "sources": [
+            {"path": str(s.path), "share": s.share, "images": len(s.items),
+             "images_per_plane": {c: sum(1 for label in s.labels if label == i) for i, c in enumerate(classes)},
+             "drawn": drawn}
+            for s, drawn in zip(sources, count_draws(sampler, sources, step, args.batch_size, classes))
+        ],
+        "validation": validator.summary() if validator is not None else None,
+        "checkpoint": str(out / CHECKPOINT),
+        "checkpoint_bytes": (out / CHECKPOINT).stat().st_size,
+    }
+    write_json(out / "summary.json", summary)
+    (out / "README.md").write_text(model_card(summary), encoding="utf-8")
+    if not finished:
+        print(f"stopped at step {step} of {total}; run the same command again to continue.", flush=True)
+    print(json.dumps({"checkpoint": summary["checkpoint"], "step": step, "steps": total, "wall_time_s": summary["wall_time_s"],
+                      "selected": (summary["validation"] or {}).get("selected")}), flush=True)
+    return 0
+
+
+def _weights_to_use(accelerator, model, ema):
+    """The network to validate and save: the moving average when --ema is on."""
+    return ema.module if ema is not None else accelerator.unwrap_model(model)
+
+
+def _validation_items(path: Path | None, sources: list[Source], classes) -> list:
+    if path is None:
+        return []
+    from fetalstudio.data.tables import read_classification
+
+    if not path.exists():
+        raise FetalStudioError(f"--val {path} does not exist. Give a folder of plane sub-folders or a CSV with filename,plane.")
+    items = read_classification(path)
+    check_labelled(items, classes, f"--val {path}")
+    training = {item.path.resolve() for source in sources for item in source.items}
+    shared = [item.path for item in items if item.path.resolve() in training]
+    if shared:
+        raise FetalStudioError(
+            f"{len(shared)} validation image(s) are also training images (e.g. {shared[0]}). Validation images "
+            "must never be trained on: remove them from --data or give another --val."
+        )
+    return items
+
+
+def _check_resume_settings(out: Path, settings: dict) -> None:
+    from fetalstudio.training.common import STATE_DIR
+
+    run_file = out / "run.json"
+    if not (out / STATE_DIR).exists() or not run_file.exists():
+        return
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    changed = [key for key in ARCHITECTURE_SETTINGS if saved.get(key) != settings.get(key)]
+    if changed:
+        raise FetalStudioError(
+            f"{out} holds a run with other {', '.join(changed)} "
+            f"({', '.join(f'{k}={saved.get(k)}' for k in changed)}). Resume with the same settings, "
+            "add --no-resume to start over, or pick another --out."
+        )
+    other = [key for key in settings if key not in ARCHITECTURE_SETTINGS and saved.get(key) != settings.get(key)]
+    if other:
+        print(f"note: resuming with changed {', '.join(other)}", flush=True)
+
+
+def _previous_seconds(out: Path, start: int) -> float:
+    if not start:
+        return 0.0
+    try:
+        data = json.loads((out / "time.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0
+    return float(data.get("seconds", 0.0)) if int(data.get("step", -1)) == start else 0.0
+
+
+class _Validator:
+    """Validation metrics during training; remembers the best step (accuracy, then macro F1)."""
+
+    def __init__(self, items, preprocessing, classes, out: Path, hflip: bool) -> None:
+        import torch
+        from PIL import Image
+
+        tensors = []
+        for item in items:
+            with Image.open(item.path) as image:
+                image.load()
+                tensors.append(preprocessing(image))
+        self.inputs = torch.stack(tensors)
+        self.labels = [item.plane for item in items]
+        self.preprocessing, self.classes, self.hflip = preprocessing, classes, hflip
+        self.history_path = out / "val_history.json"
+        self.history: dict[str, dict] = {}
+        if self.history_path.exists():
+            self.history = json.loads(self.history_path.read_text(encoding="utf-8"))
+
+    def evaluate(self, model, step: int) -> dict:
+        from fetalstudio.classification.predict import PlaneClassifier
+        from fetalstudio.evaluation.classifier import classification_metrics, headline
+        from fetalstudio.training.common import write_json
+
+        classifier = PlaneClassifier(model, self.preprocessing, self.classes, batch_size=64, hflip_tta=self.hflip)
+        metrics = classification_metrics(self.labels, classifier.probabilities_from_tensor(self.inputs), self.classes)
+        result = {**headline(metrics), "per_class_recall": {k: v["recall"] for k, v in metrics["per_class"].items()},
+                  "confusion_matrix": metrics["confusion_matrix"]}
+        self.history = {k: v for k, v in self.history.items() if int(k) < step}  # a redone step replaces later ones
+        self.history[str(step)] = result
+        write_json(self.history_path, self.history)
+        return result
+
+    @staticmethod
+    def _key(result: dict) -> tuple:
+        return (round(result["accuracy"], 6), round(result["f1"], 6))
+
+    def best_step(self) -> int | None:
+        if not self.history:
+            return None
+        return int(max(self.history, key=lambda k: (self._key(self.history[k]), -int(k))))
+
+    def is_best(self, step: int) -> bool:
+        return self.best_step() == step
+
+    def summary(self) -> dict:
+        best = self.best_step()
+        return {"images": len(self.labels), "selected": {"step": best, **self.history[str(best)]} if best is not None else None,
+                "history": self.history}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def model_card(summary: dict) -> str:
+    settings = summary["settings"]
+    lines = [
+        f"# Plane classifier ({summary['architecture']})", "",
+        f"- classes (output order): {', '.join(settings['classes'])}",
+        f"- input: {'grayscale' if settings['channels'] == 1 else 'RGB'}, letterboxed to {settings['input_size']}x{settings['input_size']}, pixels scaled to [-1, 1]",
+        f"- weights: {'from ' + settings['pretrained'] if settings['pretrained'] else 'random initialisation (from scratch)'}",
+        f"- augmentation: {settings['augment']}; balanced planes: {settings['balance']}; "
+        f"weight EMA: {settings.get('ema') or 'off'}",
+        f"- steps: {summary['step']} of {summary['steps']} (batch {settings['batch_size']}, lr {settings['lr']}, seed {settings['seed']})",
+        f"- hardware: {summary['device']}; wall time {summary['wall_time_s']} s",
+        f"- parameters: {summary['parameters']:,}; checkpoint {summary['checkpoint_bytes'] / 2**20:.1f} MiB", "",
+        "## Training data", "", "| source | share | images | per plane | samples drawn |", "|---|---|---|---|---|",
+    ]
+    for source in summary["sources"]:
+        planes = ", ".join(f"{k} {v}" for k, v in source["images_per_plane"].items())
+        lines.append(f"| `{source['path']}` | {source['share'] or 'pooled'} | {source['images']} | {planes} | {source['drawn']['total']} |")
+    validation = summary.get("validation")
+    if validation and validation.get("selected"):
+        selected = validation["selected"]
+        lines += ["", "## Validation (checkpoint selection only, never trained on)", "",
+                  f"{validation['images']} images; model.safetensors is the step with the best accuracy: step {selected['step']}.", "",
+                  "| accuracy | recall | precision | F1 | AUC |", "|---|---|---|---|---|",
+                  f"| {_fmt(selected['accuracy'])} | {_fmt(selected['recall'])} | {_fmt(selected['precision'])} | {_fmt(selected['f1'])} | {_fmt(selected['auc'])} |"]
+    lines += ["", "Load it with `ModelManager(...).get(path)` and predict with "
+              "`fetalstudio.classification.predict.PlaneClassifier(model).predict(images)`.", ""]
+    return "\n".join(lines)
