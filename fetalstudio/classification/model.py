@@ -112,8 +112,11 @@ def build_model(
     spec: ClassifierSpec,
     pretrained_file: Path | None = None,
     drop_rate: float = 0.0,
+    zero_head: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
     """A timm model with a new ``len(spec.classes)``-way head; random weights or a local file.
+
+    ``zero_head``: start the head at zero (``_zero_head``) instead of timm's random init.
 
     Returns the model and a report of the pretrained load (``{}`` without a file).
     """
@@ -126,7 +129,8 @@ def build_model(
         )
     except (RuntimeError, TypeError, ValueError) as error:
         raise FetalStudioError(f"Could not build timm model {spec.architecture!r}: {error}") from error
-    _zero_head(model)
+    if zero_head:
+        _zero_head(model)
     report = {}
     if pretrained_file is not None:
         report = load_pretrained_weights(model, Path(pretrained_file))

@@ -72,21 +72,26 @@ def load_timm_classifier(entry: ModelEntry, path: Path, dtype: torch.dtype):
     """A timm model whose architecture comes from the checkpoint's metadata or the manifest."""
     import timm
 
-    architecture = entry.details.get("architecture")
+    details = dict(entry.details)
+    if path.suffix.lower() == ".safetensors":  # our checkpoints describe themselves; the manifest may add to it
+        _, metadata = read_safetensors_header(path)
+        details = {**{k.removeprefix("fetalstudio."): v for k, v in metadata.items() if k.startswith("fetalstudio.")}, **details}
+    architecture = details.get("architecture")
     if not architecture:
         raise ModelLoadError(
             f"{path.name}: the timm architecture is unknown. Add `architecture = \"resnet18\"` "
             "(or whichever timm model it is) to its entry in checkpoints/manifest.toml."
         )
     state = _read_state_dict(path)
-    num_classes = int(entry.details.get("num_classes", _infer_num_classes(state)))
-    in_chans = int(entry.details.get("in_chans", 3))
+    num_classes = int(details.get("num_classes", _infer_num_classes(state)))
+    in_chans = int(details.get("in_chans", 3))
+    extra = json.loads(details.get("timm_kwargs") or "{}")  # e.g. img_size of a ViT trained off 224
     try:
-        model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans, **extra)
     except RuntimeError as error:
         raise ModelLoadError(f"{path.name}: timm does not know the architecture {architecture!r} ({error}).") from error
     _load_state(model, state, path)
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "fetalstudio": entry.details}
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "fetalstudio": details}
     return model.to(dtype=dtype).eval()
 
 

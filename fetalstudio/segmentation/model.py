@@ -196,6 +196,7 @@ def save_segmenter(
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     save_file(state, str(temporary), metadata=metadata)
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
     return path
 

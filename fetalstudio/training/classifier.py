@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="local timm weights file of the same architecture (default: train from scratch)")
     model.add_argument("--input-size", type=int, default=128, help="square input size in pixels (the paper: 512; 128 is CPU-friendly) (default: %(default)s)")
     model.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 = grayscale input, 3 = RGB (default: %(default)s)")
+    model.add_argument("--head-init", choices=["zero", "timm"], default="zero",
+                       help="new head: zero (all planes equally likely at the start) or timm's random init (default: %(default)s)")
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head (default: %(default)s)")
     model.add_argument("--tta", choices=["none", "hflip"], default="none",
                        help="test-time augmentation recorded in the checkpoint (hflip: average with the mirrored image) (default: %(default)s)")
@@ -287,12 +289,12 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"backbone": architecture, "input_size": args.input_size, "channels": args.channels, "classes": list(classes),
                 "augment": args.augment, "data": [str(s.path) + (f":{s.share:g}" if s.share else "") for s in sources],
-                "balance": args.balance, "ema": args.ema, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
+                "balance": args.balance, "ema": args.ema, "head_init": args.head_init, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
                 "pretrained": str(args.pretrained) if args.pretrained else None}
     _check_resume_settings(out, settings)
 
     accelerator = make_accelerator(args)
-    model, pretrained_report = build_model(spec, args.pretrained, drop_rate=args.drop_rate)
+    model, pretrained_report = build_model(spec, args.pretrained, drop_rate=args.drop_rate, zero_head=args.head_init == "zero")
     if pretrained_report:
         print(f"pretrained weights: {pretrained_report['tensors_loaded']} tensors from {args.pretrained}", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
