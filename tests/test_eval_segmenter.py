@@ -116,7 +116,7 @@ def test_report_writer(tmp_path):
     rows = [{"image": "a|b.png", "dice": 0.91234567, "hc": None}, {"image": "c.png", "dice": math.nan, "extra": 3}]
     table = markdown_table(rows)
     assert table.splitlines()[0] == "| image | dice | hc | extra |"
-    assert "a\\|b.png" in table and "0.9123" in table and "nan" in table
+    assert "a\\|b.png" in table and "0.9123" in table and "n/a" in table
     summary = write_report(tmp_path / "rep", "Title", {"Numbers": rows, "Notes": "plain *markdown*"},
                            csv_files={"rows.csv": rows}, json_files={"s.json": {"x": math.nan, "y": [1.5, math.inf]}})
     text = summary.read_text()

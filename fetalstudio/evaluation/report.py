@@ -32,7 +32,7 @@ def _format(value, digits: int) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 

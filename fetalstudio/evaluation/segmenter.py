@@ -103,7 +103,8 @@ def load_example(item: EvalItem):
 
 
 def prompt_box(item: EvalItem, mask, mode: str, jitter_px: float, seed: int):
-    """The box prompt for an item: exact bounding box, or jittered reproducibly per image name."""
+    """The box prompt for an item: exact bounding box, or jittered reproducibly per image file name
+    (the same image gets the same box whichever CSV lists it)."""
     import numpy as np
 
     from fetalstudio.segmentation.ellipse import bounding_box, jitter_box
@@ -111,7 +112,7 @@ def prompt_box(item: EvalItem, mask, mode: str, jitter_px: float, seed: int):
     box = bounding_box(mask)
     if mode == "exact":
         return tuple(float(v) for v in box)
-    rng = np.random.default_rng([seed, zlib.crc32(item.name.encode("utf-8"))])
+    rng = np.random.default_rng([seed, zlib.crc32(item.image.name.encode("utf-8"))])  # keyed by file name
     return jitter_box(box, mask.shape[1], mask.shape[0], jitter_px, rng)
 
 

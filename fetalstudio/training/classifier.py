@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments
+from fetalstudio.training.common import add_common_arguments, check_resume_settings
 
 AUGMENTATIONS = ("none", "paper", "strong")
 CHECKPOINT = "model.safetensors"
@@ -291,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
                 "augment": args.augment, "data": [str(s.path) + (f":{s.share:g}" if s.share else "") for s in sources],
                 "balance": args.balance, "ema": args.ema, "head_init": args.head_init, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
                 "pretrained": str(args.pretrained) if args.pretrained else None}
-    _check_resume_settings(out, settings)
+    other = check_resume_settings(out, settings, ARCHITECTURE_SETTINGS)
+    if other:
+        print(f"note: resuming with changed {', '.join(other)}", flush=True)
 
     accelerator = make_accelerator(args)
     model, pretrained_report = build_model(spec, args.pretrained, drop_rate=args.drop_rate, zero_head=args.head_init == "zero")
@@ -415,25 +417,6 @@ def _validation_items(path: Path | None, sources: list[Source], classes) -> list
             "must never be trained on: remove them from --data or give another --val."
         )
     return items
-
-
-def _check_resume_settings(out: Path, settings: dict) -> None:
-    from fetalstudio.training.common import STATE_DIR
-
-    run_file = out / "run.json"
-    if not (out / STATE_DIR).exists() or not run_file.exists():
-        return
-    saved = json.loads(run_file.read_text(encoding="utf-8"))
-    changed = [key for key in ARCHITECTURE_SETTINGS if saved.get(key) != settings.get(key)]
-    if changed:
-        raise FetalStudioError(
-            f"{out} holds a run with other {', '.join(changed)} "
-            f"({', '.join(f'{k}={saved.get(k)}' for k in changed)}). Resume with the same settings, "
-            "add --no-resume to start over, or pick another --out."
-        )
-    other = [key for key in settings if key not in ARCHITECTURE_SETTINGS and saved.get(key) != settings.get(key)]
-    if other:
-        print(f"note: resuming with changed {', '.join(other)}", flush=True)
 
 
 def _previous_seconds(out: Path, start: int) -> float:

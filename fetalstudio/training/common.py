@@ -108,6 +108,27 @@ class ResumableState:
             shutil.rmtree(previous)
 
 
+def check_resume_settings(out: Path, settings: dict, fixed: tuple[str, ...]) -> list[str]:
+    """Refuse to resume a run in ``out`` whose ``fixed`` settings differ from ``settings``.
+
+    Returns the other settings that changed (allowed, e.g. more steps), for a note to the user.
+    """
+    run_file = out / "run.json"
+    if not (out / STATE_DIR).exists() or not run_file.is_file():
+        return []
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    changed = [key for key in fixed if saved.get(key) != settings.get(key)]
+    if changed:
+        from fetalstudio.errors import FetalStudioError
+
+        raise FetalStudioError(
+            f"{out} holds a run with other settings: "
+            f"{', '.join(f'{k}={saved.get(k)}' for k in changed)}. Resume with the same settings, "
+            "add --no-resume to start over, or pick another --out."
+        )
+    return [key for key in settings if key not in fixed and saved.get(key) != settings.get(key)]
+
+
 def infinite(loader):
     """Cycle a data loader forever (epochs are implicit; steps count the work)."""
     while True:
