@@ -65,3 +65,12 @@ def manager(tmp_checkpoints, tiny_sd_dir, cpu_placement):
     from fetalstudio.models.manager import ModelManager
 
     return ModelManager(tmp_checkpoints, extra_folders=(tiny_sd_dir.parent,), placement=cpu_placement)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine's cores are shared: one torch thread is faster than two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,13 +30,7 @@ pytestmark = [
 FAST = ["--resolution", "64", "--rank", "4", "--alpha", "8", "--batch-size", "2", "--log-every", "1", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one torch thread is faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

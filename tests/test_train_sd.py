@@ -33,12 +33,7 @@ TINY = ["--resolution", "64", "--vae-channels", "8,16,16,16", "--vae-layers", "1
         "--batch-size", "2", "--log-every", "1", "--warmup-steps", "1", "--samples", "0", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(csv_path: Path) -> list[dict]:
