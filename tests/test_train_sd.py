@@ -121,6 +121,37 @@ def test_each_stage_resumes_from_its_saved_step(trained, ten_images, capsys):
     assert "kept" in capsys.readouterr().out
 
 
+def test_cpu_options_vae_crops_mask_injection_and_attention_levels(ten_images, tmp_path):
+    """The CPU plan of the bundled model: VAE on random crops, some heads shown mask-injected, attention only where chosen."""
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "cpu-plan"
+    tiny = [*TINY, "--unet-channels", "16,32,32", "--unet-attention", "0,1,0"]
+    assert main(["train", "sd", *_data_args(ten_images), "--out", str(out), "--steps", "2", "--vae-crop", "32",
+                 "--vae-mask-injection", "1.0", *tiny]) == 0
+    vae = json.loads((out / "metrics.json").read_text())["stages"]["vae"]
+    assert vae["crop"] == 32 and vae["mask_injection"] == {"probability": 1.0, "channel_order": "mask,gray,gray"}
+    assert "mask-injected (mask,gray,gray)" in (out / "model_card.md").read_text()
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    assert unet.config.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert unet.config.up_block_types == ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+
+
+def test_mask_injected_vae_batches_carry_the_mask_channel(ten_images):
+    import argparse
+
+    from fetalstudio.training.sd import _mask_injected_pixels
+
+    items = collect_items(ten_images)
+    injected, row = _mask_injected_pixels(items, argparse.Namespace(vae_mask_injection=0.5, vae_channel_order="mask,gray,gray",
+                                                                   resolution=64, crop="center"))
+    heads = [k for k, item in enumerate(items) if item.mask is not None]
+    assert len(injected) == len(heads) == 5 and (row >= 0).sum() == 5
+    first = injected[row[heads[0]]].numpy().astype(int)
+    assert np.array_equal(first[1], first[2]) and np.abs(first[0] - first[1]).mean() > 10  # mask channel differs from the grey ones
+    assert ((first[0] < 10) | (first[0] > 245)).mean() > 0.9  # a filled mask (only its resized edge is grey)
+
+
 def test_tokenizer_round_trip(tmp_path):
     from transformers import CLIPTokenizer
 
@@ -170,6 +201,12 @@ def test_errors_are_clear(tmp_path, ten_images, capsys):
     assert "must never train a generator" in capsys.readouterr().err
     assert main(["train", "sd", *_data_args(ten_images), "--out", str(tmp_path / "d"), *TINY, "--vae-channels", "8,16"]) == 2
     assert "exactly 4 widths" in capsys.readouterr().err
+    assert main(["train", "sd", *_data_args(ten_images), "--out", str(tmp_path / "e"), *TINY, "--unet-attention", "1,1,0"]) == 2
+    assert "one 0/1 flag per --unet-channels width" in capsys.readouterr().err
+    assert main(["train", "sd", *_data_args(ten_images), "--out", str(tmp_path / "f"), *TINY, "--unet-attention", "0,0"]) == 2
+    assert "at least one block" in capsys.readouterr().err
+    assert main(["train", "sd", *_data_args(ten_images), "--out", str(tmp_path / "g"), *TINY, "--vae-crop", "100"]) == 2
+    assert "--vae-crop must be a multiple of 8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["sd", "lora"])

@@ -53,6 +53,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _flag_list(text: str) -> tuple[bool, ...]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("0", "1") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated 0/1 flags such as 0,1,1,0 (got {text!r})")
+    return tuple(v == "1" for v in values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, action="append", default=[], metavar="FOLDER_OR_CSV",
                         help="training images (repeatable): spanish_planes, hc18_heads/pairs.csv, es_heads/pairs.csv, "
@@ -83,11 +90,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vae.add_argument("--vae-freq-weight", type=float, default=0.1, help="weight of the L1 between Fourier magnitudes (keeps speckle)")
     vae.add_argument("--vae-disc-weight", type=float, default=0.05, help="patch-discriminator (hinge) weight; 0 disables it")
     vae.add_argument("--vae-disc-start", type=int, help="step the discriminator starts (default: half of the VAE steps)")
+    vae.add_argument("--vae-crop", type=int,
+                     help="train the VAE on random square crops of this size (multiple of 8) of the --resolution images: "
+                          "the VAE is convolutional, so crops teach the same reconstruction at a fraction of the cost (CPU)")
+    vae.add_argument("--vae-mask-injection", type=float, default=0.0, metavar="P",
+                     help="probability of showing a head image that has a mask in its in-channel mask-injected form "
+                          "(--vae-channel-order), so that LoRAs trained with train lora --mask-channel get a VAE that can "
+                          "carry the mask channel (a VAE that saw only grey images turns the mask channel grey)")
+    vae.add_argument("--vae-channel-order", default="mask,gray,gray", help="channel order of those mask-injected images")
     vae.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability for VAE training")
 
     unet = parser.add_argument_group("U-Net")
     unet.add_argument("--unet-channels", type=_int_list, default=(128, 256, 256), help="block widths (all but the last with cross-attention)")
     unet.add_argument("--unet-layers", type=int, default=2, help="resnet layers per U-Net block")
+    unet.add_argument("--unet-attention", type=_flag_list,
+                      help="which U-Net blocks have cross-attention, one 0/1 per width, e.g. 0,1,1,0 (default: all but the last). "
+                           "Attention at the full latent size dominates the cost on a CPU")
     unet.add_argument("--attention-head-dim", type=int, default=8, help="channels per attention head")
     unet.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the empty caption (for guidance)")
     unet.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the U-Net weights (with warm-up)")
@@ -238,6 +256,16 @@ def _validate(args) -> None:
         raise FetalStudioError("--text-hidden must be divisible by --text-heads.")
     if any(c % args.attention_head_dim for c in args.unet_channels):
         raise FetalStudioError("Every --unet-channels width must be divisible by --attention-head-dim.")
+    attention = getattr(args, "unet_attention", None)
+    if attention is not None and len(attention) != len(args.unet_channels):
+        raise FetalStudioError(f"--unet-attention needs one 0/1 flag per --unet-channels width ({len(args.unet_channels)}), got {len(attention)}.")
+    if attention is not None and not any(attention):
+        raise FetalStudioError("--unet-attention must keep cross-attention in at least one block, or the captions cannot steer the U-Net.")
+    crop = getattr(args, "vae_crop", None)
+    if crop is not None and (crop % 8 or crop < 32 or crop > args.resolution):
+        raise FetalStudioError(f"--vae-crop must be a multiple of 8 between 32 and --resolution ({args.resolution}); got {crop}.")
+    if not 0 <= getattr(args, "vae_mask_injection", 0.0) <= 1:
+        raise FetalStudioError("--vae-mask-injection is a probability in [0, 1].")
     if not 0 <= args.caption_dropout < 1:
         raise FetalStudioError("--caption-dropout must be in [0, 1).")
 
@@ -413,6 +441,7 @@ def run_vae_stage(args, items) -> None:
     if (out / "unet").is_dir() and start < steps and accelerator.is_main_process:
         print("note: retraining the VAE invalidates the U-Net trained on its latents: run --stage unet again afterwards", flush=True)
     pixels = load_all_pixels(items, args.resolution, args.crop)
+    injected, injected_row = _mask_injected_pixels(items, args)
     probabilities = _sampler(items, args)
     log = TrainingLog(out / "train_log.csv")
     if accelerator.is_main_process:
@@ -423,7 +452,11 @@ def run_vae_stage(args, items) -> None:
     for step in range(start, steps):
         generator = step_generator(args.seed, "vae", step, accelerator.process_index)
         index = _draw(probabilities, batch_size, generator)
-        x = to_model_range(pixels[index])
+        batch = pixels[index]
+        if injected is not None:
+            chosen = (injected_row[index] >= 0) & (torch.rand(len(index), generator=generator) < args.vae_mask_injection)
+            batch[chosen] = injected[injected_row[index][chosen]]
+        x = to_model_range(_random_crops(batch, args.vae_crop, generator) if args.vae_crop else batch)
         flip = torch.rand(len(x), generator=generator) < args.hflip
         x[flip] = x[flip].flip(-1)
         x = x.to(accelerator.device)
@@ -465,7 +498,8 @@ def run_vae_stage(args, items) -> None:
         trained.register_to_config(scaling_factor=evaluation["scaling_factor"])
         trained.save_pretrained(str(out / "vae"), safe_serialization=True)
         update_metrics(out, "vae", {
-            "steps": steps, "batch_size": batch_size, "lr": args.vae_lr, "resolution": args.resolution,
+            "steps": steps, "batch_size": batch_size, "lr": args.vae_lr, "resolution": args.resolution, "crop": args.vae_crop,
+            "mask_injection": {"probability": args.vae_mask_injection, "channel_order": args.vae_channel_order},
             "parameters": sum(p.numel() for p in trained.parameters()), "block_out_channels": list(args.vae_channels),
             "layers_per_block": args.vae_layers, "discriminator": {"weight": args.vae_disc_weight, "start": disc_start},
             "kl_weight": args.vae_kl_weight, "frequency_weight": args.vae_freq_weight,
@@ -475,6 +509,37 @@ def run_vae_stage(args, items) -> None:
         print(f"vae: PSNR {evaluation['psnr_db']:.2f} dB, neighbour difference real {evaluation['neighbour_difference_real']:.4f} "
               f"vs reconstructed {evaluation['neighbour_difference_reconstructed']:.4f}, scaling factor {evaluation['scaling_factor']:.4f}", flush=True)
     accelerator.wait_for_everyone()
+
+
+def _mask_injected_pixels(items, args):
+    """(mask-injected pixels of the items that have masks, row of each item in them or -1); (None, None) when off."""
+    import torch
+
+    from fetalstudio.synthesis.mask_injection import parse_channel_order
+    from fetalstudio.training.image_datasets import load_all_pixels
+
+    if not args.vae_mask_injection:
+        return None, None
+    with_mask = [k for k, item in enumerate(items) if item.mask is not None]
+    if not with_mask:
+        raise FetalStudioError("--vae-mask-injection needs image/mask pairs in --data (e.g. hc18_heads/pairs.csv); none of the images has a mask.")
+    try:
+        channel = parse_channel_order(args.vae_channel_order)
+    except ValueError as error:
+        raise FetalStudioError(str(error)) from None
+    row = torch.full((len(items),), -1, dtype=torch.long)
+    row[with_mask] = torch.arange(len(with_mask))
+    return load_all_pixels([items[k] for k in with_mask], args.resolution, args.crop, channel), row
+
+
+def _random_crops(pixels, size: int, generator):
+    """One random size x size crop per image (positions from the step's generator, so resumes repeat them)."""
+    import torch
+
+    height, width = pixels.shape[-2:]
+    tops = torch.randint(0, height - size + 1, (len(pixels),), generator=generator).tolist()
+    lefts = torch.randint(0, width - size + 1, (len(pixels),), generator=generator).tolist()
+    return torch.stack([p[:, t:t + size, l:l + size] for p, t, l in zip(pixels, tops, lefts)])
 
 
 def evaluate_vae(vae, pixels, device, limit: int = 64) -> dict:
@@ -522,10 +587,11 @@ def build_unet(args, cross_attention_dim: int):
 
     channels = tuple(args.unet_channels)
     n = len(channels)
+    attention = getattr(args, "unet_attention", None) or (True,) * (n - 1) + (False,)
     return UNet2DConditionModel(
         sample_size=args.resolution // 8, in_channels=4, out_channels=4, block_out_channels=channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         layers_per_block=args.unet_layers, cross_attention_dim=cross_attention_dim,
         attention_head_dim=args.attention_head_dim, norm_num_groups=_norm_groups(channels),
     )
@@ -642,6 +708,7 @@ def run_unet_stage(args, items) -> None:
             "resolution": args.resolution, "latent_shape": list(mean.shape[1:]), "latent_scaling_factor": scaling,
             "parameters": sum(p.numel() for p in final_unet.parameters()), "block_out_channels": list(args.unet_channels),
             "layers_per_block": args.unet_layers, "cross_attention_dim": final_unet.config.cross_attention_dim,
+            "down_block_types": list(final_unet.config.down_block_types),
             "caption_dropout": args.caption_dropout, "balance": args.balance, "ema_decay": args.ema_decay,
             "snr_gamma": args.snr_gamma, "prediction_type": args.prediction_type,
             "text_encoder": "trained with the U-Net" if args.train_text_encoder else "frozen (random initialisation)",
@@ -749,8 +816,10 @@ def write_model_card(out: Path) -> None:
     vae = stages.get("vae")
     if vae:
         lines.append(f"- VAE: widths {vae['block_out_channels']}, {vae['parameters'] / 1e6:.2f}M parameters, {vae['steps']} steps x batch "
-                     f"{vae['batch_size']}, lr {vae['lr']}; L1 + {vae['frequency_weight']} x Fourier-magnitude L1 + {vae['kl_weight']} x KL"
+                     f"{vae['batch_size']}" + (f" ({vae['crop']} px random crops)" if vae.get("crop") else "") + f", lr {vae['lr']}; L1 + {vae['frequency_weight']} x Fourier-magnitude L1 + {vae['kl_weight']} x KL"
                      + (f" + {vae['discriminator']['weight']} x patch-GAN from step {vae['discriminator']['start']}" if vae['discriminator']['weight'] else "")
+                     + (f"; head images shown mask-injected ({vae['mask_injection']['channel_order']}) with probability "
+                        f"{vae['mask_injection']['probability']}, so image+mask LoRAs can use this VAE" if vae.get("mask_injection", {}).get("probability") else "")
                      + f". Reconstruction PSNR {vae['psnr_db']:.2f} dB on {vae['evaluated_images']} training images; mean neighbour-pixel "
                      f"difference (speckle) real {vae['neighbour_difference_real']:.4f} vs reconstructed {vae['neighbour_difference_reconstructed']:.4f}; "
                      f"latent scaling factor {vae['scaling_factor']:.4f}.")
