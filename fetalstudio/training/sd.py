@@ -438,6 +438,9 @@ def run_vae_stage(args, items) -> None:
         disc, disc_optimizer = prepared[2], prepared[3]
     state = ResumableState(accelerator, stage_dir)
     start = resume(state, args.no_resume)
+    _set_learning_rate(optimizer, args.vae_lr)
+    if use_disc:
+        _set_learning_rate(disc_optimizer, args.vae_lr)
     if (out / "unet").is_dir() and start < steps and accelerator.is_main_process:
         print("note: retraining the VAE invalidates the U-Net trained on its latents: run --stage unet again afterwards", flush=True)
     pixels = load_all_pixels(items, args.resolution, args.crop)
@@ -509,6 +512,12 @@ def run_vae_stage(args, items) -> None:
         print(f"vae: PSNR {evaluation['psnr_db']:.2f} dB, neighbour difference real {evaluation['neighbour_difference_real']:.4f} "
               f"vs reconstructed {evaluation['neighbour_difference_reconstructed']:.4f}, scaling factor {evaluation['scaling_factor']:.4f}", flush=True)
     accelerator.wait_for_everyone()
+
+
+def _set_learning_rate(optimizer, lr: float) -> None:
+    """The learning rate asked for now, also after a resume (the saved optimizer state carries the old one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _mask_injected_pixels(items, args):
