@@ -39,14 +39,18 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE_OR_ID[:WEIGHT]", help="LoRA to apply with its weight 0-1.5 (default 1.0); repeatable")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--width", type=int, default=512, help="image width in pixels (multiple of 8)")
-    parser.add_argument("--height", type=int, default=512, help="image height in pixels (multiple of 8)")
+    parser.add_argument("--width", type=int, help="image width in pixels (multiple of 8; default: the size the model was trained at, else 512)")
+    parser.add_argument("--height", type=int, help="image height in pixels (multiple of 8; default: the size the model was trained at, else 512)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i")
     parser.add_argument("--prompt", help="prompt to use instead of the plane's caption (e.g. 'a photo of fetal abdomen')")
     parser.add_argument("--negative-prompt", default="", help="negative prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images generated together (more memory, faster on GPUs)")
     parser.add_argument("--json", type=Path, help="also write a JSON summary to this file")
     parser.set_defaults(handler=run_generate)
+
+
+#: Image size when neither the user nor the model's configs give one (SD 1.x).
+DEFAULT_IMAGE_SIZE = 512
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -75,6 +79,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise FetalStudioError("--n must be at least 1.")
     context = build_context()
     model = args.model or context.manager.default_id(ModelKind.SD_PIPELINE)
+    native = context.manager.native_image_size(model) or DEFAULT_IMAGE_SIZE
+    args.width, args.height = args.width or native, args.height or native
     request = DatasetRequest(
         out_dir=args.out, model=model, planes=tuple(planes), samplers=tuple(samplers), images_per_plane=args.n,
         steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,

@@ -143,3 +143,14 @@ def test_killed_cli_run_resumes_with_the_same_command(models_root, tmp_path):
         with Image.open(out / row["file"]) as image:
             image.load()  # every file is a complete PNG
             assert image.size == (64, 64)
+
+
+def test_cli_defaults_to_the_size_the_model_was_trained_at(models_root, tmp_path, monkeypatch):
+    from fetalstudio.cli import main
+
+    monkeypatch.setenv("FETALSTUDIO_MODELS", str(models_root))
+    monkeypatch.setenv("FETALSTUDIO_CHECKPOINTS", str(tmp_path / "ckpt"))
+    out = tmp_path / "native"
+    assert main(["generate", "--plane", "brain", "--n", "1", "--out", str(out), "--steps", "1"]) == 0
+    (row,) = rows(out)
+    assert (row["width"], row["height"]) == ("64", "64")  # tiny U-Net sample_size 8 x VAE scale 8, not SD's 512

@@ -533,3 +533,16 @@ def test_default_budget_on_cpu_is_half_of_ram(tmp_checkpoints, cpu_placement):
     total = device_memory_bytes(torch.device("cpu"))
     manager = ModelManager(tmp_checkpoints, placement=cpu_placement)
     assert manager.memory_budget_bytes == (int(total * 0.5) if total else 8 * 2**30)
+
+
+def test_native_image_size_comes_from_the_configs_without_loading(tiny_sd_dir, tmp_checkpoints, cpu_placement):
+    import json
+
+    from fetalstudio.models.manager import ModelManager
+
+    manager = ModelManager(tmp_checkpoints, placement=cpu_placement, extra_folders=(tiny_sd_dir.parent,))
+    unet = json.loads((tiny_sd_dir / "unet" / "config.json").read_text())
+    vae = json.loads((tiny_sd_dir / "vae" / "config.json").read_text())
+    assert manager.native_image_size(tiny_sd_dir.name) == unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) == 64
+    assert manager.loaded_ids() == []
+    assert manager.native_image_size("no-such-model") is None

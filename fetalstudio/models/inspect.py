@@ -57,6 +57,27 @@ def _inspect_folder(folder: Path) -> Inspection | None:
     return None
 
 
+#: Image size of SD 1.x checkpoints in the original single-file layout.
+SD1_NATIVE_IMAGE_SIZE = 512
+
+
+def native_image_size(path: Path, format: ModelFormat) -> int | None:
+    """The square image size an SD-architecture pipeline was trained at, from its configs; None when unknown.
+
+    A diffusers folder: U-Net ``sample_size`` (latent) x the VAE's downsampling (2 ^ (blocks - 1)).
+    """
+    if format is ModelFormat.SINGLE_FILE:
+        return SD1_NATIVE_IMAGE_SIZE
+    if format is not ModelFormat.DIFFUSERS_FOLDER:
+        return None
+    unet = _read_json(path / "unet" / "config.json")
+    vae = _read_json(path / "vae" / "config.json")
+    sample_size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
+    if not isinstance(sample_size, int) or not isinstance(blocks, list) or not blocks:
+        return None
+    return sample_size * 2 ** (len(blocks) - 1)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -33,7 +33,7 @@ from fetalstudio.models import device as devices
 from fetalstudio.models.catalog import build_catalog
 from fetalstudio.models.entries import ModelEntry, ModelFormat, ModelKind
 from fetalstudio.models.hub import fetch_from_hub
-from fetalstudio.models.inspect import inspect_path
+from fetalstudio.models.inspect import inspect_path, native_image_size
 from fetalstudio.models.loaders import LOADERS, Loader
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,17 @@ class ModelManager:
         if candidates:
             return candidates[0].id
         raise ModelNotFoundError(NO_MODEL_HELP.get(kind, f"No {kind.value} model is installed.").format(folder=self.checkpoints_dir))
+
+    def native_image_size(self, id_or_path: str | Path) -> int | None:
+        """The image size a generator was trained at (e.g. 256 for fetalstudio-tiny, 512 for SD 1.5 files),
+        read from its configs without loading it; None when unknown or not on disk (nothing is downloaded)."""
+        try:
+            entry = self.entry(id_or_path)
+        except FetalStudioError:
+            return None
+        if entry.path is None or not entry.path.exists():
+            return None
+        return native_image_size(entry.path, entry.format)
 
     def entry(self, id_or_path: str | Path) -> ModelEntry:
         """The entry for a catalog id, or for a file/folder path the user gave (registered on the fly)."""

@@ -75,7 +75,9 @@ def render(context: AppContext) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             gr.Markdown(_no_generator_note(context), visible=not generators, elem_id="no-generator-note")
-            model = gr.Dropdown(generators, value=generators[0] if generators else None, label="Generator model",
+            default_model = _default_generator(manager, generators)
+            native_size = (manager.native_image_size(default_model) if default_model else None) or 512
+            model = gr.Dropdown(generators, value=default_model, label="Generator model",
                                 elem_id="synthesis-model", allow_custom_value=True,
                                 info="An SD 1.x model id, or a path to a diffusers folder / .safetensors file")
             rescan = gr.Button("Rescan models", size="sm", elem_id="synthesis-rescan")
@@ -89,8 +91,8 @@ def render(context: AppContext) -> None:
                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
                 guidance = gr.Slider(0, 30, value=7.5, step=0.5, label="Guidance scale")
             with gr.Row():
-                width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="synthesis-width")
-                height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="synthesis-height")
+                width = gr.Slider(64, 2048, value=native_size, step=8, label="Width", elem_id="synthesis-width")
+                height = gr.Slider(64, 2048, value=native_size, step=8, label="Height", elem_id="synthesis-height")
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="synthesis-seed")
                 random_seed = gr.Button("Random seed", size="sm")
@@ -138,7 +140,13 @@ def render(context: AppContext) -> None:
         return [gr.update(choices=models, value=current_model or (models[0] if models else None)),
                 *[gr.update(choices=loras) for _ in range(LORA_SLOTS)]]
 
+    def on_model(model_value: str, width_value: int, height_value: int):
+        """Switch the size to the one the chosen generator was trained at (when its configs say)."""
+        size = manager.native_image_size(model_value) if model_value else None
+        return (size, size) if size else (width_value, height_value)
+
     rescan.click(on_rescan, model, [model, *lora_dropdowns])
+    model.input(on_model, [model, width, height], [width, height])  # user picks only: loading PNG parameters keeps their size
     subject.change(on_subject, [subject, trimester, prompt], [trimester, prompt])
     trimester.change(on_subject, [subject, trimester, prompt], [trimester, prompt])
     random_seed.click(lambda: -1, None, seed)
@@ -257,6 +265,14 @@ def _dataset_folder(outputs_dir: Path, name: str) -> Path:
     if not cleaned or "/" in cleaned or "\\" in cleaned or cleaned.startswith("."):
         raise FetalStudioError("The dataset folder must be a plain name (letters, digits, - or _), created under outputs/datasets/.")
     return outputs_dir / DATASETS_FOLDER / cleaned
+
+
+def _default_generator(manager, generators: list[str]) -> str | None:
+    """The manifest's default generator on disk; else the first known one (e.g. a hub entry to download)."""
+    try:
+        return manager.default_id(ModelKind.SD_PIPELINE)
+    except FetalStudioError:
+        return generators[0] if generators else None
 
 
 def _no_generator_note(context: AppContext) -> str:
