@@ -121,6 +121,28 @@ def test_each_stage_resumes_from_its_saved_step(trained, ten_images, capsys):
     assert "kept" in capsys.readouterr().out
 
 
+def test_unet_continues_from_init_weights_with_a_trained_text_encoder(trained, ten_images, tmp_path):
+    """--init-unet: a finished U-Net trained on with other settings (here the text encoder joins)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "continued"
+    shutil.copytree(trained, out)
+    shutil.copytree(trained / "unet", tmp_path / "init-unet")
+    encoder_before = load_file(str(out / "text_encoder" / "model.safetensors"))
+    assert main(["train", "sd", *_data_args(ten_images), "--out", str(out), "--stage", "unet", "--steps", "2", "--no-resume",
+                 "--init-unet", str(tmp_path / "init-unet"), "--train-text-encoder", *TINY]) == 0  # step 1 is warm-up (lr 0)
+    unet = json.loads((out / "metrics.json").read_text())["stages"]["unet"]
+    assert unet["initialised_from"] == str(tmp_path / "init-unet") and unet["text_encoder"] == "trained with the U-Net"
+    encoder_after = load_file(str(out / "text_encoder" / "model.safetensors"))
+    assert any(not (encoder_before[k] == encoder_after[k]).all() for k in encoder_before)
+    assert UNet2DConditionModel.from_pretrained(str(out / "unet")).config.block_out_channels == [16, 32]
+    assert main(["train", "sd", *_data_args(ten_images), "--out", str(out), "--stage", "unet", "--steps", "1", "--no-resume",
+                 "--init-unet", str(tmp_path), *TINY]) == 2
+
+
 def test_cpu_options_vae_crops_mask_injection_and_attention_levels(ten_images, tmp_path):
     """The CPU plan of the bundled model: VAE on random crops, some heads shown mask-injected, attention only where chosen."""
     from diffusers import UNet2DConditionModel

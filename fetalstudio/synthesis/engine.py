@@ -74,11 +74,15 @@ class PipelineState:
     sampler: str | None = None
 
 
+_PIPELINE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class SynthesisEngine:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
-        # Keyed by the pipeline object itself, so an unloaded and reloaded model starts clean.
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Shared by every engine: the state describes the pipeline object (which adapters it holds), and
+        # two engines over one manager share its pipelines. Keyed weakly, so a reloaded model starts clean.
+        self._states = _PIPELINE_STATES
 
     def generate(
         self,

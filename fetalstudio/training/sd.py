@@ -107,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="which U-Net blocks have cross-attention, one 0/1 per width, e.g. 0,1,1,0 (default: all but the last). "
                            "Attention at the full latent size dominates the cost on a CPU")
     unet.add_argument("--attention-head-dim", type=int, default=8, help="channels per attention head")
+    unet.add_argument("--init-unet", type=Path, metavar="FOLDER",
+                      help="start the U-Net from these weights (a diffusers unet/ folder, e.g. OUT/unet of an earlier run) instead "
+                           "of random ones: continue a finished model with other settings such as --train-text-encoder; "
+                           "use with --no-resume when OUT already has U-Net state")
     unet.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the empty caption (for guidance)")
     unet.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the U-Net weights (with warm-up)")
     unet.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 for plain MSE")
@@ -606,6 +610,21 @@ def build_unet(args, cross_attention_dim: int):
     )
 
 
+def _initial_unet(args, cross_attention_dim: int):
+    """A new U-Net, or the --init-unet weights (checked against the text encoder's width)."""
+    from diffusers import UNet2DConditionModel
+
+    if not args.init_unet:
+        return build_unet(args, cross_attention_dim)
+    if not (args.init_unet / "config.json").is_file():
+        raise FetalStudioError(f"--init-unet {args.init_unet} is not a diffusers U-Net folder (no config.json): give e.g. OUT/unet.")
+    unet = UNet2DConditionModel.from_pretrained(str(args.init_unet))
+    if unet.config.cross_attention_dim != cross_attention_dim:
+        raise FetalStudioError(f"--init-unet has cross-attention width {unet.config.cross_attention_dim} but this text encoder has "
+                               f"{cross_attention_dim}: start from a U-Net trained with the same text encoder.")
+    return unet
+
+
 def _require_parts(out: Path, parts: tuple[str, ...], stage: str) -> None:
     missing = [p for p in parts if not (out / p).is_dir()]
     if missing:
@@ -635,7 +654,7 @@ def run_unet_stage(args, items) -> None:
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).to(device)
     vae.requires_grad_(False)
     noise_scheduler = DDPMScheduler(**SD_BETAS, prediction_type=args.prediction_type, clip_sample=False)
-    unet = build_unet(args, text_encoder.config.hidden_size)
+    unet = _initial_unet(args, text_encoder.config.hidden_size)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3,
                    model_cls=type(unet), model_config=unet.config)
     parameters = [{"params": unet.parameters(), "lr": args.lr}]
@@ -718,6 +737,7 @@ def run_unet_stage(args, items) -> None:
             "parameters": sum(p.numel() for p in final_unet.parameters()), "block_out_channels": list(args.unet_channels),
             "layers_per_block": args.unet_layers, "cross_attention_dim": final_unet.config.cross_attention_dim,
             "down_block_types": list(final_unet.config.down_block_types),
+            "initialised_from": str(args.init_unet) if args.init_unet else None,
             "caption_dropout": args.caption_dropout, "balance": args.balance, "ema_decay": args.ema_decay,
             "snr_gamma": args.snr_gamma, "prediction_type": args.prediction_type,
             "text_encoder": "trained with the U-Net" if args.train_text_encoder else "frozen (random initialisation)",
