@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     from fetalstudio.classification.augment import make_augmentation
     from fetalstudio.classification.model import ClassifierSpec, build_model, resolve_backbone, save_classifier, size_kwargs
     from fetalstudio.classification.predict import PLANE_CLASSES, Preprocessing
-    from fetalstudio.training.common import STATE_DIR, LOG_NAME, ResumableState, TrainingLog, device_description, make_accelerator, write_json
+    from fetalstudio.training.common import STATE_DIR, LOG_NAME, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -386,12 +386,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(out / CHECKPOINT),
         "checkpoint_bytes": (out / CHECKPOINT).stat().st_size,
     }
-    write_json(out / "summary.json", summary)
-    (out / "README.md").write_text(model_card(summary), encoding="utf-8")
-    if not finished:
-        print(f"stopped at step {step} of {total}; run the same command again to continue.", flush=True)
-    print(json.dumps({"checkpoint": summary["checkpoint"], "step": step, "steps": total, "wall_time_s": summary["wall_time_s"],
-                      "selected": (summary["validation"] or {}).get("selected")}), flush=True)
+    finish_run(out, summary, "summary.json", "README.md", model_card(summary), step, total,
+               {"selected": (summary["validation"] or {}).get("selected")})
     return 0
 
 

@@ -142,6 +142,18 @@ def write_json(path: Path, data: dict) -> None:
     temporary.replace(path)
 
 
+def finish_run(out: Path, summary: dict, summary_name: str, card_name: str, card: str, step: int, total: int,
+               selected: dict) -> None:
+    """Write the run's summary JSON and model card, say how to continue an unfinished run, and print the
+    one-line JSON result (checkpoint, step, steps, wall time and the ``selected`` entries) for scripts."""
+    write_json(out / summary_name, summary)
+    (out / card_name).write_text(card, encoding="utf-8")
+    if step < total:
+        print(f"stopped at step {step} of {total}; run the same command again to continue.", flush=True)
+    print(json.dumps({"checkpoint": summary["checkpoint"], "step": step, "steps": total, "wall_time_s": summary["wall_time_s"],
+                      **selected}), flush=True)
+
+
 def device_description(accelerator) -> str:
     device = accelerator.device
     if device.type == "cuda":

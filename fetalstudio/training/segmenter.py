@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fetalstudio.evaluation.report import write_csv
     from fetalstudio.segmentation.model import build_segmenter, count_parameters, load_sam_checkpoint, model_config, save_segmenter, small_config
-    from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, make_accelerator, write_json
+    from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -454,12 +454,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(out / CHECKPOINT),
         "checkpoint_bytes": (out / CHECKPOINT).stat().st_size,
     }
-    write_json(out / "metrics.json", metrics)
-    (out / "model_card.md").write_text(model_card(metrics), encoding="utf-8")
-    if not finished:
-        print(f"stopped at step {step} of {total}; run the same command again to continue.", flush=True)
-    print(json.dumps({"checkpoint": metrics["checkpoint"], "step": step, "steps": total, "wall_time_s": metrics["wall_time_s"],
-                      "selected_step": metrics["selected_step"]}), flush=True)
+    finish_run(out, metrics, "metrics.json", "model_card.md", model_card(metrics), step, total,
+               {"selected_step": metrics["selected_step"]})
     return 0
 
 
