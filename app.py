@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(outputs_dir() / ".gradio-cache"))
 
     from fetalstudio.app_context import build_context
-    from fetalstudio.ui.shell import CSS, THEME, build_ui
+    from fetalstudio.ui.shell import CSS, JS, THEME, build_ui
 
     context = build_context()
     context.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_paths=[str(context.outputs_dir)],
         theme=THEME,
         css=CSS,
+        js=JS,
         ssr_mode=False,
         pwa=False,
         mcp_server=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -26,17 +25,10 @@ from fetalstudio.segmentation.ellipse import (
     ramanujan_perimeter,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-OUT_OF_FRAME = {
-    "hc18_heads": {"186_HC", "346_HC", "628_2HC", "787_HC"},
-    "es_heads": {"Patient00708_Plane3_3_of_6", "Patient00830_Plane3_3_of_3"},
-}
-needs_data = pytest.mark.skipif(not (DATA / "hc18_heads" / "pairs.csv").is_file(), reason="shared data not found")
-
-
-def _rows(dataset: str) -> list[dict]:
-    with (DATA / dataset / "pairs.csv").open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+try:
+    from tests.data_support import DATA, OUT_OF_FRAME, needs_data, pairs_rows as _rows
+except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path
+    from data_support import DATA, OUT_OF_FRAME, needs_data, pairs_rows as _rows
 
 
 @pytest.fixture(scope="module")

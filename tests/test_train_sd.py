@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fetalstudio.cli import main
 from fetalstudio.models.entries import ModelFormat, ModelKind

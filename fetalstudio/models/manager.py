@@ -31,7 +31,7 @@ import torch
 from fetalstudio.errors import FetalStudioError, ModelLoadError, ModelNotFoundError, OutOfMemoryError
 from fetalstudio.models import device as devices
 from fetalstudio.models.catalog import build_catalog
-from fetalstudio.models.entries import ModelEntry, ModelFormat, ModelKind
+from fetalstudio.models.entries import ModelEntry, ModelKind
 from fetalstudio.models.hub import fetch_from_hub
 from fetalstudio.models.inspect import inspect_path, native_image_size
 from fetalstudio.models.loaders import LOADERS, Loader

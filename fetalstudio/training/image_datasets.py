@@ -263,7 +263,7 @@ def select_items(items: list[ImageItem], *, planes=(), trimesters=(), labelled_t
 # --- pixels ----------------------------------------------------------------------------------
 
 def _square(image, resolution: int, crop: str, resample):
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     if crop == "stretch":
         return image.resize((resolution, resolution), resample)

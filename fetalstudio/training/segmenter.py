@@ -480,7 +480,7 @@ def model_card(metrics: dict) -> str:
         f"- data: {', '.join(f'`{c}`' for c in data['csv'])}",
         f"- training images: {', '.join(f'{k} {v}' for k, v in data['train_images'].items())}; "
         f"held out for validation: {', '.join(f'{k} {v}' for k, v in data['val_images'].items())}",
-        f"- held-out groups (subject_group / patient_id): " + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in data["held_out_groups"].items()),
+        "- held-out groups (subject_group / patient_id): " + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in data["held_out_groups"].items()),
         f"- steps: {metrics['step']} of {metrics['steps']} (batch {metrics['training']['batch_size']}, Adam lr {metrics['training']['lr']:g}, "
         f"{metrics['training']['loss']}); selected step {metrics['selected_step']} (best jittered-box validation Dice)",
         f"- box prompt: mask bounding box, each coordinate moved by up to {metrics['training']['jitter_px']:g} px; flips, rotation, scale, "

@@ -6,7 +6,7 @@ import gradio as gr
 
 import fetalstudio
 from fetalstudio.app_context import AppContext
-from fetalstudio.ui import models_tab, synthesis_tab
+from fetalstudio.ui import models_tab, review_tab, synthesis_tab
 
 #: System fonts only: the page must render with no request leaving the machine.
 THEME = gr.themes.Default(
@@ -16,6 +16,8 @@ THEME = gr.themes.Default(
 )
 
 CSS = "#no-generator-note { border-left: 4px solid #d97706; padding-left: 0.75em; }"
+#: Page-level script: the Mask review tab's keyboard shortcuts.
+JS = review_tab.SHORTCUTS_JS
 
 
 def build_ui(context: AppContext) -> gr.Blocks:
@@ -27,6 +29,9 @@ def build_ui(context: AppContext) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Synthesis", id="synthesis"):
                 synthesis_tab.render(context)
+            with gr.Tab("Mask review", id="review"):
+                review_load, review_inputs, review_outputs = review_tab.render(context)
             with gr.Tab("Models", id="models"):
                 models_tab.render(context)
+        blocks.load(review_load, review_inputs, review_outputs)
     return blocks

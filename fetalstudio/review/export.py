@@ -1,0 +1,340 @@
+"""Export the reviewed pairs of a session as training data.
+
+Formats (``formats``), all inside one output folder:
+
+- "folder": ``images/<id>.png``, ``masks/<id>.png`` (filled 0/255) and ``metadata.csv`` (image,
+  mask, source metadata, ellipse, biometry, ``subject_group`` = id), which
+  ``python -m fetalstudio train segmenter --csv OUT/metadata.csv`` and ``eval segmenter`` read.
+- "nnunet": nnU-Net v2 raw layout ``nnunet/DatasetXXX_Name/`` with ``imagesTr/<case>_0000.png``,
+  ``labelsTr/<case>.png`` (labels 0/1) and ``dataset.json``.
+- "coco": ``coco/annotations.json`` (category "fetal_head"; segmentation = the ellipse polygon
+  when the ellipse matches the mask and lies inside the frame, else the mask's outer contours)
+  and ``coco/images/<id>.png``. Coordinates are COCO's: pixel (col, row) covers [col, col+1) x
+  [row, row+1), so pixel centres lie at +0.5.
+
+The export is built in a temporary sibling folder and renamed into place at the end, so a
+folder named ``out`` is always a complete export. An existing export in ``out`` (it has
+``export.json``) is replaced; any other non-empty ``out`` is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.review.store import DECISIONS, ELLIPSE_FIELDS, ReviewItem, ReviewSession, atomic_write_bytes
+from fetalstudio.segmentation.ellipse import Ellipse, dice
+
+FORMATS = ("folder", "nnunet", "coco")
+EXPORT_MARKER = "export.json"
+METADATA_COLUMNS = (
+    "image", "mask", "id", "decision", "decided_by", "decided_at", "source", "prompt", "seed", "trimester", "sampler",
+    "steps", "model", "lora", "lora_weight", "center_x", "center_y", "axis_a", "axis_b", "angle_deg", "quality",
+    "hc_px", "bpd_px", "ofd_px", "pixel_size_mm", "hc_mm", "subject_group",
+)
+SOURCE_COLUMNS = ("prompt", "seed", "trimester", "sampler", "steps", "model", "lora", "lora_weight")
+COCO_CATEGORY = {"id": 1, "name": "fetal_head", "supercategory": "anatomy"}
+#: The ellipse stands for the mask in COCO only when they agree at least this well (Dice).
+ELLIPSE_MATCH_DICE = 0.95
+ELLIPSE_POLYGON_POINTS = 90
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    formats: tuple[str, ...]
+    exported: int  # pairs written (per format)
+    counts: dict[str, int]  # exported pairs per decision
+    paths: dict[str, Path]  # "folder"/"metadata_csv"/"nnunet"/"coco"/... -> where they are
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item id, why)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    item: ReviewItem
+    image: Path
+    mask_file: Path  # 0/255 PNG; read when written, so that a large export does not hold every mask in memory
+
+    def mask(self) -> np.ndarray:
+        """The filled mask as a boolean array."""
+        return cv2.imread(str(self.mask_file), cv2.IMREAD_GRAYSCALE) > 127
+
+
+def export_session(
+    session: ReviewSession,
+    out: str | Path,
+    formats: Sequence[str] = ("folder",),
+    decisions: Sequence[str] = ("accepted", "edited"),
+    progress: Progress | None = None,
+    *,
+    nnunet_id: int = 500,
+    nnunet_name: str | None = None,
+) -> ExportResult:
+    """Write the items with one of ``decisions`` in each of ``formats`` to ``out``.
+
+    ``progress(done, total)`` is called after each pair of each format. Items whose mask is
+    missing or empty are skipped and listed in the result.
+    """
+    out = Path(out)
+    formats = _check_choices(formats, FORMATS, "export format")
+    decisions = _check_choices(decisions, DECISIONS, "decision")
+    _check_out(session, out)
+    pairs, skipped = _select_pairs(session, decisions)
+    if not pairs:
+        raise FetalStudioError(
+            f"Nothing to export: no item of the session is {' or '.join(decisions)} with a non-empty mask; accept or edit items first."
+        )
+    total, done = len(pairs) * len(formats), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    building.mkdir()
+    try:
+        paths: dict[str, Path] = {}
+        if "folder" in formats:
+            paths.update(_write_folder(pairs, building, step))
+        if "nnunet" in formats:
+            paths.update(_write_nnunet(pairs, building, nnunet_id, nnunet_name or session.name, step))
+        if "coco" in formats:
+            paths.update(_write_coco(pairs, building, session.name, step))
+        counts = {decision: sum(p.item.decision == decision for p in pairs) for decision in decisions}
+        _write_json(building / EXPORT_MARKER, {
+            "session": session.name, "session_folder": str(session.folder.resolve()), "exported_at": _now(),
+            "formats": list(formats), "decisions": list(decisions), "counts": counts, "items": [p.item.id for p in pairs],
+            "skipped": [list(s) for s in skipped],
+        })
+        _move_into_place(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return ExportResult(
+        out=out, formats=formats, exported=len(pairs), counts=counts,
+        paths={key: out / path.relative_to(building) for key, path in paths.items()}, skipped=skipped,
+    )
+
+
+# --- checks and selection -----------------------------------------------------------------------
+def _check_choices(values: Sequence[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    values = (values,) if isinstance(values, str) else tuple(values)
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise FetalStudioError(f"Unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; choose from: {', '.join(allowed)}.")
+    return tuple(dict.fromkeys(values))
+
+
+def _check_out(session: ReviewSession, out: Path) -> None:
+    target, folder = out.resolve(), session.folder.resolve()
+    if target == folder or target.is_relative_to(folder):
+        raise FetalStudioError(f"The export folder {out} is inside the review session {session.folder}; pick a folder outside it.")
+    if folder.is_relative_to(target):
+        raise FetalStudioError(f"The export folder {out} contains the review session {session.folder}; pick another folder.")
+    if target.exists() and not target.is_dir():
+        raise FetalStudioError(f"{out} is a file; pick a folder for the export.")
+    if target.is_dir() and any(target.iterdir()) and not (target / EXPORT_MARKER).is_file():
+        raise FetalStudioError(f"{out} is not empty and is not a FetalStudio export; pick a new or empty folder.")
+
+
+def _select_pairs(session: ReviewSession, decisions: tuple[str, ...]) -> tuple[list[_Pair], list[tuple[str, str]]]:
+    pairs, skipped = [], []
+    for item in session.items():
+        if item.decision not in decisions:
+            continue
+        mask = session.load_mask(item)
+        if mask is None or not mask.any():
+            skipped.append((item.id, "no mask" if mask is None else "empty mask"))
+            continue
+        pairs.append(_Pair(item, session.image_path(item), session.mask_path(item)))
+    return pairs, skipped
+
+
+# --- folder ------------------------------------------------------------------------------------
+def _write_folder(pairs: list[_Pair], root: Path, step: Callable[[], None]) -> dict[str, Path]:
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rows = []
+    for pair in pairs:
+        image, mask = f"images/{pair.item.id}.png", f"masks/{pair.item.id}.png"
+        shutil.copyfile(pair.image, root / image)
+        _write_png(root / mask, pair.mask().astype(np.uint8) * 255)
+        rows.append(metadata_row(pair.item, image, mask))
+        step()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, METADATA_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(root / "metadata.csv", buffer.getvalue().encode("utf-8"))
+    return {"folder": root, "metadata_csv": root / "metadata.csv"}
+
+
+def metadata_row(item: ReviewItem, image: str, mask: str) -> dict[str, str]:
+    """One metadata.csv row (all values as text; empty where unknown)."""
+    source = item.source
+    biometry = item.biometry or {}
+    row: dict[str, Any] = {
+        "image": image, "mask": mask, "id": item.id, "decision": item.decision, "decided_by": item.decided_by,
+        "decided_at": item.decided_at, "source": source.get("origin") or source.get("source"), "quality": item.quality,
+        "hc_px": biometry.get("hc_px"), "bpd_px": biometry.get("bpd_px"), "ofd_px": biometry.get("ofd_px"),
+        "pixel_size_mm": biometry.get("pixel_size_mm", source.get("pixel_size_mm")), "hc_mm": biometry.get("hc_mm"),
+        "subject_group": item.id,
+    }
+    row.update({name: source.get(name) for name in SOURCE_COLUMNS})
+    row.update({name: None if item.ellipse is None else getattr(item.ellipse, name) for name in ELLIPSE_FIELDS})
+    return {name: _cell(row.get(name)) for name in METADATA_COLUMNS}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return ";".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+# --- nnU-Net -----------------------------------------------------------------------------------
+def nnunet_dataset_name(dataset_id: int, name: str) -> str:
+    """DatasetXXX_Name as nnU-Net v2 wants it (3-digit id, name of letters, digits, _ and -)."""
+    if not 1 <= int(dataset_id) <= 999:
+        raise FetalStudioError(f"The nnU-Net dataset id must be 1-999, not {dataset_id}.")
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "FetalHeads"
+    return f"Dataset{int(dataset_id):03d}_{safe}"
+
+
+def _write_nnunet(pairs: list[_Pair], root: Path, dataset_id: int, name: str, step: Callable[[], None]) -> dict[str, Path]:
+    dataset = root / "nnunet" / nnunet_dataset_name(dataset_id, name)
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    for pair in pairs:
+        case = f"head_{pair.item.id}"
+        shutil.copyfile(pair.image, dataset / "imagesTr" / f"{case}_0000.png")
+        _write_png(dataset / "labelsTr" / f"{case}.png", pair.mask().astype(np.uint8))
+        step()
+    _write_json(dataset / "dataset.json", {
+        "channel_names": {"0": "ultrasound"},
+        "labels": {"background": 0, "head": 1},
+        "numTraining": len(pairs),
+        "file_ending": ".png",
+        "name": dataset.name,
+        "description": "Fetal head masks reviewed in FetalStudio (accepted or corrected).",
+    })
+    return {"nnunet": dataset, "nnunet_dataset_json": dataset / "dataset.json"}
+
+
+# --- COCO --------------------------------------------------------------------------------------
+def _write_coco(pairs: list[_Pair], root: Path, session_name: str, step: Callable[[], None]) -> dict[str, Path]:
+    coco = root / "coco"
+    (coco / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for number, pair in enumerate(pairs, start=1):
+        file_name = f"{pair.item.id}.png"
+        shutil.copyfile(pair.image, coco / "images" / file_name)
+        mask = pair.mask()
+        height, width = mask.shape
+        images.append({"id": number, "file_name": file_name, "width": width, "height": height, "review_id": pair.item.id})
+        annotations.append(coco_annotation(mask, pair.item.ellipse, annotation_id=number, image_id=number))
+        step()
+    _write_json(coco / "annotations.json", {
+        "info": {"description": f"FetalStudio review session {session_name}", "date_created": _now()},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [COCO_CATEGORY],
+    })
+    return {"coco": coco, "coco_annotations": coco / "annotations.json"}
+
+
+def coco_annotation(mask: np.ndarray, ellipse: Ellipse | None, annotation_id: int, image_id: int) -> dict[str, Any]:
+    """A COCO instance annotation of a boolean mask (area = mask pixels, bbox = the mask's box)."""
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": COCO_CATEGORY["id"],
+        "segmentation": mask_polygons(mask, ellipse),
+        "area": float(mask.sum()),
+        "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+        "iscrowd": 0,
+    }
+
+
+def mask_polygons(mask: np.ndarray, ellipse: Ellipse | None) -> list[list[float]]:
+    """The ellipse polygon when it describes the mask, else the mask's outer contours."""
+    if ellipse is not None and _ellipse_describes(mask, ellipse):
+        return [_flat(ellipse_polygon(ellipse))]
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [_flat(c.reshape(-1, 2).astype(np.float64)) for c in contours if len(c) >= 3]
+
+
+def ellipse_polygon(ellipse: Ellipse, points: int = ELLIPSE_POLYGON_POINTS) -> np.ndarray:
+    """(points x 2) x, y in pixel-index coordinates (OpenCV's angle: clockwise in the image)."""
+    t = np.linspace(0.0, 2.0 * np.pi, points, endpoint=False)
+    theta = math.radians(ellipse.angle_deg)
+    a, b = ellipse.axis_a * np.cos(t), ellipse.axis_b * np.sin(t)
+    x = ellipse.center_x + a * math.cos(theta) - b * math.sin(theta)
+    y = ellipse.center_y + a * math.sin(theta) + b * math.cos(theta)
+    return np.stack([x, y], axis=1)
+
+
+def _ellipse_describes(mask: np.ndarray, ellipse: Ellipse) -> bool:
+    height, width = mask.shape
+    polygon = ellipse_polygon(ellipse)
+    inside = (polygon[:, 0] >= 0).all() and (polygon[:, 1] >= 0).all() and (polygon[:, 0] <= width - 1).all() and (polygon[:, 1] <= height - 1).all()
+    return bool(inside) and dice(ellipse.to_mask(mask.shape), mask) >= ELLIPSE_MATCH_DICE
+
+
+def _flat(points: np.ndarray) -> list[float]:
+    """COCO's [x1, y1, x2, y2, ...], shifted from pixel indices to pixel-centre coordinates."""
+    return [round(float(v) + 0.5, 3) for v in points.reshape(-1)]
+
+
+# --- files -------------------------------------------------------------------------------------
+def _write_png(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array):
+        raise FetalStudioError(f"Could not write {path}.")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _move_into_place(building: Path, out: Path) -> None:
+    """Rename the finished export to ``out``; a previous export there is swapped out first."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        building.rename(out)
+        return
+    previous = out.parent / f".{out.name}.previous-{uuid.uuid4().hex[:8]}"
+    out.rename(previous)
+    building.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -1,0 +1,465 @@
+"""Mask review tab: generate or import image+mask pairs, review every mask, correct it, export.
+
+Every action goes through ``fetalstudio.review.store`` and is on disk before the page updates;
+the per-browser state is only *which* session and item are shown. Reloading the page reopens the
+last session at its saved cursor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from fetalstudio.app_context import AppContext
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.models.entries import ModelKind
+from fetalstudio.review import corrections, navigation
+from fetalstudio.review.export import export_session
+from fetalstudio.review.overlay import ADD_COLOUR, REMOVE_COLOUR
+from fetalstudio.review.view import item_pictures
+from fetalstudio.review.pairs import PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, generate_pairs, import_pairs
+from fetalstudio.review.store import ReviewItem, ReviewSession
+from fetalstudio.segmentation.ellipse import Ellipse
+from fetalstudio.synthesis.samplers import SAMPLERS
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+from fetalstudio.vocabulary import TRIMESTERS
+
+SESSIONS_FOLDER = "review"
+EXPORTS_FOLDER = "review-exports"
+LAST_SESSION_FILE = ".last_session"
+BUNDLED_LORA = "bundled LoRA of the trimester"
+EXPORT_FORMATS = [("images + masks + metadata.csv", "folder"), ("nnU-Net v2", "nnunet"), ("COCO JSON", "coco")]
+REVIEWER = "reviewer"
+
+#: Keyboard shortcuts of the review view (ignored while typing in a field, and when the tab is hidden).
+SHORTCUTS_JS = """
+() => {
+  const keys = {a: 'review-accept', r: 'review-reject', n: 'review-next', ArrowRight: 'review-next',
+                p: 'review-prev', ArrowLeft: 'review-prev', u: 'review-undo', y: 'review-redo'};
+  document.addEventListener('keydown', (event) => {
+    const target = event.target;
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    if (target && (target.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(target.tagName))) return;
+    const id = keys[event.key];
+    const button = id && document.getElementById(id);
+    if (!button || button.offsetParent === null) return;  // the Mask review tab is not shown
+    event.preventDefault();
+    button.click();
+  });
+}
+"""
+
+
+@dataclass
+class View:
+    """What one browser shows: a session folder, an item, a filter. Kept in gr.State."""
+
+    folder: str | None = None
+    item: str | None = None
+    filter: str = navigation.ALL
+    brush_open: bool = False  # the brush editor is loaded only while its tab is shown (one PNG less per click)
+
+
+def sessions_root(context: AppContext) -> Path:
+    return context.outputs_dir / SESSIONS_FOLDER
+
+
+def session_folder(context: AppContext, name: str) -> Path:
+    """A session lives under outputs/review/<name>: names are plain (no paths), so the UI never writes elsewhere."""
+    cleaned = (name or "").strip()
+    if not cleaned or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", cleaned):
+        raise FetalStudioError("A session name must be a plain name (letters, digits, '.', '-' or '_'), e.g. heads-2026-11-25.")
+    return sessions_root(context) / cleaned
+
+
+def session_names(context: AppContext) -> list[str]:
+    root = sessions_root(context)
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if (p / "session.json").is_file()]
+    return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+
+
+def remember_session(context: AppContext, folder: Path) -> None:
+    _write_atomic(sessions_root(context) / LAST_SESSION_FILE, folder.name)
+
+
+def last_session(context: AppContext) -> str | None:
+    path = sessions_root(context) / LAST_SESSION_FILE
+    name = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    if name and (sessions_root(context) / name / "session.json").is_file():
+        return name
+    names = session_names(context)
+    return names[0] if names else None
+
+
+def default_session_name() -> str:
+    return time.strftime("heads-%Y%m%d-%H%M%S")
+
+
+def _session(view: View) -> ReviewSession:
+    """The shown session, opened without the crash clean-up scan (done once when it is opened in the tab)."""
+    return ReviewSession.open(view.folder, recover=False)
+
+
+def _counts_line(session: ReviewSession) -> str:
+    counts = session.counts()
+    return " · ".join(f"{name} {counts.get(name, 0)}" for name in ("pending", "accepted", "rejected", "edited"))
+
+
+def _item_line(session: ReviewSession, item: ReviewItem, view: View) -> str:
+    position, size = navigation.position_of(session, item.id, view.filter)
+    where = f"Item {position} of {size}" if position else f"Item {item.id} (not in the '{view.filter}' filter, {size} are)"
+    source = item.source or {}
+    details = [f"**{where}** — `{item.id}`, decision **{item.decision}**"]
+    if item.decided_at:
+        details.append(f"by {item.decided_by} at {item.decided_at}")
+    if source.get("origin") == "generated":
+        details.append(f"{source.get('trimester')} trimester, seed {source.get('seed')}, {source.get('sampler')} {source.get('steps')} steps, "
+                       f"LoRA {source.get('lora')} @ {source.get('lora_weight')}")
+    elif source.get("image_file"):
+        details.append(f"imported from {Path(source['image_file']).name}")
+    if item.ellipse is not None:
+        extraction = f"ellipse from {item.how or 'extractor'}" + (f", quality {item.quality:.2f}" if item.quality is not None else "")
+    else:
+        extraction = f"**no ellipse**: {item.reason}" if item.reason else "no ellipse"
+
+    details.append(extraction)
+    biometry = item.biometry or {}
+    if biometry.get("hc_px"):
+        hc = f"HC {biometry['hc_mm']:.1f} mm" if biometry.get("hc_mm") else f"HC {biometry['hc_px']:.0f} px"
+        details.append(hc)
+    return " · ".join(details) + f"\n\n{_counts_line(session)} · total {len(session)}"
+
+
+def render(context: AppContext) -> None:
+    cancel_flags = CancelFlags()
+    manager = context.manager
+
+    with gr.Row():
+        session_name = gr.Dropdown(session_names(context), value=None, allow_custom_value=True, label="Review session",
+                                   info="Pick one, or type a new name (created under outputs/review/)", elem_id="review-session", scale=3)
+        open_session = gr.Button("Open / create", elem_id="review-open", scale=1)
+    banner = gr.Markdown("No session open: generate pairs (a session is created) or open one.", elem_id="review-banner")
+    with gr.Accordion("Generate image+mask pairs", open=True, elem_id="review-generate-panel"):
+        with gr.Row():
+            trimester = gr.Radio([t.value for t in TRIMESTERS], value="second", label="Trimester", elem_id="review-trimester")
+            count = gr.Number(4, label="Pairs", precision=0, minimum=1, maximum=1000, elem_id="review-count")
+            sampler = gr.Dropdown([(s.label, s.key) for s in SAMPLERS.values()], value=PAPER_SAMPLER, label="Sampler")
+            steps = gr.Slider(1, 100, value=PAPER_STEPS, step=1, label="Steps", elem_id="review-steps")
+        with gr.Row():
+            seed = gr.Number(0, label="Seed (pair i uses seed+i)", precision=0, elem_id="review-seed")
+            lora = gr.Dropdown([BUNDLED_LORA, *manager.ids(ModelKind.LORA)], value=BUNDLED_LORA, allow_custom_value=True,
+                               label="Image+mask LoRA", elem_id="review-lora")
+            lora_weight = gr.Slider(0, 1.5, value=PAPER_LORA_WEIGHT, step=0.05, label="LoRA weight")
+            threshold_generate = gr.Slider(0, 255, value=127, step=1, label="Extractor threshold")
+        with gr.Row():
+            generate = gr.Button("Generate pairs", variant="primary", elem_id="review-generate")
+            cancel = gr.Button("Cancel", variant="stop", elem_id="review-cancel")
+        with gr.Row():
+            import_source = gr.Textbox(label="Import pairs from a CSV (image, mask columns) or a folder with images/ + masks/",
+                                       placeholder="/data/hc18/pairs.csv", elem_id="review-import-path", scale=3)
+            import_button = gr.Button("Import", elem_id="review-import", scale=1)
+
+    with gr.Row():
+        decision_filter = gr.Radio(list(navigation.FILTERS), value=navigation.ALL, label="Show", elem_id="review-filter")
+    item_info = gr.Markdown("", elem_id="review-item-info")
+    with gr.Row():
+        with gr.Column(scale=3):
+            picture = gr.Image(label="Image with mask and ellipse", type="filepath", interactive=False,
+                               elem_id="review-picture", height=420)
+            with gr.Row():
+                show_mask = gr.Checkbox(True, label="Mask")
+                show_ellipse = gr.Checkbox(True, label="Ellipse")
+                opacity = gr.Slider(0, 1, value=0.4, step=0.05, label="Mask opacity")
+        with gr.Column(scale=2):
+            raw_mask = gr.Image(label="Raw mask channel", type="filepath", interactive=False,
+                                elem_id="review-raw-mask", height=300)
+    with gr.Row():
+        previous = gr.Button("◀ Previous (p)", elem_id="review-prev")
+        accept = gr.Button("Accept (a)", variant="primary", elem_id="review-accept")
+        reject = gr.Button("Reject (r)", variant="stop", elem_id="review-reject")
+        following = gr.Button("Next (n) ▶", elem_id="review-next")
+        undo = gr.Button("Undo (u)", elem_id="review-undo")
+        redo = gr.Button("Redo (y)", elem_id="review-redo")
+    with gr.Tabs():
+        with gr.Tab("Ellipse") as ellipse_tab:
+            with gr.Row():
+                center_x = gr.Number(label="Centre x (px)", elem_id="review-cx")
+                center_y = gr.Number(label="Centre y (px)", elem_id="review-cy")
+                axis_a = gr.Number(label="Semi-axis a (px)", elem_id="review-a")
+                axis_b = gr.Number(label="Semi-axis b (px)", elem_id="review-b")
+                angle = gr.Slider(0, 180, value=0, step=0.5, label="Angle (deg)", elem_id="review-angle")
+            save_ellipse = gr.Button("Save ellipse", elem_id="review-save-ellipse")
+        with gr.Tab("Re-extract") as reextract_tab:
+            threshold = gr.Slider(0, 255, value=127, step=1, label="Threshold on the raw mask channel", elem_id="review-threshold")
+            reextract = gr.Button("Re-extract with this threshold", elem_id="review-reextract")
+        with gr.Tab("Brush") as brush_tab:
+            gr.Markdown("Paint **red** to add to the mask, **blue** to cut it away (the eraser takes back strokes); then save.")
+            editor = gr.ImageEditor(type="filepath", format="png", image_mode="RGBA", sources=(), layers=False, label="Paint the mask",
+                                    brush=gr.Brush(colors=[ADD_COLOUR, REMOVE_COLOUR], default_color=ADD_COLOUR, default_size=12, color_mode="fixed"),
+                                    eraser=gr.Eraser(default_size=16), elem_id="review-editor", height=420)
+            save_brush = gr.Button("Save painted mask", elem_id="review-save-brush")
+        with gr.Tab("Segmenter") as segmenter_tab:
+            gr.Markdown("The default segmenter predicts a new mask from a box around the current ellipse (or mask).")
+            segment = gr.Button("Ask the segmenter", elem_id="review-segment")
+        with gr.Tab("Export") as export_tab:
+            formats = gr.CheckboxGroup(EXPORT_FORMATS, value=["folder"], label="Formats", elem_id="review-formats")
+            export = gr.Button("Export accepted and edited pairs", elem_id="review-export")
+            export_status = gr.Markdown("", elem_id="review-export-status")
+            export_file = gr.File(label="Download (zip)", elem_id="review-export-file")
+    view_state = gr.State(View())
+    other_tabs = (ellipse_tab, reextract_tab, segmenter_tab, export_tab)
+
+    display = [view_state, banner, session_name, item_info, picture, raw_mask, center_x, center_y, axis_a, axis_b, angle,
+               threshold, editor, decision_filter]
+    looks = [opacity, show_mask, show_ellipse]
+
+    def show(view: View, opacity_: float, mask_on: bool, ellipse_on: bool, saved: str | None = None) -> list:
+        """Every display output for ``view`` (the item is re-read from disk: what you see is what is saved)."""
+        if not view.folder:
+            return [view, "No session open: generate pairs (a session is created) or open one.", *[gr.update()] * (len(display) - 2)]
+        session = _session(view)
+        if view.item is None or view.item not in {i.id for i in session.items()}:
+            view.item = navigation.neighbour(session, None, view.filter, 1) or navigation.neighbour(session, None, navigation.ALL, 1)
+        banner_text = f"Session **{Path(view.folder).name}** — `{view.folder}`"
+        if saved:
+            banner_text += f" — ✔ saved {time.strftime('%H:%M:%S')}: {saved}"
+        if view.item is None:
+            return [view, banner_text + " — empty: generate or import pairs.", Path(view.folder).name, "No items yet.", None, None,
+                    None, None, None, None, 0, 127, None, view.filter]
+        item = session.get(view.item)
+        pictures = item_pictures(session, item, opacity=float(opacity_), show_mask=bool(mask_on), show_ellipse=bool(ellipse_on),
+                                 editor=view.brush_open)
+        ellipse = item.ellipse
+        rows, cols = item.height, item.width
+        return [
+            view, banner_text, Path(view.folder).name, _item_line(session, item, view),
+            str(pictures.overlay), str(pictures.raw_mask),
+            *(round(v, 1) for v in (
+                ellipse.center_x if ellipse else cols / 2, ellipse.center_y if ellipse else rows / 2,
+                ellipse.axis_a if ellipse else cols / 4, ellipse.axis_b if ellipse else rows / 4)),
+            round((ellipse.angle_deg if ellipse else 0.0) % 180, 1), int(item.threshold if item.threshold is not None else 127),
+            _editor_value(pictures), view.filter,
+        ]
+
+    def _editor_value(pictures):
+        if pictures.editor_background is None:
+            return gr.update()
+        return {"background": str(pictures.editor_background), "layers": [], "composite": None}
+
+    def opened(view: View, folder: Path) -> View:
+        remember_session(context, folder)
+        cursor_item, cursor_filter = ReviewSession.open(folder).cursor()
+        return View(str(folder), cursor_item, cursor_filter or navigation.ALL)
+
+    def move_to(view: View, item_id: str | None) -> View:
+        view.item = item_id
+        if view.folder and item_id:
+            _session(view).set_cursor(item_id, None if view.filter == navigation.ALL else view.filter)
+        return view
+
+    @user_errors
+    def on_load(view: View, opacity_, mask_on, ellipse_on):
+        name = last_session(context)
+        if name:
+            view = opened(view, sessions_root(context) / name)
+        result = show(view, opacity_, mask_on, ellipse_on)
+        result[2] = gr.update(choices=session_names(context), value=Path(view.folder).name if view.folder else None)
+        return result
+
+    @user_errors
+    def on_open(name: str, view: View, opacity_, mask_on, ellipse_on):
+        folder = session_folder(context, name)
+        if (folder / "session.json").is_file():
+            ReviewSession.open(folder)
+            note = "opened"
+        else:
+            ReviewSession.create(folder, name=folder.name)
+            note = "new session created"
+        view = opened(view, folder)
+        result = show(view, opacity_, mask_on, ellipse_on, saved=note)
+        result[2] = gr.update(choices=session_names(context), value=folder.name)
+        return result
+
+    def _session_for_new_pairs(view: View, name: str) -> ReviewSession:
+        if view.folder:
+            return _session(view)
+        folder = session_folder(context, (name or "").strip() or default_session_name())
+        session = ReviewSession.open_or_create(folder, name=folder.name)
+        remember_session(context, folder)
+        view.folder = str(folder)
+        return session
+
+    @user_errors
+    def on_generate(trimester_, count_, sampler_, steps_, seed_, lora_, weight_, threshold_, name, view: View,
+                    opacity_, mask_on, ellipse_on, request: gr.Request, progress=gr.Progress()):
+        session = _session_for_new_pairs(view, name)
+        pair_request = PairRequest(
+            trimester=trimester_, count=int(count_ or 0), lora=None if lora_ in (None, "", BUNDLED_LORA) else lora_,
+            lora_weight=float(weight_), sampler=sampler_, steps=int(steps_), seed=int(seed_ or 0), threshold=int(threshold_),
+        )
+        progress((0, pair_request.count), desc="Loading models…")
+        added = generate_pairs(context.synthesis, session, pair_request, cancel=cancel_flags.fresh(request),
+                               on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
+        if added:
+            move_to(view, added[0].id)
+        failed = sum(1 for item in added if not item.ellipse)
+        return show(view, opacity_, mask_on, ellipse_on,
+                    saved=f"{len(added)} new pair(s) stored" + (f", {failed} without an ellipse (see the reason)" if failed else ""))
+
+    @user_errors
+    def on_import(source: str, threshold_, name, view: View, opacity_, mask_on, ellipse_on, request: gr.Request,
+                  progress=gr.Progress()):
+        if not (source or "").strip():
+            raise FetalStudioError("Type the path of a pairs CSV or of a folder with images/ and masks/ to import.")
+        session = _session_for_new_pairs(view, name)
+        added = import_pairs(session, Path(source.strip()).expanduser(), int(threshold_), cancel=cancel_flags.fresh(request),
+                             on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
+        if added:
+            move_to(view, added[0].id)
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"{len(added)} pair(s) imported")
+
+    def _require_item(view: View) -> tuple[ReviewSession, ReviewItem]:
+        if not view.folder or not view.item:
+            raise FetalStudioError("No item is shown: open a session with pairs first.")
+        session = _session(view)
+        return session, session.get(view.item)
+
+    @user_errors
+    def on_decide(decision: str, view: View, opacity_, mask_on, ellipse_on):
+        session, item = _require_item(view)
+        session.decide(item.id, decision, user=REVIEWER)
+        move_to(view, navigation.neighbour(session, item.id, view.filter, 1))
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"{item.id} {decision}")
+
+    @user_errors
+    def on_step(step: int, view: View, opacity_, mask_on, ellipse_on):
+        if not view.folder:
+            raise FetalStudioError("No session is open.")
+        move_to(view, navigation.neighbour(_session(view), view.item, view.filter, step))
+        return show(view, opacity_, mask_on, ellipse_on)
+
+    @user_errors
+    def on_filter(chosen: str, view: View, opacity_, mask_on, ellipse_on):
+        view.filter = chosen or navigation.ALL
+        if view.folder:
+            session = _session(view)
+            if view.item not in navigation.filtered_ids(session, view.filter):
+                view.item = navigation.neighbour(session, view.item, view.filter, 1)
+            move_to(view, view.item)
+        return show(view, opacity_, mask_on, ellipse_on)
+
+    @user_errors
+    def on_history(direction: str, view: View, opacity_, mask_on, ellipse_on):
+        session, item = _require_item(view)
+        (session.undo if direction == "undo" else session.redo)(item.id)
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"{direction} on {item.id}")
+
+    @user_errors
+    def on_save_ellipse(cx, cy, a, b, angle_, view: View, opacity_, mask_on, ellipse_on):
+        session, item = _require_item(view)
+        if any(v is None for v in (cx, cy, a, b, angle_)):
+            raise FetalStudioError("Fill in the centre, both semi-axes and the angle of the ellipse.")
+        corrections.save_ellipse(session, item.id, Ellipse(float(cx), float(cy), float(a), float(b), float(angle_)))
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"ellipse of {item.id}")
+
+    @user_errors
+    def on_reextract(threshold_, view: View, opacity_, mask_on, ellipse_on):
+        session, item = _require_item(view)
+        corrections.reextract(session, item.id, int(threshold_))
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"re-extracted {item.id} at {int(threshold_)}")
+
+    @user_errors
+    def on_save_brush(value, view: View, opacity_, mask_on, ellipse_on):
+        session, item = _require_item(view)
+        corrections.save_brush(session, item.id, (value or {}).get("layers") or [])
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"painted mask of {item.id}")
+
+    @user_errors
+    def on_segment(view: View, opacity_, mask_on, ellipse_on):
+        from fetalstudio.segmentation.predictor import BoxPromptPredictor
+
+        session, item = _require_item(view)
+        with manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
+            _, score = corrections.ask_segmenter(BoxPromptPredictor(model), session, item.id)
+        return show(view, opacity_, mask_on, ellipse_on, saved=f"segmenter mask of {item.id} (score {score:.2f})")
+
+    @user_errors
+    def on_export(chosen, view: View, progress=gr.Progress()):
+        if not view.folder:
+            raise FetalStudioError("Open a session before exporting.")
+        if not chosen:
+            raise FetalStudioError("Pick at least one export format.")
+        session = _session(view)
+        out = context.outputs_dir / EXPORTS_FOLDER / f"{Path(view.folder).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = export_session(session, out, formats=tuple(chosen),
+                                progress=lambda done, total: progress((done, total), desc="Exporting", unit="pairs"))
+        archive = shutil.make_archive(str(out), "zip", root_dir=out)
+        return (f"Exported {result.exported} pair(s) ({', '.join(chosen)}) to `{out}`; zip beside it.", archive)
+
+    def look_change(view: View, opacity_, mask_on, ellipse_on):
+        return show(view, opacity_, mask_on, ellipse_on) if view.folder else [gr.update()] * len(display)
+
+    def cancel_job(request: gr.Request) -> None:
+        cancel_flags.get(request).set()
+
+    cancel.click(cancel_job, None, None, queue=False)
+    open_session.click(on_open, [session_name, view_state, *looks], display)
+    generate.click(on_generate, [trimester, count, sampler, steps, seed, lora, lora_weight, threshold_generate, session_name,
+                                 view_state, *looks], display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    import_button.click(on_import, [import_source, threshold_generate, session_name, view_state, *looks], display)
+    for button, handler, argument in ((accept, on_decide, "accepted"), (reject, on_decide, "rejected"), (previous, on_step, -1),
+                                      (following, on_step, 1), (undo, on_history, "undo"), (redo, on_history, "redo")):
+        button.click(_bound(handler, argument), [view_state, *looks], display)
+    decision_filter.input(on_filter, [decision_filter, view_state, *looks], display)
+    save_ellipse.click(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display)
+    reextract.click(on_reextract, [threshold, view_state, *looks], display)
+    save_brush.click(on_save_brush, [editor, view_state, *looks], display)
+    segment.click(on_segment, [view_state, *looks], display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    export.click(on_export, [formats, view_state], [export_status, export_file])
+    @user_errors
+    def brush_opened(view: View):
+        """Load the editor for the shown item (only this output: unsaved ellipse values elsewhere stay)."""
+        view.brush_open = True
+        if not view.folder or not view.item:
+            return view, gr.update()
+        session = _session(view)
+        return view, _editor_value(item_pictures(session, session.get(view.item), editor=True))
+
+    def brush_closed(view: View) -> View:
+        view.brush_open = False
+        return view
+
+    brush_tab.select(brush_opened, view_state, [view_state, editor])
+    for other in other_tabs:
+        other.select(brush_closed, view_state, view_state)
+    for control in looks:
+        control.input(look_change, [view_state, *looks], display)
+    return on_load, [view_state, *looks], display
+
+
+def _bound(handler, argument):
+    """``handler`` with its first argument fixed; explicit parameters, as Gradio maps inputs by position."""
+
+    def bound(view: View, opacity_, mask_on, ellipse_on):
+        return handler(argument, view, opacity_, mask_on, ellipse_on)
+
+    return bound
