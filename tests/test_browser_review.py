@@ -80,7 +80,7 @@ def test_generate_review_reload_and_export(page, folders):
     wait_for_text(page, "#review-banner", "000002 rejected", 30)
     assert "Item 3 of 3" in _info(page)
 
-    set_number(page, page.locator("#review-a input"), EDITED_AXIS, "semi-axis a")
+    set_number(page, page.locator("#review-a input[type=number]"), EDITED_AXIS, "semi-axis a")
     page.click("#review-save-ellipse")
     wait_for_text(page, "#review-banner", "ellipse of 000003", 30)
     assert _decisions(folder) == {"000001": "accepted", "000002": "rejected", "000003": "edited"}
@@ -92,7 +92,7 @@ def test_generate_review_reload_and_export(page, folders):
     _open_tab(page)
     wait_for_text(page, "#review-item-info", "accepted 1 · rejected 1 · edited 1", 30)
     assert "000003" in _info(page) and "decision edited" in _info(page)
-    assert float(page.locator("#review-a input").input_value()) == pytest.approx(EDITED_AXIS, abs=0.1)
+    assert float(page.locator("#review-a input[type=number]").input_value()) == pytest.approx(EDITED_AXIS, abs=0.1)
 
     page.get_by_role("tab", name="Export").click()
     page.get_by_label("nnU-Net v2").check()
@@ -119,7 +119,7 @@ def test_a_bad_ellipse_is_refused_with_a_message_and_nothing_changes(page, folde
     folder = _session_folder(folders)
     before = _decisions(folder)
     revision = json.loads((folder / "items" / "000003.json").read_text())["revision"]
-    set_number(page, page.locator("#review-b input"), 0, "semi-axis b")
+    set_number(page, page.locator("#review-b input[type=number]"), 0, "semi-axis b")
     page.get_by_role("tab", name="Ellipse").click()
     page.click("#review-save-ellipse")
     wait_for_text(page, ".toast-body", "semi-axes must be at least 1 pixel", 30)

@@ -58,6 +58,25 @@ def test_generates_grey_ultrasound_like_images_steered_by_the_caption(manager):
     assert np.abs(_generate(manager, "a photo of fetal brain", seed=1) - brain).mean() > 10
 
 
+def test_the_plane_captions_give_their_planes(manager):
+    """The five captions give different images for one seed, and the default classifier names the
+    plane of generated brain, femur and abdomen images (eval synthesis: 0.92-1.00 for these three)."""
+    from PIL import Image
+
+    from fetalstudio.classification.predict import PlaneClassifier
+
+    images = {plane: [_generate(manager, f"a photo of fetal {plane}", seed=seed) for seed in (7, 8)]
+              for plane in ("abdomen", "brain", "femur")}
+    assert np.abs(images["brain"][0] - images["femur"][0]).mean() > 10
+    assert np.abs(images["brain"][0] - images["abdomen"][0]).mean() > 10
+    with manager.use(manager.default_id(ModelKind.CLASSIFIER)) as model:
+        classifier = PlaneClassifier(model)
+        named = [max(probabilities, key=probabilities.get) == plane
+                 for plane, arrays in images.items()
+                 for probabilities in classifier.predict([Image.fromarray(a.astype(np.uint8)) for a in arrays])]
+    assert sum(named) >= 5, named  # of 6
+
+
 @pytest.mark.parametrize("trimester", TRIMESTERS)
 def test_trimester_lora_draws_a_head_mask_in_the_mask_channel(manager, trimester):
     lora_id = f"fetalstudio-head-{trimester}-mask"

@@ -202,11 +202,12 @@ def render(context: AppContext) -> None:
     with gr.Tabs():
         with gr.Tab("Ellipse") as ellipse_tab:
             with gr.Row():
-                center_x = gr.Number(label="Centre x (px)", elem_id="review-cx")
-                center_y = gr.Number(label="Centre y (px)", elem_id="review-cy")
-                axis_a = gr.Number(label="Semi-axis a (px)", elem_id="review-a")
-                axis_b = gr.Number(label="Semi-axis b (px)", elem_id="review-b")
+                center_x = gr.Slider(0, 1024, value=0, step=0.5, label="Centre x (px)", elem_id="review-cx")
+                center_y = gr.Slider(0, 1024, value=0, step=0.5, label="Centre y (px)", elem_id="review-cy")
+                axis_a = gr.Slider(0, 1024, value=0, step=0.5, label="Semi-axis a (px)", elem_id="review-a")
+                axis_b = gr.Slider(0, 1024, value=0, step=0.5, label="Semi-axis b (px)", elem_id="review-b")
                 angle = gr.Slider(0, 180, value=0, step=0.5, label="Angle (deg)", elem_id="review-angle")
+            gr.Markdown("Releasing a slider saves the ellipse; after typing a value, press **Save ellipse**.")
             save_ellipse = gr.Button("Save ellipse", elem_id="review-save-ellipse")
         with gr.Tab("Re-extract") as reextract_tab:
             threshold = gr.Slider(0, 255, value=127, step=1, label="Threshold on the raw mask channel", elem_id="review-threshold")
@@ -244,7 +245,7 @@ def render(context: AppContext) -> None:
             banner_text += f" — ✔ saved {time.strftime('%H:%M:%S')}: {saved}"
         if view.item is None:
             return [view, banner_text + " — empty: generate or import pairs.", Path(view.folder).name, "No items yet.", None, None,
-                    None, None, None, None, 0, 127, None, view.filter]
+                    *[gr.update()] * 4, 0, 127, None, view.filter]
         item = session.get(view.item)
         pictures = item_pictures(session, item, opacity=float(opacity_), show_mask=bool(mask_on), show_ellipse=bool(ellipse_on),
                                  editor=view.brush_open)
@@ -253,9 +254,9 @@ def render(context: AppContext) -> None:
         return [
             view, banner_text, Path(view.folder).name, _item_line(session, item, view),
             str(pictures.overlay), str(pictures.raw_mask),
-            *(round(v, 1) for v in (
-                ellipse.center_x if ellipse else cols / 2, ellipse.center_y if ellipse else rows / 2,
-                ellipse.axis_a if ellipse else cols / 4, ellipse.axis_b if ellipse else rows / 4)),
+            *(gr.update(value=round(value, 1), maximum=limit) for value, limit in (
+                (ellipse.center_x if ellipse else cols / 2, cols), (ellipse.center_y if ellipse else rows / 2, rows),
+                (ellipse.axis_a if ellipse else cols / 4, max(rows, cols)), (ellipse.axis_b if ellipse else rows / 4, max(rows, cols)))),
             round((ellipse.angle_deg if ellipse else 0.0) % 180, 1), int(item.threshold if item.threshold is not None else 127),
             _editor_value(pictures), view.filter,
         ]
@@ -431,6 +432,8 @@ def render(context: AppContext) -> None:
         button.click(_bound(handler, argument), [view_state, *looks], display)
     decision_filter.input(on_filter, [decision_filter, view_state, *looks], display)
     save_ellipse.click(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display)
+    for slider in (center_x, center_y, axis_a, axis_b, angle):
+        slider.release(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display)
     reextract.click(on_reextract, [threshold, view_state, *looks], display)
     save_brush.click(on_save_brush, [editor, view_state, *looks], display)
     segment.click(on_segment, [view_state, *looks], display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
