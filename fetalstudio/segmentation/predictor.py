@@ -33,6 +33,15 @@ class BoxPrediction:
     raw_mask: np.ndarray  # bool, thresholded logits before cleaning
 
 
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """What segment-anything's predictor keeps per image: the encoder features and the two sizes."""
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
 def to_rgb_uint8(image) -> np.ndarray:
     """HxWx3 uint8 RGB from a path, a PIL image or an array (grayscale is replicated)."""
     if isinstance(image, (str, Path)):
@@ -98,6 +107,18 @@ class BoxPromptPredictor:
         rgb = grayscale_rgb(image)
         with torch.inference_mode(), self._autocast():
             self._sam.set_image(rgb, image_format=self.model.image_format)
+
+    def embedding(self) -> ImageEmbedding:
+        """The current image's embedding, to keep and restore later (see ``restore``)."""
+        if not self._sam.is_image_set:
+            raise FetalStudioError("No image is set: call set_image(image) first.")
+        return ImageEmbedding(self._sam.features, tuple(self._sam.original_size), tuple(self._sam.input_size))
+
+    def restore(self, embedding: ImageEmbedding) -> None:
+        """Make a kept embedding current again: prompts then need no image-encoder run."""
+        self._sam.features = embedding.features
+        self._sam.original_size, self._sam.input_size = embedding.original_size, embedding.input_size
+        self._sam.is_image_set = True
 
     def predict(self, box=None, points=None, point_labels=None) -> BoxPrediction:
         """The mask for a box ``(x_min, y_min, x_max, y_max)`` and/or points, original pixel coords.
