@@ -5,4 +5,5 @@
   grayscale array in original pixels, plus the downscaled view the models get.
 - ``segment``: ``CachedPredictor`` (one image-encoder run per image, an LRU of embeddings by image
   hash, then cheap box/point prompts) and ``auto_box`` (a head box without user input).
+- ``classify``: ``EnsembleClassifier``, the mean of several plane classifiers' probabilities.
 """

@@ -124,7 +124,29 @@ def classifier_details(model: torch.nn.Module) -> dict[str, str]:
     return dict(details or {})
 
 
-class PlaneClassifier:
+class PlaneRanking:
+    """``predict`` and ``top_k`` for anything with ``classes`` and ``probabilities(images)``."""
+
+    classes: tuple[str, ...]
+
+    def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
+        """One {plane: probability} per image (probabilities sum to 1)."""
+        return [dict(zip(self.classes, map(float, row))) for row in self.probabilities(images)]
+
+    def top_k(self, images: Sequence[Image.Image], k: int = 3) -> list[list[tuple[str, float]]]:
+        """The k most likely planes per image, most likely first."""
+        k = max(1, min(int(k), len(self.classes)))
+        result = []
+        for row in self.probabilities(images):
+            order = np.argsort(-row, kind="stable")[:k]
+            result.append([(self.classes[i], float(row[i])) for i in order])
+        return result
+
+
+class PlaneClassifier(PlaneRanking):
     """Predicts plane probabilities for PIL images with the checkpoint's own preprocessing.
 
     ``model`` is a timm classifier, e.g. ``ModelManager(...).get("bundled/fetalstudio-plane-classifier/model")``.
@@ -196,16 +218,3 @@ class PlaneClassifier:
         for start in range(0, len(images), self.batch_size):
             rows.append(self.probabilities_from_tensor(self.prepare(images[start:start + self.batch_size])))
         return np.concatenate(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
-
-    def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
-        """One {plane: probability} per image (probabilities sum to 1)."""
-        return [dict(zip(self.classes, map(float, row))) for row in self.probabilities(images)]
-
-    def top_k(self, images: Sequence[Image.Image], k: int = 3) -> list[list[tuple[str, float]]]:
-        """The k most likely planes per image, most likely first."""
-        k = max(1, min(int(k), len(self.classes)))
-        result = []
-        for row in self.probabilities(images):
-            order = np.argsort(-row, kind="stable")[:k]
-            result.append([(self.classes[i], float(row[i])) for i in order])
-        return result
