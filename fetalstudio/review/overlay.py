@@ -45,11 +45,6 @@ def overlay(gray: np.ndarray, mask: np.ndarray | None, ellipse: Ellipse | None, 
     return picture
 
 
-def mask_channel_picture(raw_mask: np.ndarray) -> np.ndarray:
-    """The raw mask channel as an RGB picture (so it shows the same way in every viewer)."""
-    return np.repeat(np.asarray(raw_mask, np.uint8)[..., None], 3, axis=2)
-
-
 def editor_background(gray: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """The brush editor's background: the image with the current mask tinted, so strokes are placed against it."""
     return overlay(gray, mask, None, opacity=EDITOR_MASK_OPACITY, show_ellipse=False)

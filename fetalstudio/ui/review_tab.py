@@ -7,10 +7,8 @@ last session at its saved cursor.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from fetalstudio.review.export import export_session
 from fetalstudio.review.overlay import ADD_COLOUR, REMOVE_COLOUR
 from fetalstudio.review.view import item_pictures
 from fetalstudio.review.pairs import PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, generate_pairs, import_pairs
-from fetalstudio.review.store import ReviewItem, ReviewSession
+from fetalstudio.review.store import ReviewItem, ReviewSession, atomic_write_bytes
 from fetalstudio.segmentation.ellipse import Ellipse
 from fetalstudio.synthesis.samplers import SAMPLERS
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
@@ -87,18 +85,10 @@ def session_names(context: AppContext) -> list[str]:
     return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temp, path)
-
-
 def remember_session(context: AppContext, folder: Path) -> None:
-    _write_atomic(sessions_root(context) / LAST_SESSION_FILE, folder.name)
+    root = sessions_root(context)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(root / LAST_SESSION_FILE, folder.name.encode("utf-8"))
 
 
 def last_session(context: AppContext) -> str | None:
