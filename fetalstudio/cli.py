@@ -10,6 +10,7 @@ from pathlib import Path
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.vocabulary import HEAD_SUBJECT, subject_choices
 from fetalstudio.review.extract_cli import add_extract_parser
+from fetalstudio.analysis.analyze_cli import add_analyze_parser
 
 EXIT_USER_ERROR = 2
 
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(commands)
     add_params_parser(commands)
     add_extract_parser(commands)
+    add_analyze_parser(commands)
     add_command_group(commands, "train", training.COMMANDS, "train a model (writes a checkpoint the model manager loads)")
     add_command_group(commands, "eval", evaluation.COMMANDS, "evaluate a model (writes a report folder)")
     return parser

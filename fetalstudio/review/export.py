@@ -92,8 +92,8 @@ def export_session(
     missing or empty are skipped and listed in the result.
     """
     out = Path(out)
-    formats = _check_choices(formats, FORMATS, "export format")
-    decisions = _check_choices(decisions, DECISIONS, "decision")
+    formats = check_choices(formats, FORMATS, "export format")
+    decisions = check_choices(decisions, DECISIONS, "decision")
     _check_out(session, out)
     pairs, skipped = _select_pairs(session, decisions)
     if not pairs:
@@ -120,12 +120,12 @@ def export_session(
         if "coco" in formats:
             paths.update(_write_coco(pairs, building, session.name, step))
         counts = {decision: sum(p.item.decision == decision for p in pairs) for decision in decisions}
-        _write_json(building / EXPORT_MARKER, {
+        write_json(building / EXPORT_MARKER, {
             "session": session.name, "session_folder": str(session.folder.resolve()), "exported_at": _now(),
             "formats": list(formats), "decisions": list(decisions), "counts": counts, "items": [p.item.id for p in pairs],
             "skipped": [list(s) for s in skipped],
         })
-        _move_into_place(building, out)
+        move_into_place(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -136,7 +136,7 @@ def export_session(
 
 
 # --- checks and selection -----------------------------------------------------------------------
-def _check_choices(values: Sequence[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+def check_choices(values: Sequence[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     values = (values,) if isinstance(values, str) else tuple(values)
     unknown = [v for v in values if v not in allowed]
     if unknown or not values:
@@ -176,8 +176,8 @@ def _write_folder(pairs: list[_Pair], root: Path, step: Callable[[], None]) -> d
     rows = []
     for pair in pairs:
         image, mask = f"images/{pair.item.id}.png", f"masks/{pair.item.id}.png"
-        shutil.copyfile(pair.image, root / image)
-        _write_png(root / mask, pair.mask().astype(np.uint8) * 255)
+        copy_file(pair.image, root / image)
+        write_png(root / mask, pair.mask().astype(np.uint8) * 255)
         rows.append(metadata_row(pair.item, image, mask))
         step()
     buffer = io.StringIO()
@@ -226,21 +226,39 @@ def nnunet_dataset_name(dataset_id: int, name: str) -> str:
 
 
 def _write_nnunet(pairs: list[_Pair], root: Path, dataset_id: int, name: str, step: Callable[[], None]) -> dict[str, Path]:
+    cases = [NnunetCase(f"head_{pair.item.id}", pair.image, pair.mask) for pair in pairs]
+    return write_nnunet_dataset(
+        root, dataset_id, name, cases, step, label="head",
+        description="Fetal head masks reviewed in FetalStudio (accepted or corrected).",
+    )
+
+
+@dataclass(frozen=True)
+class NnunetCase:
+    case: str  # nnU-Net case identifier: imagesTr/<case>_0000.png, labelsTr/<case>.png
+    image: Path  # a grayscale PNG, copied as is
+    mask: Callable[[], np.ndarray]  # the boolean mask, read when written (an empty one gives an all-zero label)
+
+
+def write_nnunet_dataset(
+    root: Path, dataset_id: int, name: str, cases: Sequence[NnunetCase], step: Callable[[], None], *,
+    label: str, description: str,
+) -> dict[str, Path]:
+    """nnU-Net v2 raw layout ``root/nnunet/DatasetXXX_Name/`` (labels 0 = background, 1 = ``label``)."""
     dataset = root / "nnunet" / nnunet_dataset_name(dataset_id, name)
     (dataset / "imagesTr").mkdir(parents=True)
     (dataset / "labelsTr").mkdir()
-    for pair in pairs:
-        case = f"head_{pair.item.id}"
-        shutil.copyfile(pair.image, dataset / "imagesTr" / f"{case}_0000.png")
-        _write_png(dataset / "labelsTr" / f"{case}.png", pair.mask().astype(np.uint8))
+    for case in cases:
+        copy_file(case.image, dataset / "imagesTr" / f"{case.case}_0000.png")
+        write_png(dataset / "labelsTr" / f"{case.case}.png", case.mask().astype(np.uint8))
         step()
-    _write_json(dataset / "dataset.json", {
+    write_json(dataset / "dataset.json", {
         "channel_names": {"0": "ultrasound"},
-        "labels": {"background": 0, "head": 1},
-        "numTraining": len(pairs),
+        "labels": {"background": 0, label: 1},
+        "numTraining": len(cases),
         "file_ending": ".png",
         "name": dataset.name,
-        "description": "Fetal head masks reviewed in FetalStudio (accepted or corrected).",
+        "description": description,
     })
     return {"nnunet": dataset, "nnunet_dataset_json": dataset / "dataset.json"}
 
@@ -252,13 +270,13 @@ def _write_coco(pairs: list[_Pair], root: Path, session_name: str, step: Callabl
     images, annotations = [], []
     for number, pair in enumerate(pairs, start=1):
         file_name = f"{pair.item.id}.png"
-        shutil.copyfile(pair.image, coco / "images" / file_name)
+        copy_file(pair.image, coco / "images" / file_name)
         mask = pair.mask()
         height, width = mask.shape
         images.append({"id": number, "file_name": file_name, "width": width, "height": height, "review_id": pair.item.id})
         annotations.append(coco_annotation(mask, pair.item.ellipse, annotation_id=number, image_id=number))
         step()
-    _write_json(coco / "annotations.json", {
+    write_json(coco / "annotations.json", {
         "info": {"description": f"FetalStudio review session {session_name}", "date_created": _now()},
         "licenses": [],
         "images": images,
@@ -314,12 +332,20 @@ def _flat(points: np.ndarray) -> list[float]:
 
 
 # --- files -------------------------------------------------------------------------------------
-def _write_png(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array):
-        raise FetalStudioError(f"Could not write {path}.")
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Encode ``array`` as PNG and write it atomically."""
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise FetalStudioError(f"Could not encode {path.name} as PNG (array {array.shape}, {array.dtype}).")
+    atomic_write_bytes(path, encoded.tobytes())
 
 
-def _write_json(path: Path, data: Any) -> None:
+def copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` atomically."""
+    atomic_write_bytes(target, Path(source).read_bytes())
+
+
+def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
@@ -327,7 +353,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _move_into_place(building: Path, out: Path) -> None:
+def move_into_place(building: Path, out: Path) -> None:
     """Rename the finished export to ``out``; a previous export there is swapped out first."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()

@@ -231,6 +231,8 @@ def load_segmenter_file(path: Path):
     model = build_segmenter(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     _load_strict(model, state, path)
+    # FetalStudio trains the single-mask output only (decode_batch); SAM's three extra outputs are untrained here.
+    model.fetalstudio_multimask = False
     return model.float().eval()
 
 

@@ -78,6 +78,45 @@ def grayscale_rgb(image) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
+#: A box narrower or shorter than this (pixels) is a click, not a box: refused with a clear message.
+MIN_BOX_SIDE_PX = 2.0
+
+
+def checked_box(box, image_size: tuple[int, int]) -> np.ndarray:
+    """``(x_min, y_min, x_max, y_max)`` as float32, clipped to the image of ``image_size`` (rows, cols).
+
+    Refused with an actionable message: not four finite numbers, corners swapped, a zero-size box,
+    a box wholly outside the image."""
+    rows, cols = image_size
+    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise FetalStudioError(f"A box is four numbers (x_min, y_min, x_max, y_max); got {np.asarray(box).tolist()}.")
+    x0, y0, x1, y1 = values
+    if x1 < x0 or y1 < y0:
+        raise FetalStudioError(f"A box is (x_min, y_min, x_max, y_max) with x_max >= x_min and y_max >= y_min; got {values.tolist()}.")
+    if x1 - x0 < MIN_BOX_SIDE_PX or y1 - y0 < MIN_BOX_SIDE_PX:
+        raise FetalStudioError(f"The box {values.tolist()} has (almost) no size: drag a box around the whole head, "
+                               f"at least {MIN_BOX_SIDE_PX:g} pixels wide and high.")
+    if x1 <= 0 or y1 <= 0 or x0 >= cols - 1 or y0 >= rows - 1:
+        raise FetalStudioError(f"The box {values.tolist()} lies outside the {cols}x{rows} image: draw it on the image.")
+    clipped = np.array([max(0.0, x0), max(0.0, y0), min(cols - 1.0, x1), min(rows - 1.0, y1)], np.float32)
+    if clipped[2] - clipped[0] < MIN_BOX_SIDE_PX or clipped[3] - clipped[1] < MIN_BOX_SIDE_PX:
+        raise FetalStudioError(f"Only a sliver of the box {values.tolist()} lies inside the {cols}x{rows} image: draw it on the image.")
+    return clipped
+
+
+def checked_points(points, image_size: tuple[int, int]) -> np.ndarray:
+    """N x 2 (x, y) float32 points, all inside the image of ``image_size`` (rows, cols)."""
+    rows, cols = image_size
+    array = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(array).all():
+        raise FetalStudioError("Points are (x, y) pairs of numbers.")
+    outside = (array[:, 0] < 0) | (array[:, 1] < 0) | (array[:, 0] > cols - 1) | (array[:, 1] > rows - 1)
+    if outside.any():
+        raise FetalStudioError(f"The point {array[outside][0].tolist()} lies outside the {cols}x{rows} image: click on the image.")
+    return array.astype(np.float32)
+
+
 class BoxPromptPredictor:
     """One image embedding, many prompts. Works for any segment-anything ``Sam``."""
 
@@ -120,11 +159,28 @@ class BoxPromptPredictor:
         self._sam.original_size, self._sam.input_size = embedding.original_size, embedding.input_size
         self._sam.is_image_set = True
 
+    @property
+    def multimask_trained(self) -> bool:
+        """Whether the model's three extra mask outputs are trained: true for SAM checkpoints; FetalStudio's
+        own segmenters are trained on the single-mask output only, so they offer one candidate."""
+        return bool(getattr(self.model, "fetalstudio_multimask", True))
+
     def predict(self, box=None, points=None, point_labels=None) -> BoxPrediction:
         """The mask for a box ``(x_min, y_min, x_max, y_max)`` and/or points, original pixel coords.
 
         ``points`` is N x 2 (x, y); ``point_labels`` 1 = inside, 0 = outside (default all 1).
         """
+        return self._decode(box, points, point_labels, multimask=False)[0]
+
+    def predict_candidates(self, box=None, points=None, point_labels=None) -> list[BoxPrediction]:
+        """SAM's multimask output (three candidate masks for an ambiguous prompt), best predicted IoU
+        first; a model without trained multimask outputs gives its single mask."""
+        if not self.multimask_trained:
+            return [self.predict(box=box, points=points, point_labels=point_labels)]
+        candidates = self._decode(box, points, point_labels, multimask=True)
+        return sorted(candidates, key=lambda candidate: -candidate.score)
+
+    def _decode(self, box, points, point_labels, multimask: bool) -> list[BoxPrediction]:
         if not self._sam.is_image_set:
             raise FetalStudioError("Call set_image(image) before predict(box=...).")
         if box is None and points is None:
@@ -132,12 +188,10 @@ class BoxPromptPredictor:
         sam = self._sam
         box_torch = coords_torch = labels_torch = None
         if box is not None:
-            box = np.asarray(box, dtype=np.float32).reshape(-1)
-            if box.shape != (4,) or not np.isfinite(box).all() or box[2] < box[0] or box[3] < box[1]:
-                raise FetalStudioError(f"A box is (x_min, y_min, x_max, y_max) with x_max >= x_min and y_max >= y_min; got {box.tolist()}.")
+            box = checked_box(box, sam.original_size)
             box_torch = torch.as_tensor(sam.transform.apply_boxes(box[None], sam.original_size), dtype=torch.float, device=sam.device)
         if points is not None:
-            points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+            points = checked_points(points, sam.original_size)
             labels = np.ones(len(points), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
             if len(labels) != len(points):
                 raise FetalStudioError(f"{len(points)} points but {len(labels)} point labels.")
@@ -145,10 +199,13 @@ class BoxPromptPredictor:
             coords_torch = torch.as_tensor(coords[None], dtype=torch.float, device=sam.device)
             labels_torch = torch.as_tensor(labels[None], dtype=torch.int, device=sam.device)
         with torch.inference_mode(), self._autocast():
-            logits, iou, _ = sam.predict_torch(coords_torch, labels_torch, box_torch, None, multimask_output=False, return_logits=True)
-        raw = (logits[0, 0].float() > self.model.mask_threshold).cpu().numpy()
-        mask = largest_component(raw) if self.postprocess else raw
-        return BoxPrediction(mask=mask, score=float(iou[0, 0].float()), raw_mask=raw)
+            logits, iou, _ = sam.predict_torch(coords_torch, labels_torch, box_torch, None, multimask_output=multimask, return_logits=True)
+        predictions = []
+        for index in range(logits.shape[1]):
+            raw = (logits[0, index].float() > self.model.mask_threshold).cpu().numpy()
+            mask = largest_component(raw) if self.postprocess else raw
+            predictions.append(BoxPrediction(mask=mask, score=float(iou[0, index].float()), raw_mask=raw))
+        return predictions
 
     def segment(self, image, box, points=None, point_labels=None) -> BoxPrediction:
         """``set_image`` + ``predict`` for a single prompt."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 
 import gradio as gr
@@ -55,3 +56,12 @@ class CancelFlags:
         flag = self.get(request)
         flag.clear()
         return flag
+
+
+@dataclass
+class SendToAnalysis:
+    """A tab's "Send to Analysis" button: ``pick(*inputs)`` returns the image path to analyse."""
+
+    button: gr.Button
+    pick: Callable[..., str]
+    inputs: list

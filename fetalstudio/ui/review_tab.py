@@ -26,7 +26,7 @@ from fetalstudio.review.pairs import PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STE
 from fetalstudio.review.store import ReviewItem, ReviewSession, atomic_write_bytes
 from fetalstudio.segmentation.ellipse import Ellipse
 from fetalstudio.synthesis.samplers import SAMPLERS
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, user_errors
 from fetalstudio.vocabulary import TRIMESTERS
 
 SESSIONS_FOLDER = "review"
@@ -189,6 +189,7 @@ def render(context: AppContext) -> None:
         following = gr.Button("Next (n) ▶", elem_id="review-next")
         undo = gr.Button("Undo (u)", elem_id="review-undo")
         redo = gr.Button("Redo (y)", elem_id="review-redo")
+        send = gr.Button("Send to Analysis", elem_id="review-send-analysis")
     with gr.Tabs():
         with gr.Tab("Ellipse") as ellipse_tab:
             with gr.Row():
@@ -446,7 +447,15 @@ def render(context: AppContext) -> None:
         other.select(brush_closed, view_state, view_state)
     for control in looks:
         control.input(look_change, [view_state, *looks], display)
-    return on_load, [view_state, *looks], display
+    return on_load, [view_state, *looks], display, SendToAnalysis(send, shown_image_path, [view_state])
+
+
+def shown_image_path(view: View) -> str:
+    """The image of the item on screen, for the Analysis tab."""
+    if not view.folder or not view.item:
+        raise FetalStudioError("Open a session and show an item first, then send it to Analysis.")
+    session = _session(view)
+    return str(session.image_path(session.get(view.item)))
 
 
 def _bound(handler, argument):

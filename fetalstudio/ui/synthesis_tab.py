@@ -17,7 +17,7 @@ from fetalstudio.synthesis.gallery import save_generated
 from fetalstudio.synthesis.metadata import settings_from_png
 from fetalstudio.synthesis.samplers import SAMPLERS, parse_sampler
 from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, user_errors
 from fetalstudio.vocabulary import HEAD_SUBJECT, PLANES, TRIMESTERS, prompt_for, subject_choices
 
 LORA_SLOTS = 3  # the handlers below spell out three (LoRA, weight) pairs
@@ -66,7 +66,15 @@ def _sampler_choices() -> list[tuple[str, str]]:
     return [(s.label, s.key) for s in SAMPLERS.values()]
 
 
-def render(context: AppContext) -> None:
+def picked_image(images, index) -> str:
+    """The gallery image to send to Analysis: the selected one, else the first."""
+    if not images:
+        raise FetalStudioError("Generate an image first, then select it in the gallery and send it to Analysis.")
+    entry = images[index] if isinstance(index, int) and 0 <= index < len(images) else images[0]
+    return str(entry[0] if isinstance(entry, (list, tuple)) else entry)
+
+
+def render(context: AppContext) -> SendToAnalysis:
     manager = context.manager
     cancel_flags = CancelFlags()
     generators = manager.ids(ModelKind.SD_PIPELINE)
@@ -114,7 +122,9 @@ def render(context: AppContext) -> None:
             gallery = gr.Gallery(label="Results", columns=4, height=520, format="png", type="filepath",
                                  buttons=["download", "fullscreen"], elem_id="synthesis-gallery")
             status = gr.Markdown("", elem_id="synthesis-status")
+            send = gr.Button("Send the selected image to Analysis", size="sm", elem_id="synthesis-send-analysis")
             last_seed = gr.State(-1)
+            selected = gr.State(0)
             with gr.Accordion("Dataset export", open=False, elem_id="dataset-export"):
                 export_planes = gr.CheckboxGroup([p.value for p in PLANES], value=[p.value for p in PLANES], label="Planes")
                 export_samplers = gr.CheckboxGroup(_sampler_choices(), value=["euler", "unipc"], label="Samplers")
@@ -199,6 +209,11 @@ def render(context: AppContext) -> None:
 
     generate.click(run_generation, controls.as_inputs(), [gallery, status, last_seed],
                    concurrency_id=GPU_QUEUE, concurrency_limit=1)
+
+    def on_select(event: gr.SelectData) -> int:
+        return int(event.index)
+
+    gallery.select(on_select, None, selected)
     def cancel_job(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
@@ -257,6 +272,7 @@ def render(context: AppContext) -> None:
 
     export.click(run_export, [export_planes, export_samplers, export_count, export_seed, export_name, *controls.as_inputs()],
                  export_status, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    return SendToAnalysis(send, picked_image, [gallery, selected])
 
 
 def _dataset_folder(outputs_dir: Path, name: str) -> Path:

@@ -1,0 +1,88 @@
+"""``python -m fetalstudio analyze``: plane classification and head segmentation + biometry for a
+folder or CSV of images, into a report folder (resumable: run the same command again).
+
+Input: a folder of images (PNG/JPEG/BMP/TIFF/DICOM, searched recursively) or a CSV with an
+``image`` column and optional ``mask`` (ground truth, only used to score: Dice), ``pixel_size_mm``
+and ``hc_mm`` (reference HC: the HC error in mm is reported), paths relative to the CSV — the
+segmentation CSVs of ../shared/data (e.g. hc18_heads/pairs.csv) work as they are.
+
+The head box comes from the automatic mode (a coarse pass over candidate boxes scored by the
+segmenter, then a second pass with the box found): no ground truth is used to make a prediction.
+
+Output (``--out``): report.csv (one row per image: plane and probabilities, box, ellipse, HC/BPD/OFD
+in px and mm, Dice and HC error when references are given), masks/, overlays/, summary.json and,
+with ``--export``, mask exports (png, coco with RLE and polygons, yolo, nnunet) under exports/.
+A JSON summary (mean Dice, HC MAE, counts) is printed and written to ``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fetalstudio.errors import FetalStudioError
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
+def add_analyze_parser(commands) -> None:
+    parser = commands.add_parser(
+        "analyze",
+        help="classify planes and measure heads in a folder or CSV of images (report CSV, masks, overlays)",
+        description=__doc__.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--in", dest="source", type=Path, required=True, help="folder of images, or a CSV with an 'image' column")
+    parser.add_argument("--out", type=Path, required=True, help="report folder (created; the same command resumes an interrupted run)")
+    parser.add_argument("--classify", action="store_true", help="predict the plane of every image (default: both when neither is given)")
+    parser.add_argument("--segment", action="store_true", help="segment and measure the fetal head (automatic box)")
+    parser.add_argument("--pixel-size", type=float, help="mm per pixel for images without one (CSV column or DICOM header win)")
+    parser.add_argument("--classifier", action="append", default=[], metavar="ID_OR_PATH",
+                        help="plane classifier; repeat to average several (an ensemble). Default: the manifest's default")
+    parser.add_argument("--segmenter", metavar="ID_OR_PATH", help="segmenter id/path, or a SAM vit_b/l/h .pth (default: the bundled head segmenter)")
+    parser.add_argument("--export", type=_formats, default=(), metavar="FORMATS", help="mask exports, comma-separated: png, coco, yolo, nnunet")
+    parser.add_argument("--no-overlays", action="store_true", help="do not write overlay pictures")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
+    parser.set_defaults(handler=run_analyze)
+
+
+def _progress(done: int, total: int, name: str) -> None:
+    print(f"[{done}/{total}] {name}", file=sys.stderr, flush=True)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from fetalstudio.analysis.batch import BatchSettings, read_batch_inputs, run_batch
+    from fetalstudio.analysis.models import classifier_ids, load_plane_classifier, load_head_predictor, segmenter_id
+    from fetalstudio.analysis.segment import CachedPredictor
+    from fetalstudio.analysis.session import checked_pixel_size
+    from fetalstudio.models.device import default_placement
+    from fetalstudio.models.manager import ModelManager
+    from fetalstudio.paths import checkpoints_dir
+
+    classify, segment = args.classify, args.segment
+    if not (classify or segment):
+        classify = segment = True
+    if args.limit is not None and args.limit < 1:
+        raise FetalStudioError("--limit must be at least 1.")
+    pixel_size = checked_pixel_size(args.pixel_size)
+    inputs = read_batch_inputs(args.source)[: args.limit]
+    manager = ModelManager(checkpoints_dir(), placement=default_placement(args.device))
+    classifiers = classifier_ids(manager, args.classifier) if classify else []
+    segmenter = segmenter_id(manager, args.segmenter) if segment else ""
+    settings = BatchSettings(classify=classify, segment=segment, pixel_size_mm=pixel_size, classifier=",".join(classifiers),
+                             segmenter=segmenter, overlays=not args.no_overlays, formats=tuple(args.export))
+    classifier = load_plane_classifier(manager, classifiers) if classify else None
+    predictor = CachedPredictor(load_head_predictor(manager, segmenter), capacity=1) if segment else None
+    summary = run_batch(inputs, args.out, settings, classifier, predictor, progress=_progress)
+    record = summary.as_dict()
+    print(json.dumps(record))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0

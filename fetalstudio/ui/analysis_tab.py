@@ -1,0 +1,432 @@
+"""Analysis tab: plane prediction, box/point-prompted head segmentation with biometry, batch runs.
+
+Each browser session gets its own ``AnalysisSession`` and cached predictor (segment-anything's
+predictor holds one "current image" and must not be shared between users). The image is encoded
+as soon as it is loaded, so drawing a box or clicking a point only runs the mask decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+from gradio_image_annotation import image_annotator
+
+from fetalstudio.analysis.batch import BatchInput, BatchSettings, inputs_from_files, read_batch_inputs, run_batch, zip_folder
+from fetalstudio.analysis.head import HeadResult
+from fetalstudio.analysis.image_input import model_view, supported_suffixes
+from fetalstudio.analysis.mask_export import MASK_FORMATS
+from fetalstudio.analysis.models import (classifier_choices, classifier_ids, load_plane_classifier, segmenter_choices,
+                                         segmenter_id)
+from fetalstudio.analysis.segment import CachedPredictor
+from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
+from fetalstudio.app_context import AppContext
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.review.store import atomic_write_bytes
+from fetalstudio.segmentation.predictor import BoxPromptPredictor
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+
+ANALYSIS_FOLDER = "analysis"
+#: The longest side of the pictures sent to the browser; coordinates are scaled back to the file's pixels.
+DISPLAY_SIDE = 1024
+POSITIVE, NEGATIVE = "Positive point (on the head)", "Negative point (not head)"
+MAX_USERS = 32
+#: The annotator reports a box as soon as the mouse goes down; smaller ones (display pixels) are not prompts yet.
+MIN_DRAWN_BOX_PX = 4
+
+
+@dataclass
+class UserAnalysis:
+    """One browser session's analysis and its cached predictor (one segmenter's embeddings at a time)."""
+
+    session: AnalysisSession = field(default_factory=AnalysisSession)
+    predictor: CachedPredictor | None = None
+    segmenter: str | None = None
+    display_factor: float = 1.0  # original pixels per displayed pixel
+    display_key: str = ""
+
+
+class UserAnalyses:
+    """Per-browser-session state, the least recently used dropped beyond ``capacity`` users."""
+
+    def __init__(self, capacity: int = MAX_USERS) -> None:
+        self.capacity = capacity
+        self._users: OrderedDict[str, UserAnalysis] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, request: gr.Request | None) -> UserAnalysis:
+        key = getattr(request, "session_hash", None) or "default"
+        with self._lock:
+            user = self._users.get(key)
+            if user is None:
+                user = self._users[key] = UserAnalysis()
+            self._users.move_to_end(key)
+            while len(self._users) > self.capacity:
+                self._users.popitem(last=False)
+            return user
+
+
+@dataclass
+class AnalysisInbox:
+    """What other tabs use to send an image here: put its path in ``path`` and call ``receive``."""
+
+    path: gr.Textbox
+    receive: object
+    outputs: list
+    follow_up: object
+    follow_up_inputs: list
+    follow_up_outputs: list
+
+
+def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f} {unit}"
+
+
+def measurement_text(session: AnalysisSession) -> str:
+    result = session.result
+    if result is None:
+        return "Draw a box around the head, click on it, or press **Find the head automatically**."
+    head = result.measurement
+    lines = [f"**Mask**: predicted IoU {result.score:.3f} · box from {'the automatic mode' if result.box_source == 'auto' else 'your prompt'}"
+             + (f" · candidate {result.selected + 1} of {len(result.candidates)}" if len(result.candidates) > 1 else "")]
+    if head.biometry is None:
+        lines.append(f"No ellipse: {head.reason}.")
+        return "\n\n".join(lines)
+    bio = head.biometry
+    if bio.pixel_size_mm is not None:
+        source = {"dicom": "from the DICOM header", "typed": "typed in"}.get(session.pixel_size_source or "", "")
+        lines.append(f"**HC {_fmt(bio.hc_mm, 'mm')}** · BPD {_fmt(bio.bpd_mm, 'mm')} · OFD {_fmt(bio.ofd_mm, 'mm')} "
+                     f"(pixel size {bio.pixel_size_mm:.4g} mm {source})")
+    else:
+        lines.append(f"**HC {bio.hc_px:.1f} px** · BPD {bio.bpd_px:.1f} px · OFD {bio.ofd_px:.1f} px — "
+                     "type the pixel size (mm per pixel) to get millimetres.")
+    if head.reason:
+        lines.append(f"⚠ The mask is not a clean head ellipse ({head.reason}); check it before using the numbers.")
+    elif head.quality is not None:
+        lines.append(f"Ellipse fit quality {head.quality:.2f}")
+    return "\n\n".join(lines)
+
+
+def image_text(session: AnalysisSession) -> str:
+    image = session.image
+    if image is None:
+        return ""
+    parts = [f"**{image.path.name}** · {image.size[0]}×{image.size[1]} px · {image.kind}"]
+    if image.frame_count > 1:
+        parts.append(f"frame {image.frame + 1} of {image.frame_count}")
+    if image.bit_depth > 8:
+        parts.append(f"{image.bit_depth}-bit, scaled to 8-bit")
+    parts.append(f"pixel size {image.pixel_size_mm:.4g} mm (DICOM)" if image.pixel_size_mm else "pixel size unknown")
+    return " · ".join(parts)
+
+
+def render(context: AppContext) -> AnalysisInbox:
+    manager = context.manager
+    users = UserAnalyses()
+    cancel_flags = CancelFlags()
+    root = context.outputs_dir / ANALYSIS_FOLDER
+    gr.Markdown("Which standard plane is this, where is the fetal head, how big is it. "
+                "Research use only — not for diagnosis.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            upload = gr.File(label=f"Image ({', '.join(supported_suffixes())})", type="filepath", elem_id="analysis-upload",
+                             file_types=list(supported_suffixes()), height=110)
+            inbox_path = gr.Textbox(visible=False, elem_id="analysis-inbox")
+            image_info = gr.Markdown("", elem_id="analysis-image-info")
+            frame = gr.Number(0, label="Frame (multi-frame DICOM)", precision=0, minimum=0, visible=False, elem_id="analysis-frame")
+            annotator = image_annotator(label="Draw a box around the head", label_list=["head"], label_colors=[(0, 200, 255)],
+                                        single_box=True, use_default_label=True, sources=[], image_type="filepath", show_clear_button=False,
+                                        elem_id="analysis-annotator", height=460)
+            picture = gr.Image(label="Result — click to add a point", type="filepath", interactive=False,
+                               elem_id="analysis-picture", height=460)
+            with gr.Row():
+                point_kind = gr.Radio([POSITIVE, NEGATIVE], value=POSITIVE, label="A click on the result adds", elem_id="analysis-point-kind")
+                clear = gr.Button("Clear box and points", size="sm", elem_id="analysis-clear")
+        with gr.Column(scale=2):
+            status = gr.Markdown("Load an image to start.", elem_id="analysis-status")
+            planes = gr.Label(label="Plane", num_top_classes=3, elem_id="analysis-planes")
+            with gr.Row():
+                classifier = gr.Dropdown(classifier_choices(manager), value=None, multiselect=True, allow_custom_value=True,
+                                         label="Classifier(s) — several are averaged", elem_id="analysis-classifier")
+                segmenter = gr.Dropdown(segmenter_choices(manager), value=None, allow_custom_value=True,
+                                        label="Segmenter (or SAM checkpoint)", elem_id="analysis-segmenter")
+            saliency_button = gr.Button("Show saliency (Grad-CAM)", size="sm", elem_id="analysis-saliency-run")
+            saliency = gr.Image(label="Saliency for the predicted plane", type="filepath", interactive=False, visible=False,
+                                elem_id="analysis-saliency", height=260)
+            auto = gr.Button("Find the head automatically", variant="primary", elem_id="analysis-auto")
+            multimask = gr.Checkbox(False, label="Multimask: three candidate masks (SAM checkpoints)", elem_id="analysis-multimask")
+            candidate = gr.Radio([], label="Candidate mask", visible=False, elem_id="analysis-candidate")
+            with gr.Accordion("Box by coordinates (pixels of the file)", open=False):
+                with gr.Row():
+                    box_x0 = gr.Number(label="x min", elem_id="analysis-x0")
+                    box_y0 = gr.Number(label="y min", elem_id="analysis-y0")
+                    box_x1 = gr.Number(label="x max", elem_id="analysis-x1")
+                    box_y1 = gr.Number(label="y max", elem_id="analysis-y1")
+                coords = gr.Button("Segment with this box", size="sm", elem_id="analysis-coords")
+            pixel_size = gr.Number(0, label="Pixel size (mm per pixel; 0 = unknown)", minimum=0, elem_id="analysis-pixel-size")
+            measurements = gr.Markdown("", elem_id="analysis-measurements")
+            downloads = gr.File(label="Mask PNG and measurements JSON", file_count="multiple", interactive=False, elem_id="analysis-downloads")
+
+    with gr.Accordion("Batch: a folder or CSV of images → report", open=False, elem_id="analysis-batch"):
+        with gr.Row():
+            batch_source = gr.Textbox(label="Folder or CSV on this computer (CSV: image[, mask, pixel_size_mm, hc_mm])",
+                                      placeholder="/data/hc18/pairs.csv", elem_id="analysis-batch-source", scale=3)
+            batch_files = gr.File(label="…or upload images", file_count="multiple", type="filepath", elem_id="analysis-batch-files", scale=2)
+        with gr.Row():
+            batch_name = gr.Textbox("batch-1", label=f"Run name (folder under outputs/{ANALYSIS_FOLDER}/batches/; the same name resumes)",
+                                    elem_id="analysis-batch-name")
+            batch_tasks = gr.CheckboxGroup(["classify", "segment"], value=["classify", "segment"], label="Run", elem_id="analysis-batch-tasks")
+            batch_pixel = gr.Number(0, label="Pixel size for images without one (mm; 0 = unknown)", minimum=0)
+            batch_formats = gr.CheckboxGroup(list(MASK_FORMATS), value=[], label="Mask exports", elem_id="analysis-batch-formats")
+        with gr.Row():
+            batch_run = gr.Button("Run batch", variant="primary", elem_id="analysis-batch-run")
+            batch_cancel = gr.Button("Cancel", variant="stop", elem_id="analysis-batch-cancel")
+        batch_status = gr.Markdown("", elem_id="analysis-batch-status")
+        batch_table = gr.Dataframe(label="Report", interactive=False, elem_id="analysis-batch-table", max_height=320)
+        batch_downloads = gr.File(label="Report CSV, overlays and exports (zip)", file_count="multiple", interactive=False,
+                                  elem_id="analysis-batch-downloads")
+
+    # --- helpers ---------------------------------------------------------------------------
+    def predictor_for(user: UserAnalysis, chosen: str | None) -> CachedPredictor:
+        model_id = segmenter_id(manager, chosen or None)
+        model = manager.get(model_id)
+        if user.predictor is None or user.segmenter != model_id or user.predictor.predictor.model is not model:
+            user.predictor, user.segmenter = CachedPredictor(BoxPromptPredictor(model)), model_id
+        user.session.model_ids["segmenter"] = model_id
+        return user.predictor
+
+    def display_file(user: UserAnalysis, rgb_or_gray: np.ndarray, kind: str) -> str:
+        """A PNG of the picture at display size under outputs/analysis/.view (served to the browser)."""
+        view, _ = model_view(rgb_or_gray, DISPLAY_SIDE)
+        folder = root / ".view"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = cv2.cvtColor(view, cv2.COLOR_RGB2BGR) if view.ndim == 3 else view
+        ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        data = encoded.tobytes()
+        path = folder / f"{kind}-{hashlib.blake2b(data, digest_size=10).hexdigest()}.png"
+        if not path.exists():
+            atomic_write_bytes(path, data)
+        return str(path)
+
+    def result_outputs(user: UserAnalysis, request: gr.Request | None) -> list:
+        session = user.session
+        result: HeadResult | None = session.result
+        files = None
+        if result is not None:
+            key = (getattr(request, "session_hash", None) or "default")[:12]
+            files = [str(p) for p in session.save_outputs(root / "results" / re.sub(r"[^A-Za-z0-9_-]", "_", key))]
+        box = session.box or (None, None, None, None)
+        choices = [] if result is None else [f"{i + 1}: IoU {c.score:.3f}" for i, c in enumerate(result.candidates)]
+        candidate_update = gr.update(choices=choices, value=choices[result.selected] if choices else None, visible=len(choices) > 1)
+        return [display_file(user, session.picture(), "result"), measurement_text(session), files, candidate_update,
+                *[None if v is None else round(v, 1) for v in box]]
+
+    result_components = [picture, measurements, downloads, candidate, box_x0, box_y0, box_x1, box_y1]
+
+    # --- loading ---------------------------------------------------------------------------
+    @user_errors
+    def load(path: str | None, frame_number, request: gr.Request):
+        if not path:
+            raise FetalStudioError("Choose an image file to analyse.")
+        user = users.get(request)
+        image = user.session.load(path, int(frame_number or 0))
+        view_path = display_file(user, image.gray, "image")
+        user.display_factor = max(image.size) / max(model_view(image.gray, DISPLAY_SIDE)[0].shape)
+        return [{"image": view_path, "boxes": []}, image_text(user.session),
+                gr.update(visible=image.frame_count > 1, maximum=image.frame_count - 1, value=image.frame),
+                image.pixel_size_mm or 0, "⏳ Encoding the image…", None, gr.update(visible=False),
+                *result_outputs(user, request)]
+
+    load_outputs = [annotator, image_info, frame, pixel_size, status, planes, saliency, *result_components]
+
+    @user_errors
+    def encode_and_classify(chosen_classifiers, chosen_segmenter, request: gr.Request):
+        user = users.get(request)
+        session = user.session
+        if session.image is None:
+            return "Load an image to start.", None
+        started = time.perf_counter()
+        encoded = session.encode(predictor_for(user, chosen_segmenter))
+        encode_seconds = time.perf_counter() - started
+        ids = classifier_ids(manager, chosen_classifiers or [])
+        session.model_ids["classifier"] = ",".join(ids)
+        ranking = session.classify(load_plane_classifier(manager, ids), k=5)
+        note = f"encoded in {encode_seconds:.2f} s" if encoded else "embedding reused from the cache"
+        return f"✔ Ready ({note}): draw a box around the head, click on it, or find it automatically.", dict(ranking)
+
+    load_event = dict(fn=encode_and_classify, inputs=[classifier, segmenter], outputs=[status, planes],
+                      concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    upload.upload(load, [upload, frame], load_outputs).success(**load_event)
+    frame.submit(load, [upload, frame], load_outputs).success(**load_event)
+    classifier.change(**load_event)
+
+    def receive(path: str, request: gr.Request):
+        return load(path, 0, request)
+
+    # --- prompts ---------------------------------------------------------------------------
+    def segment(user: UserAnalysis, chosen_segmenter, multimask_on: bool, auto_mode: bool = False) -> None:
+        user.session.segment(predictor_for(user, chosen_segmenter), multimask=bool(multimask_on), auto=auto_mode)
+
+    @user_errors
+    def on_box(value, chosen_segmenter, multimask_on, request: gr.Request):
+        user = users.get(request)
+        boxes = (value or {}).get("boxes") or []
+        if user.session.image is None or not boxes:
+            return [gr.skip()] * len(result_components)
+        box = boxes[-1]
+        if min(box["xmax"] - box["xmin"], box["ymax"] - box["ymin"]) < MIN_DRAWN_BOX_PX:
+            return [gr.skip()] * len(result_components)  # a box being started, not drawn yet
+        factor = user.display_factor
+        user.session.set_box([box["xmin"] * factor, box["ymin"] * factor, box["xmax"] * factor, box["ymax"] * factor])
+        segment(user, chosen_segmenter, multimask_on)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_click(kind: str, chosen_segmenter, multimask_on, event: gr.SelectData, request: gr.Request):
+        user = users.get(request)
+        user.session.require_image()
+        x, y = event.index
+        user.session.add_point(x * user.display_factor, y * user.display_factor, positive=(kind != NEGATIVE))
+        segment(user, chosen_segmenter, multimask_on)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_auto(chosen_segmenter, multimask_on, request: gr.Request):
+        user = users.get(request)
+        user.session.require_image()
+        segment(user, chosen_segmenter, multimask_on, auto_mode=True)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_coords(x0, y0, x1, y1, chosen_segmenter, multimask_on, request: gr.Request):
+        user = users.get(request)
+        if any(v is None for v in (x0, y0, x1, y1)):
+            raise FetalStudioError("Fill in all four box coordinates (x min, y min, x max, y max) in the file's pixels.")
+        user.session.set_box([x0, y0, x1, y1])
+        segment(user, chosen_segmenter, multimask_on)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_multimask(chosen_segmenter, multimask_on, request: gr.Request):
+        user = users.get(request)
+        if user.session.result is None:
+            return [gr.skip()] * len(result_components)
+        if multimask_on and not predictor_for(user, chosen_segmenter).predictor.multimask_trained:
+            gr.Info("This segmenter was trained with one mask output: it gives one candidate. SAM checkpoints give three.")
+        segment(user, chosen_segmenter, multimask_on, auto_mode=user.session.result.box_source == "auto" and not user.session.points)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_candidate(choice: str | None, request: gr.Request):
+        user = users.get(request)
+        if not choice or user.session.result is None:
+            return [gr.skip()] * len(result_components)
+        user.session.choose_candidate(int(choice.split(":")[0]) - 1)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_clear(request: gr.Request):
+        user = users.get(request)
+        user.session.clear_prompts()
+        if user.session.image is None:
+            return [gr.skip()] * len(result_components)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_pixel_size(value, request: gr.Request):
+        user = users.get(request)
+        user.session.set_pixel_size(value)
+        if user.session.image is None:
+            return [gr.skip()] * len(result_components)
+        return result_outputs(user, request)
+
+    @user_errors
+    def on_saliency(chosen_classifiers, request: gr.Request):
+        from fetalstudio.analysis.saliency import grad_cam, saliency_overlay
+
+        user = users.get(request)
+        image = user.session.require_image()
+        classifier_model = load_plane_classifier(manager, classifier_ids(manager, chosen_classifiers or []))
+        cam = grad_cam(classifier_model, image.gray)
+        path = display_file(user, saliency_overlay(image.gray, cam.heatmap), "saliency")
+        return gr.update(value=path, visible=True, label=f"Saliency for {cam.plane} ({cam.probability:.2f})")
+
+    gpu = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    annotator.change(on_box, [annotator, segmenter, multimask], result_components, **gpu)
+    picture.select(on_click, [point_kind, segmenter, multimask], result_components, **gpu)
+    auto.click(on_auto, [segmenter, multimask], result_components, **gpu)
+    coords.click(on_coords, [box_x0, box_y0, box_x1, box_y1, segmenter, multimask], result_components, **gpu)
+    multimask.change(on_multimask, [segmenter, multimask], result_components, **gpu)
+    candidate.input(on_candidate, [candidate], result_components)
+    clear.click(on_clear, None, result_components)
+    pixel_size.input(on_pixel_size, [pixel_size], result_components)
+    saliency_button.click(on_saliency, [classifier], [saliency], **gpu)
+
+    # --- batch -----------------------------------------------------------------------------
+    def batch_inputs(source: str, files: list[str] | None) -> list[BatchInput]:
+        if files:
+            return inputs_from_files([Path(p) for p in files])
+        if not (source or "").strip():
+            raise FetalStudioError("Give a folder or CSV path, or upload images, to run a batch.")
+        return read_batch_inputs(Path(source.strip()).expanduser())
+
+    def batch_folder(name: str) -> Path:
+        cleaned = (name or "").strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", cleaned):
+            raise FetalStudioError("A run name must be a plain name (letters, digits, '.', '-' or '_'), e.g. clinic-2026-11.")
+        return root / "batches" / cleaned
+
+    @user_errors
+    def on_batch(source, files, name, tasks, pixel, formats, chosen_classifiers, chosen_segmenter, request: gr.Request,
+                 progress=gr.Progress()):
+        import pandas as pd
+
+        inputs = batch_inputs(source, files)
+        out = batch_folder(name)
+        tasks = tasks or []
+        classify_on, segment_on = "classify" in tasks, "segment" in tasks
+        classifiers = classifier_ids(manager, chosen_classifiers or []) if classify_on else []
+        segmenter_model = segmenter_id(manager, chosen_segmenter or None) if segment_on else ""
+        settings = BatchSettings(classify=classify_on, segment=segment_on, pixel_size_mm=checked_pixel_size(pixel),
+                                 classifier=",".join(classifiers), segmenter=segmenter_model, formats=tuple(formats or ()))
+        classifier_model = load_plane_classifier(manager, classifiers) if classify_on else None
+        predictor = CachedPredictor(BoxPromptPredictor(manager.get(segmenter_model)), capacity=1) if segment_on else None
+        flag = cancel_flags.fresh(request)
+        progress(0, desc=f"0 of {len(inputs)} images")
+
+        def step(done: int, total: int, item: str) -> None:
+            progress(done / total, desc=f"{done} of {total}: {item}")
+
+        summary = run_batch(inputs, out, settings, classifier_model, predictor, progress=step, cancel=flag)
+        table = pd.read_csv(out / "report.csv", keep_default_na=False)
+        shown = [c for c in ("name", "status", "plane", "plane_probability", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "score",
+                             "dice", "hc_error_mm", "error") if c in table.columns]
+        files_out = [str(out / "report.csv")]
+        if any((out / "overlays").iterdir()):
+            files_out.append(str(zip_folder(out / "overlays", out / "overlays.zip")))
+        if summary.exports:
+            files_out.append(str(zip_folder(out / "exports", out / "exports.zip")))
+        lines = [f"{'Cancelled' if summary.cancelled else 'Done'}: {summary.done} analysed, {summary.skipped} from an earlier run, "
+                 f"{summary.errors} unreadable, of {summary.images} · `{out}`"]
+        if summary.mean_dice is not None:
+            lines.append(f"Mean Dice vs the given masks {summary.mean_dice:.3f} (median {summary.median_dice:.3f}, n={summary.dice_count})")
+        if summary.hc_mae_mm is not None:
+            lines.append(f"HC mean absolute error {summary.hc_mae_mm:.2f} mm (n={summary.hc_count})")
+        return "\n\n".join(lines), table[shown], files_out
+
+    batch_run.click(on_batch, [batch_source, batch_files, batch_name, batch_tasks, batch_pixel, batch_formats, classifier, segmenter],
+                    [batch_status, batch_table, batch_downloads], **gpu)
+    def on_cancel(request: gr.Request) -> None:
+        cancel_flags.get(request).set()
+
+    batch_cancel.click(on_cancel, None, None, queue=False)
+
+    return AnalysisInbox(inbox_path, receive, [*load_outputs], encode_and_classify, [classifier, segmenter], [status, planes])
