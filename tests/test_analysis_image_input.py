@@ -12,8 +12,10 @@ from fetalstudio.errors import FetalStudioError
 
 try:
     from tests.data_support import DATA, needs_data, pairs_rows
+    from tests.dicom_support import write_ultrasound_dicom
 except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path
     from data_support import DATA, needs_data, pairs_rows
+    from dicom_support import write_ultrasound_dicom
 
 
 @needs_data
@@ -77,60 +79,23 @@ def test_truncated_and_fake_images_give_clear_errors(tmp_path):
         load_image(tmp_path / "missing.png")
 
 
-def _dicom(path, pixels: np.ndarray, *, spacing=None, us_delta_cm=None, photometric="MONOCHROME2"):
-    """A minimal ultrasound DICOM file written with pydicom (with a patient name that must not leak)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "SECRET-123"
-    frames = pixels if pixels.ndim == 3 else pixels[None]
-    ds.NumberOfFrames = len(frames)
-    ds.Rows, ds.Columns = frames.shape[1:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = 8 * pixels.dtype.itemsize
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = frames.tobytes()
-    if spacing is not None:
-        ds.PixelSpacing = [spacing, spacing]
-    if us_delta_cm is not None:
-        region = Dataset()
-        region.PhysicalUnitsXDirection = 3
-        region.PhysicalUnitsYDirection = 3
-        region.PhysicalDeltaX = us_delta_cm
-        region.PhysicalDeltaY = us_delta_cm
-        ds.SequenceOfUltrasoundRegions = [region]
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
 def test_dicom_single_and_multi_frame_with_pixel_spacing(tmp_path):
     pytest.importorskip("pydicom")
     image = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
-    single = load_image(_dicom(tmp_path / "one.dcm", image, spacing=0.2))
+    single = load_image(write_ultrasound_dicom(tmp_path / "one.dcm", image, spacing=0.2))
     np.testing.assert_array_equal(single.gray, image)
     assert single.kind == "dicom" and single.pixel_size_mm == pytest.approx(0.2) and single.frame_count == 1
     cine = np.stack([image, 255 - image, image // 2])
-    second = load_image(_dicom(tmp_path / "cine", cine, us_delta_cm=0.015), frame=1)  # no suffix: found by the DICM preamble
+    second = load_image(write_ultrasound_dicom(tmp_path / "cine", cine, us_delta_cm=0.015), frame=1)  # no suffix: found by the DICM preamble
     np.testing.assert_array_equal(second.gray, 255 - image)
     assert second.frame_count == 3 and second.pixel_size_mm == pytest.approx(0.15)
     assert "Doe" not in repr(second) and "SECRET" not in repr(second)  # identifying fields never read into the result
     assert second.details["Modality"] == "US"
     with pytest.raises(FetalStudioError, match="has 3 frames"):
         load_image(tmp_path / "cine", frame=5)
-    inverted = load_image(_dicom(tmp_path / "m1.dcm", image, photometric="MONOCHROME1"))
+    inverted = load_image(write_ultrasound_dicom(tmp_path / "m1.dcm", image, photometric="MONOCHROME1"))
     np.testing.assert_array_equal(inverted.gray, 255 - image)
-    deep = load_image(_dicom(tmp_path / "deep.dcm", (image.astype(np.uint16) * 16)))
+    deep = load_image(write_ultrasound_dicom(tmp_path / "deep.dcm", (image.astype(np.uint16) * 16)))
     assert deep.gray.max() == 255 and deep.bit_depth == 16
 
 

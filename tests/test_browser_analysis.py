@@ -38,8 +38,23 @@ ROW = 20  # an HC18 image with its head well inside the frame
 BATCH = 5
 
 
+REVIEW_SESSION = "heads-to-analyse"
+
+
 def prepare_app(folders: dict[str, Path]) -> dict[str, str]:
-    """The shipped checkpoints (bundled classifier and segmenter); outputs in a temporary folder."""
+    """The shipped checkpoints (bundled classifier and segmenter); outputs in a temporary folder with
+    one Mask review session of two imported HC18 pairs (for "Send to Analysis")."""
+    from fetalstudio.review.pairs import import_pairs
+    from fetalstudio.review.store import ReviewSession
+
+    table = folders["root"] / "review.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["image", "mask"])
+        writer.writeheader()
+        for row in pairs_rows("hc18_heads")[ROW:ROW + 2]:
+            writer.writerow({"image": str(DATA / "hc18_heads" / row["image"]), "mask": str(DATA / "hc18_heads" / row["mask"])})
+    session = ReviewSession.open_or_create(folders["outputs"] / "review" / REVIEW_SESSION, name=REVIEW_SESSION)
+    import_pairs(session, table)
     return {"FETALSTUDIO_CHECKPOINTS": str(CHECKPOINTS)}
 
 
@@ -77,10 +92,11 @@ def _drag_box(page, box, image_size) -> None:
     page.mouse.up()
 
 
-def _results(folders) -> Path:
-    folders_found = [p for p in (folders["outputs"] / "analysis" / "results").iterdir() if p.is_dir()]
-    assert len(folders_found) == 1, folders_found
-    return folders_found[0]
+def _results(folders, name: str) -> Path:
+    """The browser session's results folder that holds ``name``."""
+    found = [p.parent for p in (folders["outputs"] / "analysis" / "results").glob(f"*/{name}")]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_upload_draw_a_box_get_the_mask_and_hc_in_mm(page, folders):
@@ -103,7 +119,7 @@ def test_upload_draw_a_box_get_the_mask_and_hc_in_mm(page, folders):
     text = wait_for_text(page, "#analysis-measurements", "mm (pixel size", 30)
     hc_shown = float(text.split("HC ")[1].split(" mm")[0])
 
-    results = _results(folders)
+    results = _results(folders, f"{image.stem}_measurements.json")
     measurements = json.loads((results / f"{image.stem}_measurements.json").read_text())
     assert measurements["pixel_size_source"] == "typed"
     assert measurements["prompt"]["box"] is not None and measurements["segmentation"]["box_source"] == "user"
@@ -165,6 +181,22 @@ def test_a_batch_of_five_from_a_csv_and_the_report_download(page, folders):
     out = folders["outputs"] / "analysis" / "batches" / "batch-1"
     assert sorted(p.stem for p in (out / "overlays").glob("*.png")) == sorted(r["name"] for r in report)
     assert "overlays.zip" in page.inner_text("#analysis-batch-downloads").replace("\n", "")
+
+
+def test_send_a_mask_review_item_to_analysis(page):
+    page.get_by_role("tab", name="Mask review").click()
+    session = page.locator("#review-session input")
+    session.fill(REVIEW_SESSION)
+    page.click("#review-open")
+    wait_for_text(page, "#review-item-info", "Item 1 of 2", 30)
+    page.click("#review-send-analysis")
+    page.locator("#analysis-auto").wait_for(state="visible")  # the Analysis tab is shown
+    wait_for_text(page, "#analysis-status", "Ready", 60)
+    assert "000001.png" in page.inner_text("#analysis-image-info") and "800×540 px" in page.inner_text("#analysis-image-info")
+    assert page.locator("#analysis-planes").inner_text().strip()
+    page.click("#analysis-auto")
+    wait_for_text(page, "#analysis-measurements", "box from the automatic mode", 60)
+    assert "000001_mask.png" in page.inner_text("#analysis-downloads").replace("\n", "")  # the review copy's name
 
 
 def test_every_request_stayed_on_the_machine(requests_seen, app):

@@ -1,0 +1,296 @@
+"""Head measurement, the interactive analysis session, batch runs (report, resume, errors, exports)
+and the ``analyze`` CLI, on real HC18 images with the bundled classifier and segmenter."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fetalstudio.analysis.batch import BatchInput, BatchSettings, inputs_from_files, read_batch_inputs, run_batch
+from fetalstudio.analysis.head import measure_head
+from fetalstudio.analysis.segment import CachedPredictor
+from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.segmentation.ellipse import Ellipse, bounding_box, dice, fill_outline, ramanujan_perimeter
+
+try:
+    from tests.data_support import DATA, needs_data, pairs_rows
+    from tests.dicom_support import write_ultrasound_dicom
+except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path
+    from data_support import DATA, needs_data, pairs_rows
+    from dicom_support import write_ultrasound_dicom
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def manager():
+    import torch
+
+    from fetalstudio.models.device import DevicePlacement
+    from fetalstudio.models.manager import ModelManager
+
+    return ModelManager(CHECKPOINTS, placement=DevicePlacement(torch.device("cpu"), torch.float32))
+
+
+@pytest.fixture(scope="module")
+def models(manager):
+    from fetalstudio.analysis.models import load_head_predictor, load_plane_classifier
+
+    return load_plane_classifier(manager), CachedPredictor(load_head_predictor(manager), capacity=2)
+
+
+def _hc18(index: int):
+    row = pairs_rows("hc18_heads")[index]
+    return DATA / "hc18_heads" / row["image"], DATA / "hc18_heads" / row["mask"], row
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+def test_an_ellipse_mask_is_measured_in_pixels_and_mm():
+    ellipse = Ellipse(200.0, 150.0, 90.0, 60.0, 30.0)
+    mask = ellipse.to_mask((300, 400))
+    measured = measure_head(mask, pixel_size_mm=0.2)
+    assert measured.reason is None and measured.quality is not None
+    assert measured.biometry.hc_px == pytest.approx(ramanujan_perimeter(90, 60), rel=0.01)
+    assert measured.biometry.bpd_px == pytest.approx(120, abs=2) and measured.biometry.ofd_px == pytest.approx(180, abs=2)
+    assert measured.biometry.hc_mm == pytest.approx(measured.biometry.hc_px * 0.2)
+    assert measure_head(mask).biometry.hc_mm is None
+    empty = measure_head(np.zeros((50, 50), bool))
+    assert empty.ellipse is None and empty.biometry is None and "empty" in empty.reason
+    record = measured.as_dict()
+    assert json.loads(json.dumps(record))["ellipse"]["axis_a"] == pytest.approx(measured.ellipse.axis_a)
+
+
+def test_typed_pixel_sizes_are_checked():
+    assert checked_pixel_size("") is None and checked_pixel_size(0) is None and checked_pixel_size("0.1") == 0.1
+    for bad in ("abc", -0.1, 50, float("nan")):
+        with pytest.raises(FetalStudioError, match="pixel"):
+            checked_pixel_size(bad)
+
+
+# --- the interactive session ------------------------------------------------------------------
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_session_box_prompt_mask_measurements_and_saved_outputs(models, tmp_path):
+    _, predictor = models
+    image_path, mask_path, row = _hc18(20)
+    truth = fill_outline(np.asarray(Image.open(mask_path).convert("L")))
+    session = AnalysisSession()
+    with pytest.raises(FetalStudioError, match="Load an image"):
+        session.set_box((0, 0, 10, 10))
+    session.load(image_path)
+    assert session.encode(predictor) in (True, False)
+    assert session.encode(predictor) is False  # cached: no second encoder run
+    with pytest.raises(FetalStudioError, match="Draw a box"):
+        session.segment(predictor)
+    x0, y0, x1, y1 = bounding_box(truth)
+    session.set_box((x0 - 5, y0 - 5, x1 + 5, y1 + 5))
+    result = session.segment(predictor)
+    assert dice(result.mask, truth) > 0.8
+    assert result.measurement.biometry.hc_mm is None
+    session.set_pixel_size(row["pixel_size_mm"])
+    hc_mm = session.result.measurement.biometry.hc_mm
+    assert abs(hc_mm - float(row["hc_mm"])) < 0.1 * float(row["hc_mm"])
+
+    session.add_point((x0 + x1) / 2, (y0 + y1) / 2, positive=True)
+    with pytest.raises(FetalStudioError, match="outside the 800x540 image"):
+        session.add_point(900, 10)
+    assert len(session.points) == 1
+    session.segment(predictor)
+    with pytest.raises(FetalStudioError, match="candidate"):
+        session.choose_candidate(3)
+
+    mask_file, json_file = session.save_outputs(tmp_path / "out")
+    saved = np.asarray(Image.open(mask_file))
+    assert saved.shape == truth.shape and set(np.unique(saved)) <= {0, 255}
+    assert np.array_equal(saved > 0, session.result.mask)
+    record = json.loads(json_file.read_text())
+    assert record["head"]["hc_mm"] == pytest.approx(session.result.measurement.biometry.hc_mm)
+    assert record["pixel_size_source"] == "typed" and record["prompt"]["point_labels"] == [1]
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_dicom_pixel_spacing_gives_mm_and_no_identifying_field_is_exported(models, tmp_path):
+    _, predictor = models
+    image_path, mask_path, _ = _hc18(20)
+    gray = np.asarray(Image.open(image_path).convert("L"))
+    dicom = write_ultrasound_dicom(tmp_path / "head.dcm", gray, spacing=0.15)
+    session = AnalysisSession()
+    session.load(dicom)
+    assert session.pixel_size_mm == pytest.approx(0.15) and session.pixel_size_source == "dicom"
+    truth = fill_outline(np.asarray(Image.open(mask_path).convert("L")))
+    session.set_box(bounding_box(truth))
+    result = session.segment(predictor)
+    assert result.measurement.biometry.hc_mm == pytest.approx(result.measurement.biometry.hc_px * 0.15)
+    _, json_file = session.save_outputs(tmp_path / "out")
+    text = json_file.read_text()
+    assert "Doe" not in text and "SECRET" not in text
+
+
+def test_multimask_gives_three_ranked_candidates_for_a_sam_and_one_for_a_single_output_model():
+    import torch
+
+    from fetalstudio.segmentation.model import build_segmenter, small_config
+    from fetalstudio.segmentation.predictor import BoxPromptPredictor
+
+    torch.manual_seed(0)
+    sam = build_segmenter(small_config(64)).eval()
+    image = (np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8)
+    predictor = BoxPromptPredictor(sam)
+    predictor.set_image(image)
+    candidates = predictor.predict_candidates(box=(10, 10, 60, 50))
+    assert len(candidates) == 3
+    assert [c.score for c in candidates] == sorted((c.score for c in candidates), reverse=True)
+    sam.fetalstudio_multimask = False  # what loading a FetalStudio-trained segmenter sets
+    assert len(predictor.predict_candidates(box=(10, 10, 60, 50))) == 1
+
+
+# --- batch inputs -----------------------------------------------------------------------------
+
+def test_a_folder_gives_unique_names_and_skips_hidden_files(tmp_path):
+    for relative in ("a/head.png", "b/head.png", "c.jpg", ".hidden/x.png", "notes.txt"):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".txt":
+            path.write_text("x")
+        else:
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    inputs = read_batch_inputs(tmp_path)
+    assert [i.name for i in inputs] == ["a__head", "b__head", "c"]
+    assert [i.name for i in inputs_from_files([tmp_path / "a/head.png", tmp_path / "b/head.png"])] == ["head", "head_2"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FetalStudioError, match="holds no images"):
+        read_batch_inputs(tmp_path / "empty")
+
+
+def test_csv_inputs_are_checked(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "good.csv").write_text("image,pixel_size_mm\nx.png,0.1\n")
+    assert read_batch_inputs(tmp_path / "good.csv") == [BatchInput("x", tmp_path / "x.png", None, 0.1, None)]
+    (tmp_path / "missing.csv").write_text("image\nx.png\nnope.png\n")
+    with pytest.raises(FetalStudioError, match="1 file.*nope.png"):
+        read_batch_inputs(tmp_path / "missing.csv")
+    (tmp_path / "columns.csv").write_text("file\nx.png\n")
+    with pytest.raises(FetalStudioError, match="'image' column"):
+        read_batch_inputs(tmp_path / "columns.csv")
+    (tmp_path / "number.csv").write_text("image,hc_mm\nx.png,big\n")
+    with pytest.raises(FetalStudioError, match="row 2: hc_mm must be a number"):
+        read_batch_inputs(tmp_path / "number.csv")
+    with pytest.raises(FetalStudioError, match="does not exist"):
+        read_batch_inputs(tmp_path / "nothing")
+
+
+# --- batch runs -------------------------------------------------------------------------------
+
+def _inputs(count: int) -> list[BatchInput]:
+    rows = pairs_rows("hc18_heads")[:count]
+    return [BatchInput(Path(r["image"]).stem, DATA / "hc18_heads" / r["image"], DATA / "hc18_heads" / r["mask"],
+                       float(r["pixel_size_mm"]), float(r["hc_mm"])) for r in rows]
+
+
+def _report(out: Path) -> list[dict]:
+    with (out / "report.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_batch_reports_every_image_resumes_and_refuses_other_settings(models, tmp_path):
+    classifier, predictor = models
+    inputs = _inputs(3)
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    inputs.append(BatchInput("broken", broken))
+    settings = BatchSettings(classifier="c", segmenter="s", formats=("coco", "yolo"))
+    out = tmp_path / "run"
+    seen = []
+    summary = run_batch(inputs, out, settings, classifier, predictor, progress=lambda d, t, n: seen.append((d, t)))
+    assert seen[-1] == (4, 4) and summary.done == 4 and summary.errors == 1
+    rows = _report(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"]
+    assert "broken.png" in rows[3]["error"]
+    for row, item in zip(rows[:3], inputs):
+        assert row["plane"] in classifier.classes
+        assert sum(float(row[f"prob_{c}"]) for c in classifier.classes) == pytest.approx(1, abs=1e-4)
+        assert row["box_source"] == "auto" and 0 <= float(row["dice"]) <= 1
+        assert float(row["hc_error_mm"]) == pytest.approx(float(row["hc_mm"]) - item.hc_mm, abs=1e-3)
+        mask = np.asarray(Image.open(out / row["mask"]))
+        assert mask.shape == (int(row["height"]), int(row["width"]))
+        assert (out / row["overlay"]).is_file()
+    assert summary.dice_count == 3 and summary.mean_dice == pytest.approx(np.mean([float(r["dice"]) for r in rows[:3]]))
+    assert summary.hc_count == 3 and summary.hc_mae_mm == pytest.approx(np.mean([abs(float(r["hc_error_mm"])) for r in rows[:3]]))
+    coco = json.loads((out / "exports" / "coco" / "annotations_rle.json").read_text())
+    assert len(coco["images"]) == 3
+    assert json.loads((out / "summary.json").read_text())["images"] == 4
+
+    # a crash while the last row was being written: that row is dropped and redone, the others skipped
+    text = (out / "report.csv").read_text()
+    lines = text.splitlines(keepends=True)
+    (out / "report.csv").write_text("".join(lines[:-1]) + lines[-1][:10])
+    again = run_batch(inputs, out, settings, classifier, predictor)
+    assert again.skipped == 3 and again.done == 1
+    assert [r["name"] for r in _report(out)] == [i.name for i in inputs]
+
+    with pytest.raises(FetalStudioError, match="other settings"):
+        run_batch(inputs, out, BatchSettings(classify=False, segmenter="s"), None, predictor)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("mine")
+    with pytest.raises(FetalStudioError, match="not empty"):
+        run_batch(inputs, tmp_path / "foreign", settings, classifier, predictor)
+    with pytest.raises(FetalStudioError, match="Choose what to run"):
+        BatchSettings(classify=False, segment=False)
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_cancelled_batch_keeps_its_rows_and_a_rerun_finishes(models, tmp_path):
+    import threading
+
+    classifier, predictor = models
+    inputs = _inputs(3)
+    cancel = threading.Event()
+    settings = BatchSettings(segment=False, classifier="c")
+    summary = run_batch(inputs, tmp_path / "run", settings, classifier, None,
+                        progress=lambda done, total, name: cancel.set() if done == 1 else None, cancel=cancel)
+    assert summary.cancelled and summary.done == 1 and len(_report(tmp_path / "run")) == 1
+    assert "hc_mm" not in _report(tmp_path / "run")[0]  # classification only: no head columns
+    finished = run_batch(inputs, tmp_path / "run", settings, classifier, None)
+    assert finished.skipped == 1 and finished.done == 2 and len(_report(tmp_path / "run")) == 3
+
+
+@needs_data
+def test_the_analyze_cli_reports_dice_and_hc_error_from_a_segmentation_csv(tmp_path, capsys):
+    from fetalstudio.cli import main
+
+    rows = pairs_rows("hc18_heads")[:2]
+    table = tmp_path / "pairs.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["image", "mask", "pixel_size_mm", "hc_mm"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"image": str(DATA / "hc18_heads" / row["image"]), "mask": str(DATA / "hc18_heads" / row["mask"]),
+                             "pixel_size_mm": row["pixel_size_mm"], "hc_mm": row["hc_mm"]})
+    code = main(["analyze", "--in", str(table), "--out", str(tmp_path / "out"), "--segment", "--device", "cpu",
+                 "--export", "nnunet", "--json", str(tmp_path / "summary.json")])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dice_count"] == 2 and summary["mean_dice"] is not None and summary["hc_mae_mm"] is not None
+    assert summary["planes"] == {}  # --segment only
+    assert "nnunet" in summary["exports"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 2
+
+    assert main(["analyze", "--in", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["analyze", "--in", str(table), "--out", str(tmp_path / "y"), "--export", "tiff"]) == 2
+    assert "Mask exports need" in capsys.readouterr().err
+    assert main(["analyze", "--in", str(table), "--out", str(tmp_path / "z"), "--segmenter", "fetalstudio-plane-classifier"]) == 2
+    assert "not a segmenter" in capsys.readouterr().err
