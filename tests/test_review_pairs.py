@@ -103,7 +103,7 @@ def test_a_text_file_named_png_is_a_clear_error(tmp_path):
     (tmp_path / "masks").mkdir()
     (tmp_path / "images" / "a.png").write_text("not an image")
     (tmp_path / "masks" / "a.png").write_text("not an image")
-    with pytest.raises(FetalStudioError, match="not a readable image"):
+    with pytest.raises(FetalStudioError, match="a.png is not an image Pillow can read"):
         import_pairs(ReviewSession.create(tmp_path / "session"), tmp_path)
 
 

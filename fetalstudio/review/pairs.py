@@ -203,18 +203,10 @@ def _pairs_from_folder(folder: Path) -> list[SegmentationPair]:
 
 
 def _read_gray(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """Any image the analysis workflow reads (8/16-bit raster, RGBA over black, DICOM) as grayscale uint8."""
+    from fetalstudio.analysis.image_input import load_image
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                peak = array.max() or 1.0
-                return np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8)
-            return np.asarray(image.convert("L"))
-    except (UnidentifiedImageError, OSError) as error:
-        raise FetalStudioError(f"{path} is not a readable image ({error}). Re-export it as PNG.") from error
+    return load_image(path).gray
 
 
 def import_pairs(
