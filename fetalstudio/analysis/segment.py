@@ -63,31 +63,246 @@ class CachedPredictor:
         return len(self._embeddings)
 
 
-#: Candidate boxes of the automatic mode: side lengths as fractions of the frame, centres on a grid.
-AUTO_BOX_SIZES = (0.35, 0.5, 0.65, 0.8)
+#: Candidate boxes of the automatic mode: side lengths as fractions of the frame (0.15 for the
+#: smallest first-trimester heads), centres on a 3x3 grid.
+AUTO_BOX_SIZES = (0.15, 0.25, 0.4, 0.55, 0.7, 0.85)
 AUTO_BOX_CENTRES = (0.3, 0.5, 0.7)
+#: Refinement: prompt again with the bounding box of the last mask, at most this often, stopping
+#: early once the box moves by at most AUTO_BOX_CONVERGED_PX on every side.
+AUTO_BOX_REFINE_ITERATIONS = 3
+AUTO_BOX_CONVERGED_PX = 2.0
+#: Refined candidates whose masks overlap more than this (IoU) count as one.
+AUTO_BOX_SAME_MASK_IOU = 0.95
+#: Box test: the candidate's box grown and shrunk by this share of its width and height.
+AUTO_BOX_TEST_FRACTION = 0.1
+#: A contour point is "on the ellipse" within this share of the fitted ellipse's radius.
+AUTO_BOX_ELLIPSE_TOLERANCE = 0.05
+#: Shape measures are taken on the mask's crop resized to this many pixels (longer side): scale-free.
+AUTO_BOX_SHAPE_PX = 128
+#: Weights of the candidate score (a linear ranking fitted on the candidates of 258 images of the
+#: segmenter's own training split, hc18_heads + es_heads, then rounded; see ``auto_box``).
+AUTO_BOX_WEIGHTS = {
+    "predicted_iou": 10.0,  # the model's own IoU estimate
+    "on_ellipse": 6.0,  # share of the contour within AUTO_BOX_ELLIPSE_TOLERANCE of the fitted ellipse
+    "perimeter_ratio": -6.0,  # contour length / ellipse perimeter: a ragged outline is no skull
+    "on_frame_border": -18.0,  # share of the contour on the frame border
+    "grown_box_iou": 10.0,  # IoU of the mask with the mask from the box grown by AUTO_BOX_TEST_FRACTION
+    "shrunk_box_iou": 10.0,  # ... and from the box shrunk by it
+}
 
 
 def auto_box(predictor: CachedPredictor) -> tuple[tuple[float, float, float, float], BoxPrediction]:
-    """A head box without user input, for the current image (its embedding is reused, so this costs
-    only decoder runs): prompt with candidate boxes of several sizes on a 3x3 grid of centres, keep the
-    prediction the model itself scores highest (its predicted IoU), and return that mask's bounding
-    box with the prediction. Segmenting again with the returned box is the second pass."""
+    """A head box without user input, for the current image, and the prediction from that box.
+
+    Only decoder runs (the image embedding is reused); the candidates are decoded in batches at the
+    model's working resolution (longest side = the model's input size, 256 px for the bundled
+    segmenter), so the cost does not depend on the image size: about 0.6-0.9 s on one CPU thread
+    (some 300 prompts) plus one full-resolution pass at the end.
+
+    How it works (coarse to fine):
+
+    1. **Coarse:** prompt with 54 boxes, ``AUTO_BOX_SIZES`` (fractions of the frame) on a 3x3 grid
+       of ``AUTO_BOX_CENTRES``; each gives a mask (largest region, holes filled).
+    2. **Refine:** prompt every candidate again with its mask's bounding box, up to
+       ``AUTO_BOX_REFINE_ITERATIONS`` times or until the box stops moving. A loose box turns into
+       a tight one, which is what the segmenter was trained on (0-20 px jittered head boxes).
+       Candidates that end on the same mask are merged.
+    3. **Score** each candidate by a weighted sum (``AUTO_BOX_WEIGHTS``) of
+       - the model's predicted IoU,
+       - head-shape evidence, measured on the mask's crop scaled to ``AUTO_BOX_SHAPE_PX`` so small
+         and large heads are judged alike: the share of the contour on the fitted ellipse (within
+         ``AUTO_BOX_ELLIPSE_TOLERANCE`` of its radius), the contour length over the ellipse
+         perimeter, and the share of the contour on the frame border (penalised);
+       - a box test: the masks from the candidate's box grown and shrunk by
+         ``AUTO_BOX_TEST_FRACTION`` should be the same mask (IoU) — a real head keeps its edges,
+         while a region the model only draws because the box is there (the gestational sac, a
+         patch of tissue) follows the box.
+       The predicted IoU alone prefers large blobs around small heads; with the shape evidence
+       and the box test the first pass of 258 development images (training split) went from mean
+       Dice 0.76 to 0.96.
+    4. **Return** the best candidate's box, segmented at full resolution: the bounding box of that
+       mask and the prediction. The caller segments again with the box (second pass); growing the
+       box by a margin first was measured and made that pass worse (the mask follows the box).
+
+    Raises FetalStudioError when no prompt gives a mask.
+    """
     from fetalstudio.errors import FetalStudioError
     from fetalstudio.segmentation.ellipse import bounding_box
 
-    rows, cols = predictor.predictor.original_size
-    best: BoxPrediction | None = None
+    decoder = _BatchDecoder(predictor.predictor)
+    rows, cols = decoder.original_size
+    boxes = []
     for size in AUTO_BOX_SIZES:
         half_w, half_h = size * cols / 2, size * rows / 2
         for cy in AUTO_BOX_CENTRES:
             for cx in AUTO_BOX_CENTRES:
                 x, y = cx * cols, cy * rows
-                box = (max(0.0, x - half_w), max(0.0, y - half_h), min(cols - 1.0, x + half_w), min(rows - 1.0, y + half_h))
-                prediction = predictor.predict(box=box)
-                if prediction.mask.any() and (best is None or prediction.score > best.score):
-                    best = prediction
-    found = bounding_box(best.mask) if best is not None else None
+                boxes.append((max(0.0, x - half_w), max(0.0, y - half_h), min(cols - 1.0, x + half_w), min(rows - 1.0, y + half_h)))
+    candidates = [_Candidate(box, mask, score) for box, (mask, score) in zip(boxes, decoder(boxes)) if mask.any()]
+    active = candidates
+    for _ in range(AUTO_BOX_REFINE_ITERATIONS):
+        todo = []
+        for candidate in active:
+            box = decoder.box_of(candidate.mask)
+            if candidate.refined and max(abs(a - b) for a, b in zip(box, candidate.box)) <= AUTO_BOX_CONVERGED_PX:
+                continue  # converged
+            candidate.box = box
+            todo.append(candidate)
+        active = []
+        for candidate, (mask, score) in zip(todo, decoder([c.box for c in todo])):
+            if mask.any():
+                candidate.mask, candidate.score, candidate.refined = mask, score, True
+                active.append(candidate)
+        if not active:
+            break
+    scored = []
+    for candidate in candidates:
+        shape = _shape_evidence(candidate.mask)
+        if shape is None:
+            continue
+        weights = AUTO_BOX_WEIGHTS
+        candidate.box = decoder.box_of(candidate.mask)
+        candidate.rank = (weights["predicted_iou"] * candidate.score + weights["on_ellipse"] * shape[0]
+                          + weights["perimeter_ratio"] * shape[1] + weights["on_frame_border"] * shape[2])
+        scored.append(candidate)
+    distinct: list[_Candidate] = []
+    for candidate in sorted(scored, key=lambda c: -c.rank):
+        if all(_iou(candidate.mask, other.mask) <= AUTO_BOX_SAME_MASK_IOU for other in distinct):
+            distinct.append(candidate)
+    if not distinct:
+        raise FetalStudioError("The automatic mode found no head in this image: draw a box around the head instead.")
+    tests = [_grown(c.box, AUTO_BOX_TEST_FRACTION, (rows, cols)) for c in distinct]
+    tests += [_grown(c.box, -AUTO_BOX_TEST_FRACTION, (rows, cols)) for c in distinct]
+    results = decoder(tests)
+    for index, candidate in enumerate(distinct):
+        grown, shrunk = results[index][0], results[len(distinct) + index][0]
+        candidate.rank += (AUTO_BOX_WEIGHTS["grown_box_iou"] * _iou(grown, candidate.mask)
+                           + AUTO_BOX_WEIGHTS["shrunk_box_iou"] * _iou(shrunk, candidate.mask))
+    best = max(distinct, key=lambda c: c.rank)
+    prediction = predictor.predict(box=best.box)
+    found = bounding_box(prediction.mask)
     if found is None:
         raise FetalStudioError("The automatic mode found no head in this image: draw a box around the head instead.")
-    return tuple(float(v) for v in found), best
+    return tuple(float(v) for v in found), prediction
+
+
+class _Candidate:
+    """One chain of the automatic mode: its current box (original pixels), mask (working resolution)
+    and predicted IoU, and its rank once scored."""
+
+    __slots__ = ("box", "mask", "score", "refined", "rank")
+
+    def __init__(self, box, mask: np.ndarray, score: float) -> None:
+        self.box, self.mask, self.score, self.refined, self.rank = box, mask, score, False, 0.0
+
+
+class _BatchDecoder:
+    """Many box prompts on the current embedding in one mask-decoder call, masks at the model's
+    working resolution (the input image's size inside the model, e.g. 256 x 173 px for 800 x 540)."""
+
+    def __init__(self, predictor: BoxPromptPredictor) -> None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        embedding = predictor.embedding()
+        self.model = predictor.model
+        self.features = embedding.features
+        self.original_size = tuple(int(v) for v in embedding.original_size)
+        self.input_size = tuple(int(v) for v in embedding.input_size)
+        self.transform = ResizeLongestSide(int(self.model.image_encoder.img_size))
+        self.scale = (self.original_size[0] / self.input_size[0], self.original_size[1] / self.input_size[1])
+
+    def __call__(self, boxes) -> list[tuple[np.ndarray, float]]:
+        import contextlib
+
+        import torch
+        import torch.nn.functional as F
+
+        from fetalstudio.segmentation.ellipse import largest_component
+
+        if not len(boxes):
+            return []
+        array = self.transform.apply_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), self.original_size)
+        boxes_torch = torch.as_tensor(array, dtype=torch.float, device=self.features.device)
+        dtype = next(self.model.parameters()).dtype
+        autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=self.features.device.type, dtype=dtype)
+        size = int(self.model.image_encoder.img_size)
+        with torch.inference_mode(), autocast:
+            sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes_torch, masks=None)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=self.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )
+            logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)
+            masks = (logits[:, 0, : self.input_size[0], : self.input_size[1]] > self.model.mask_threshold).cpu().numpy()
+        scores = iou[:, 0].float().cpu().numpy()
+        return [(largest_component(mask), float(score)) for mask, score in zip(masks, scores)]
+
+    def box_of(self, mask: np.ndarray) -> tuple[float, float, float, float]:
+        """The bounding box of a working-resolution mask, in original pixels."""
+        ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        rows, cols = self.original_size
+        scale_y, scale_x = self.scale
+        return (max(0.0, xs[0] * scale_x), max(0.0, ys[0] * scale_y),
+                min(cols - 1.0, (xs[-1] + 1) * scale_x - 1.0), min(rows - 1.0, (ys[-1] + 1) * scale_y - 1.0))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
+def _grown(box, fraction: float, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` grown (fraction > 0) or shrunk (< 0) on every side by ``fraction`` of its width/height."""
+    rows, cols = shape
+    x0, y0, x1, y1 = box
+    dx, dy = fraction * (x1 - x0), fraction * (y1 - y0)
+    return max(0.0, x0 - dx), max(0.0, y0 - dy), min(cols - 1.0, x1 + dx), min(rows - 1.0, y1 + dy)
+
+
+def _shape_evidence(mask: np.ndarray) -> tuple[float, float, float] | None:
+    """Scale-free head-shape measures of a mask: (share of the contour on the fitted ellipse,
+    contour length / ellipse perimeter, share of the contour on the frame border); None when no
+    ellipse can be fitted. Measured on the mask's crop resized to ``AUTO_BOX_SHAPE_PX``."""
+    import math
+
+    import cv2
+
+    from fetalstudio.segmentation.ellipse import ramanujan_perimeter
+
+    rows, cols = mask.shape
+    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(xs):
+        return None
+    x0, y0, x1, y1 = int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
+    crop = mask[y0:y1 + 1, x0:x1 + 1].astype(np.uint8)
+    scale = AUTO_BOX_SHAPE_PX / max(crop.shape)
+    crop = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(crop, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=0)
+    contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    contour = max(contours, key=cv2.contourArea)
+    points = contour.reshape(-1, 2).astype(np.float64)
+    on_border = np.zeros(len(points), bool)  # contour points where the mask meets the frame's edge
+    if x0 <= 0:
+        on_border |= points[:, 0] <= 2
+    if y0 <= 0:
+        on_border |= points[:, 1] <= 2
+    if x1 >= cols - 1:
+        on_border |= points[:, 0] >= padded.shape[1] - 3
+    if y1 >= rows - 1:
+        on_border |= points[:, 1] >= padded.shape[0] - 3
+    edge = points[~on_border]
+    if len(edge) < 6:
+        return None
+    (cx, cy), (width, height), angle = cv2.fitEllipse(edge.astype(np.float32))
+    a, b = width / 2, height / 2
+    if not (math.isfinite(a) and math.isfinite(b)) or min(a, b) <= 1:
+        return None
+    theta = math.radians(angle)
+    dx, dy = edge[:, 0] - cx, edge[:, 1] - cy
+    u, v = dx * math.cos(theta) + dy * math.sin(theta), -dx * math.sin(theta) + dy * math.cos(theta)
+    radius = np.sqrt((u / a) ** 2 + (v / b) ** 2)  # 1 on the ellipse
+    on_ellipse = float(np.mean(np.abs(radius - 1.0) < AUTO_BOX_ELLIPSE_TOLERANCE))
+    perimeter_ratio = cv2.arcLength(contour, True) / ramanujan_perimeter(a, b)
+    return on_ellipse, perimeter_ratio, float(on_border.mean())

@@ -267,6 +267,7 @@ def render(context: AppContext) -> AnalysisInbox:
     upload.upload(load, [upload, frame], load_outputs).success(**load_event)
     frame.submit(load, [upload, frame], load_outputs).success(**load_event)
     classifier.change(**load_event)
+    segmenter.change(**load_event)  # encode the image for the newly chosen segmenter
 
     def receive(path: str, request: gr.Request):
         return load(path, 0, request)
