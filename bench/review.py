@@ -35,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from machine import cpu_name  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -48,9 +50,7 @@ HC18 = REPO_ROOT.parent / "shared" / "data" / "hc18_heads"
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, OpenCV {cv2.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, OpenCV {cv2.__version__}"
 
 
 def hc18_rows() -> list[dict]:
