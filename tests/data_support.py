@@ -20,3 +20,15 @@ def pairs_rows(dataset: str) -> list[dict]:
     """The rows of ``DATA/<dataset>/pairs.csv``."""
     with (DATA / dataset / "pairs.csv").open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def write_pairs_csv(path: Path, rows: list[dict], columns=("image", "mask", "pixel_size_mm", "hc_mm"),
+                    dataset: str = "hc18_heads") -> Path:
+    """A segmentation CSV of ``rows`` of ``DATA/<dataset>/pairs.csv`` with absolute image/mask paths."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(columns))
+        writer.writeheader()
+        for row in rows:
+            values = {**row, "image": str(DATA / dataset / row["image"]), "mask": str(DATA / dataset / row["mask"])}
+            writer.writerow({column: values[column] for column in columns})
+    return path

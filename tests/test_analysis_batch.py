@@ -19,10 +19,10 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.segmentation.ellipse import Ellipse, bounding_box, dice, fill_outline, ramanujan_perimeter
 
 try:
-    from tests.data_support import DATA, needs_data, pairs_rows
+    from tests.data_support import DATA, needs_data, pairs_rows, write_pairs_csv
     from tests.dicom_support import write_ultrasound_dicom
 except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path
-    from data_support import DATA, needs_data, pairs_rows
+    from data_support import DATA, needs_data, pairs_rows, write_pairs_csv
     from dicom_support import write_ultrasound_dicom
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -271,14 +271,7 @@ def test_a_cancelled_batch_keeps_its_rows_and_a_rerun_finishes(models, tmp_path)
 def test_the_analyze_cli_reports_dice_and_hc_error_from_a_segmentation_csv(tmp_path, capsys):
     from fetalstudio.cli import main
 
-    rows = pairs_rows("hc18_heads")[:2]
-    table = tmp_path / "pairs.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["image", "mask", "pixel_size_mm", "hc_mm"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({"image": str(DATA / "hc18_heads" / row["image"]), "mask": str(DATA / "hc18_heads" / row["mask"]),
-                             "pixel_size_mm": row["pixel_size_mm"], "hc_mm": row["hc_mm"]})
+    table = write_pairs_csv(tmp_path / "pairs.csv", pairs_rows("hc18_heads")[:2])
     code = main(["analyze", "--in", str(table), "--out", str(tmp_path / "out"), "--segment", "--device", "cpu",
                  "--export", "nnunet", "--json", str(tmp_path / "summary.json")])
     assert code == 0

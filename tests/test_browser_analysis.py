@@ -19,11 +19,11 @@ from PIL import Image
 try:
     from tests import browser_fixtures
     from tests.browser_support import wait_for_text
-    from tests.data_support import DATA, needs_data, pairs_rows
+    from tests.data_support import DATA, needs_data, pairs_rows, write_pairs_csv
 except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path, the repo root may not be
     import browser_fixtures
     from browser_support import wait_for_text
-    from data_support import DATA, needs_data, pairs_rows
+    from data_support import DATA, needs_data, pairs_rows, write_pairs_csv
 
 from fetalstudio.segmentation.ellipse import bounding_box, dice, fill_outline
 
@@ -47,12 +47,7 @@ def prepare_app(folders: dict[str, Path]) -> dict[str, str]:
     from fetalstudio.review.pairs import import_pairs
     from fetalstudio.review.store import ReviewSession
 
-    table = folders["root"] / "review.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["image", "mask"])
-        writer.writeheader()
-        for row in pairs_rows("hc18_heads")[ROW:ROW + 2]:
-            writer.writerow({"image": str(DATA / "hc18_heads" / row["image"]), "mask": str(DATA / "hc18_heads" / row["mask"])})
+    table = write_pairs_csv(folders["root"] / "review.csv", pairs_rows("hc18_heads")[ROW:ROW + 2], ("image", "mask"))
     session = ReviewSession.open_or_create(folders["outputs"] / "review" / REVIEW_SESSION, name=REVIEW_SESSION)
     import_pairs(session, table)
     return {"FETALSTUDIO_CHECKPOINTS": str(CHECKPOINTS)}
@@ -158,13 +153,7 @@ def test_a_zero_size_box_is_refused_with_a_message(page, folders):
 
 def test_a_batch_of_five_from_a_csv_and_the_report_download(page, folders):
     rows = pairs_rows("hc18_heads")[:BATCH]
-    table = folders["root"] / "batch.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["image", "mask", "pixel_size_mm", "hc_mm"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({"image": str(DATA / "hc18_heads" / row["image"]), "mask": str(DATA / "hc18_heads" / row["mask"]),
-                             "pixel_size_mm": row["pixel_size_mm"], "hc_mm": row["hc_mm"]})
+    table = write_pairs_csv(folders["root"] / "batch.csv", rows)
     _open_tab(page)
     page.get_by_text("Batch: a folder or CSV").click()
     page.locator("#analysis-batch-source textarea, #analysis-batch-source input").first.fill(str(table))
