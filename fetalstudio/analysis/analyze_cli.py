@@ -57,9 +57,8 @@ def _progress(done: int, total: int, name: str) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from fetalstudio.analysis.batch import BatchSettings, read_batch_inputs, run_batch
-    from fetalstudio.analysis.models import classifier_ids, load_plane_classifier, load_head_predictor, segmenter_id
-    from fetalstudio.analysis.segment import CachedPredictor
+    from fetalstudio.analysis.batch import read_batch_inputs, run_batch
+    from fetalstudio.analysis.models import batch_models
     from fetalstudio.analysis.session import checked_pixel_size
     from fetalstudio.models.device import default_placement
     from fetalstudio.models.manager import ModelManager
@@ -73,12 +72,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     pixel_size = checked_pixel_size(args.pixel_size)
     inputs = read_batch_inputs(args.source)[: args.limit]
     manager = ModelManager(checkpoints_dir(), placement=default_placement(args.device))
-    classifiers = classifier_ids(manager, args.classifier) if classify else []
-    segmenter = segmenter_id(manager, args.segmenter) if segment else ""
-    settings = BatchSettings(classify=classify, segment=segment, pixel_size_mm=pixel_size, classifier=",".join(classifiers),
-                             segmenter=segmenter, overlays=not args.no_overlays, formats=tuple(args.export))
-    classifier = load_plane_classifier(manager, classifiers) if classify else None
-    predictor = CachedPredictor(load_head_predictor(manager, segmenter), capacity=1) if segment else None
+    settings, classifier, predictor = batch_models(manager, classify=classify, segment=segment, classifiers=args.classifier,
+                                                   segmenter=args.segmenter, pixel_size_mm=pixel_size,
+                                                   overlays=not args.no_overlays, formats=args.export)
     summary = run_batch(inputs, args.out, settings, classifier, predictor, progress=_progress)
     record = summary.as_dict()
     print(json.dumps(record))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -34,6 +35,7 @@ from fetalstudio.analysis.image_input import LoadedImage, load_image, supported_
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.session import checked_pixel_size
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.review.export import write_png
 from fetalstudio.review.store import atomic_write_bytes
 from fetalstudio.segmentation.ellipse import dice, fill_outline
 
@@ -202,8 +204,6 @@ def _write_report(report: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def _append_row(report: Path, columns: list[str], row: dict) -> None:
-    import os
-
     buffer = io.StringIO()
     csv.DictWriter(buffer, columns, lineterminator="\n").writerow(row)
     with report.open("a", encoding="utf-8", newline="") as handle:
@@ -221,11 +221,8 @@ def _cell(value) -> str:
 
 
 def _png(path: Path, array: np.ndarray) -> None:
-    image = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:  # pragma: no cover
-        raise FetalStudioError(f"{path.name} could not be encoded as PNG.")
-    atomic_write_bytes(path, encoded.tobytes())
+    """Gray or RGB ``array`` as a PNG, written atomically."""
+    write_png(path, cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array)
 
 
 def _ground_truth(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -379,18 +376,10 @@ def _export(rows: list[dict], inputs: Sequence[BatchInput], out: Path, formats: 
         ellipse = None
         if row.get("axis_a"):
             ellipse = Ellipse(*(float(row[k]) for k in ("center_x", "center_y", "axis_a", "axis_b", "angle_deg")))
-        image_path = by_name[row["name"]].image
-        if image_path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-            image_path = _as_png(image_path, out)  # DICOM frames are exported as the analysed grayscale image
-        records.append(MaskRecord(name=row["name"], image_path=image_path, mask_path=out / row["mask"], ellipse=ellipse))
+        # export_masks reads every image with load_image: DICOM frames become the analysed grayscale PNG
+        records.append(MaskRecord(name=row["name"], image_path=by_name[row["name"]].image, mask_path=out / row["mask"],
+                                  ellipse=ellipse))
     return export_masks(records, out / "exports", formats)
-
-
-def _as_png(path: Path, out: Path) -> Path:
-    target = out / "exports_sources" / f"{_safe_name(Path(path.name))}.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _png(target, load_image(path).gray)
-    return target
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fetalstudio.analysis.batch import BatchSettings
 from fetalstudio.analysis.classify import EnsembleClassifier
+from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.classification.predict import PlaneClassifier, PlaneRanking
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.entries import ModelKind
@@ -51,3 +53,25 @@ def segmenter_id(manager: ModelManager, model_id: str | None = None) -> str:
 
 def load_head_predictor(manager: ModelManager, model_id: str | None = None) -> BoxPromptPredictor:
     return BoxPromptPredictor(manager.get(segmenter_id(manager, model_id)))
+
+
+def batch_models(
+    manager: ModelManager,
+    *,
+    classify: bool,
+    segment: bool,
+    classifiers: Sequence[str] = (),
+    segmenter: str | None = None,
+    pixel_size_mm: float | None = None,
+    overlays: bool = True,
+    formats: Sequence[str] = (),
+) -> tuple[BatchSettings, PlaneRanking | None, CachedPredictor | None]:
+    """The settings of a batch run (recording the resolved model ids, so a resumed run must use the
+    same models) and the models it needs, for the CLI and the tab alike."""
+    chosen_classifiers = classifier_ids(manager, classifiers) if classify else []
+    chosen_segmenter = segmenter_id(manager, segmenter) if segment else ""
+    settings = BatchSettings(classify=classify, segment=segment, pixel_size_mm=pixel_size_mm, classifier=",".join(chosen_classifiers),
+                             segmenter=chosen_segmenter, overlays=overlays, formats=tuple(formats))
+    classifier = load_plane_classifier(manager, chosen_classifiers) if classify else None
+    predictor = CachedPredictor(load_head_predictor(manager, chosen_segmenter), capacity=1) if segment else None
+    return settings, classifier, predictor

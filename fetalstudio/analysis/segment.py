@@ -198,44 +198,17 @@ class _Candidate:
 
 class _BatchDecoder:
     """Many box prompts on the current embedding in one mask-decoder call, masks at the model's
-    working resolution (the input image's size inside the model, e.g. 256 x 173 px for 800 x 540)."""
+    working resolution, and boxes of those masks back in original pixels."""
 
     def __init__(self, predictor: BoxPromptPredictor) -> None:
-        from segment_anything.utils.transforms import ResizeLongestSide
-
         embedding = predictor.embedding()
-        self.model = predictor.model
-        self.features = embedding.features
+        self.predictor = predictor
         self.original_size = tuple(int(v) for v in embedding.original_size)
-        self.input_size = tuple(int(v) for v in embedding.input_size)
-        self.transform = ResizeLongestSide(int(self.model.image_encoder.img_size))
-        self.scale = (self.original_size[0] / self.input_size[0], self.original_size[1] / self.input_size[1])
+        input_size = tuple(int(v) for v in embedding.input_size)
+        self.scale = (self.original_size[0] / input_size[0], self.original_size[1] / input_size[1])
 
     def __call__(self, boxes) -> list[tuple[np.ndarray, float]]:
-        import contextlib
-
-        import torch
-        import torch.nn.functional as F
-
-        from fetalstudio.segmentation.ellipse import largest_component
-
-        if not len(boxes):
-            return []
-        array = self.transform.apply_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), self.original_size)
-        boxes_torch = torch.as_tensor(array, dtype=torch.float, device=self.features.device)
-        dtype = next(self.model.parameters()).dtype
-        autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=self.features.device.type, dtype=dtype)
-        size = int(self.model.image_encoder.img_size)
-        with torch.inference_mode(), autocast:
-            sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes_torch, masks=None)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=self.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-            )
-            logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)
-            masks = (logits[:, 0, : self.input_size[0], : self.input_size[1]] > self.model.mask_threshold).cpu().numpy()
-        scores = iou[:, 0].float().cpu().numpy()
-        return [(largest_component(mask), float(score)) for mask, score in zip(masks, scores)]
+        return self.predictor.predict_boxes_working_resolution(boxes)
 
     def box_of(self, mask: np.ndarray) -> tuple[float, float, float, float]:
         """The bounding box of a working-resolution mask, in original pixels."""

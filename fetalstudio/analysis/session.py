@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 import fetalstudio
@@ -21,7 +20,9 @@ from fetalstudio.analysis.image_input import LoadedImage, load_image
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.review.export import write_png
 from fetalstudio.review.store import atomic_write_bytes
+from fetalstudio.segmentation.predictor import checked_box, checked_points
 
 
 def checked_pixel_size(value) -> float | None:
@@ -83,16 +84,12 @@ class AnalysisSession:
             self.box, self.points, self.point_labels, self.result = None, [], [], None
 
     def set_box(self, box) -> None:
-        from fetalstudio.segmentation.predictor import checked_box
-
         image = self.require_image()
         clipped = checked_box(box, image.gray.shape)
         with self.lock:
             self.box = tuple(float(v) for v in clipped)
 
     def add_point(self, x: float, y: float, positive: bool = True) -> None:
-        from fetalstudio.segmentation.predictor import checked_points
-
         image = self.require_image()
         checked_points([(x, y)], image.gray.shape)
         with self.lock:
@@ -181,10 +178,7 @@ class AnalysisSession:
             raise FetalStudioError("There is no mask to save yet: segment the head first.")
         folder.mkdir(parents=True, exist_ok=True)
         stem = image.path.stem if image.frame_count == 1 else f"{image.path.stem}_frame{image.frame}"
-        ok, encoded = cv2.imencode(".png", self.result.mask.astype(np.uint8) * 255)
-        if not ok:  # pragma: no cover - OpenCV always encodes a uint8 array
-            raise FetalStudioError("The mask could not be encoded as PNG.")
         mask_path, json_path = folder / f"{stem}_mask.png", folder / f"{stem}_measurements.json"
-        atomic_write_bytes(mask_path, encoded.tobytes())
+        write_png(mask_path, self.result.mask.astype(np.uint8) * 255)
         atomic_write_bytes(json_path, (json.dumps(self.measurements(), indent=2) + "\n").encode())
         return mask_path, json_path

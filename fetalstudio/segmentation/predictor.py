@@ -180,6 +180,32 @@ class BoxPromptPredictor:
         candidates = self._decode(box, points, point_labels, multimask=True)
         return sorted(candidates, key=lambda candidate: -candidate.score)
 
+    def predict_boxes_working_resolution(self, boxes) -> list[tuple[np.ndarray, float]]:
+        """Many box prompts (original pixels, N x 4, not validated) in one mask-decoder call: for each,
+        the mask at the model's working resolution — the image's size inside the model, e.g.
+        256 x 173 px for 800 x 540; largest region, holes filled — and its predicted IoU. For searches
+        over many boxes (the automatic mode), where full-resolution masks would cost more than the decoder."""
+        import torch.nn.functional as F
+
+        if not self._sam.is_image_set:
+            raise FetalStudioError("Call set_image(image) before predicting.")
+        if not len(boxes):
+            return []
+        sam, model = self._sam, self.model
+        array = sam.transform.apply_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), sam.original_size)
+        boxes_torch = torch.as_tensor(array, dtype=torch.float, device=sam.device)
+        size, (rows, cols) = int(model.image_encoder.img_size), sam.input_size
+        with torch.inference_mode(), self._autocast():
+            sparse, dense = model.prompt_encoder(points=None, boxes=boxes_torch, masks=None)
+            low_res, iou = model.mask_decoder(
+                image_embeddings=sam.features, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )
+            logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)
+            masks = (logits[:, 0, :rows, :cols] > model.mask_threshold).cpu().numpy()
+        scores = iou[:, 0].float().cpu().numpy()
+        return [(largest_component(mask), float(score)) for mask, score in zip(masks, scores)]
+
     def _decode(self, box, points, point_labels, multimask: bool) -> list[BoxPrediction]:
         if not self._sam.is_image_set:
             raise FetalStudioError("Call set_image(image) before predict(box=...).")

@@ -20,12 +20,12 @@ import gradio as gr
 import numpy as np
 from gradio_image_annotation import image_annotator
 
-from fetalstudio.analysis.batch import BatchInput, BatchSettings, inputs_from_files, read_batch_inputs, run_batch, zip_folder
+from fetalstudio.analysis.batch import BatchInput, inputs_from_files, read_batch_inputs, run_batch, zip_folder
 from fetalstudio.analysis.head import HeadResult
 from fetalstudio.analysis.image_input import model_view, supported_suffixes
 from fetalstudio.analysis.mask_export import MASK_FORMATS
-from fetalstudio.analysis.models import (classifier_choices, classifier_ids, load_plane_classifier, segmenter_choices,
-                                         segmenter_id)
+from fetalstudio.analysis.models import (batch_models, classifier_choices, classifier_ids, load_plane_classifier,
+                                         segmenter_choices, segmenter_id)
 from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
 from fetalstudio.app_context import AppContext
@@ -51,7 +51,6 @@ class UserAnalysis:
     predictor: CachedPredictor | None = None
     segmenter: str | None = None
     display_factor: float = 1.0  # original pixels per displayed pixel
-    display_key: str = ""
 
 
 class UserAnalyses:
@@ -203,9 +202,10 @@ def render(context: AppContext) -> AnalysisInbox:
         user.session.model_ids["segmenter"] = model_id
         return user.predictor
 
-    def display_file(user: UserAnalysis, rgb_or_gray: np.ndarray, kind: str) -> str:
-        """A PNG of the picture at display size under outputs/analysis/.view (served to the browser)."""
-        view, _ = model_view(rgb_or_gray, DISPLAY_SIDE)
+    def display_file(rgb_or_gray: np.ndarray, kind: str) -> tuple[str, float]:
+        """A PNG of the picture at display size under outputs/analysis/.view (served to the browser),
+        and the factor from its pixels back to the picture's."""
+        view, factor = model_view(rgb_or_gray, DISPLAY_SIDE)
         folder = root / ".view"
         folder.mkdir(parents=True, exist_ok=True)
         image = cv2.cvtColor(view, cv2.COLOR_RGB2BGR) if view.ndim == 3 else view
@@ -214,7 +214,7 @@ def render(context: AppContext) -> AnalysisInbox:
         path = folder / f"{kind}-{hashlib.blake2b(data, digest_size=10).hexdigest()}.png"
         if not path.exists():
             atomic_write_bytes(path, data)
-        return str(path)
+        return str(path), factor
 
     def result_outputs(user: UserAnalysis, request: gr.Request | None) -> list:
         session = user.session
@@ -226,7 +226,7 @@ def render(context: AppContext) -> AnalysisInbox:
         box = session.box or (None, None, None, None)
         choices = [] if result is None else [f"{i + 1}: IoU {c.score:.3f}" for i, c in enumerate(result.candidates)]
         candidate_update = gr.update(choices=choices, value=choices[result.selected] if choices else None, visible=len(choices) > 1)
-        return [display_file(user, session.picture(), "result"), measurement_text(session), files, candidate_update,
+        return [display_file(session.picture(), "result")[0], measurement_text(session), files, candidate_update,
                 *[None if v is None else round(v, 1) for v in box]]
 
     result_components = [picture, measurements, downloads, candidate, box_x0, box_y0, box_x1, box_y1]
@@ -238,8 +238,7 @@ def render(context: AppContext) -> AnalysisInbox:
             raise FetalStudioError("Choose an image file to analyse.")
         user = users.get(request)
         image = user.session.load(path, int(frame_number or 0))
-        view_path = display_file(user, image.gray, "image")
-        user.display_factor = max(image.size) / max(model_view(image.gray, DISPLAY_SIDE)[0].shape)
+        view_path, user.display_factor = display_file(image.gray, "image")
         return [{"image": view_path, "boxes": []}, image_text(user.session),
                 gr.update(visible=image.frame_count > 1, maximum=image.frame_count - 1, value=image.frame),
                 image.pixel_size_mm or 0, "⏳ Encoding the image…", None, gr.update(visible=False),
@@ -357,7 +356,7 @@ def render(context: AppContext) -> AnalysisInbox:
         image = user.session.require_image()
         classifier_model = load_plane_classifier(manager, classifier_ids(manager, chosen_classifiers or []))
         cam = grad_cam(classifier_model, image.gray)
-        path = display_file(user, saliency_overlay(image.gray, cam.heatmap), "saliency")
+        path, _ = display_file(saliency_overlay(image.gray, cam.heatmap), "saliency")
         return gr.update(value=path, visible=True, label=f"Saliency for {cam.plane} ({cam.probability:.2f})")
 
     gpu = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
@@ -393,13 +392,9 @@ def render(context: AppContext) -> AnalysisInbox:
         inputs = batch_inputs(source, files)
         out = batch_folder(name)
         tasks = tasks or []
-        classify_on, segment_on = "classify" in tasks, "segment" in tasks
-        classifiers = classifier_ids(manager, chosen_classifiers or []) if classify_on else []
-        segmenter_model = segmenter_id(manager, chosen_segmenter or None) if segment_on else ""
-        settings = BatchSettings(classify=classify_on, segment=segment_on, pixel_size_mm=checked_pixel_size(pixel),
-                                 classifier=",".join(classifiers), segmenter=segmenter_model, formats=tuple(formats or ()))
-        classifier_model = load_plane_classifier(manager, classifiers) if classify_on else None
-        predictor = CachedPredictor(BoxPromptPredictor(manager.get(segmenter_model)), capacity=1) if segment_on else None
+        settings, classifier_model, predictor = batch_models(
+            manager, classify="classify" in tasks, segment="segment" in tasks, classifiers=chosen_classifiers or [],
+            segmenter=chosen_segmenter or None, pixel_size_mm=checked_pixel_size(pixel), formats=formats or ())
         flag = cancel_flags.fresh(request)
         progress(0, desc=f"0 of {len(inputs)} images")
 
