@@ -297,7 +297,7 @@ def bench_segmenter(label: str, model, heads: list[Head], warm: Head, args, cloc
         rows.append(head_row)
 
     if with_auto:
-        auto_row = Row(label, "auto_box (36 decoder runs)")
+        auto_row = Row(label, "auto_box (coarse-to-fine, batched decoder calls)")
         misses = 0
         cached.set_image(warm.gray)
         with contextlib.suppress(FetalStudioError):
