@@ -21,6 +21,12 @@ from fetalstudio.segmentation.ellipse import Ellipse, fit_ellipse
 from fetalstudio.segmentation.predictor import BoxPrediction
 
 BOX_SOURCES = ("user", "auto", "none")
+#: Classifier planes on which a head circumference means something (the trans-thalamic plane is
+#: FETAL_PLANES_DB's "brain"); on the others a segmented "head" is some other round structure.
+HEAD_PLANES = ("brain",)
+NOT_HEAD_PLANE = "not a head plane: HC not meaningful"
+#: Below this extractor quality the ellipse follows the mask poorly (see review.extract).
+POOR_FIT_QUALITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,23 @@ class HeadMeasurement:
         values.update(self.biometry.as_dict() if self.biometry is not None else
                       {"hc_px": None, "bpd_px": None, "ofd_px": None, "pixel_size_mm": None, "hc_mm": None, "bpd_mm": None, "ofd_mm": None})
         return values
+
+
+def measurement_warnings(plane: str | None, measurement: HeadMeasurement | None) -> list[str]:
+    """Why a head measurement should not be trusted, as short phrases shown beside it (empty: none).
+
+    ``plane`` is the classifier's top plane (None when it was not run); a poor or refused ellipse
+    fit is flagged whatever the plane.
+    """
+    warnings = []
+    if plane is not None and plane not in HEAD_PLANES:
+        warnings.append(f"{NOT_HEAD_PLANE} (classified as {plane})")
+    if measurement is not None and measurement.ellipse is not None:
+        if measurement.quality is None:
+            warnings.append(f"poor mask: {measurement.reason or 'not head-shaped'}; HC doubtful")
+        elif measurement.quality < POOR_FIT_QUALITY:
+            warnings.append(f"poor ellipse fit (quality {measurement.quality:.2f}); HC doubtful")
+    return warnings
 
 
 def measure_head(mask: np.ndarray, pixel_size_mm: float | None = None) -> HeadMeasurement:
