@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fetalstudio.cli_args import at_least_one, output_folder
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.vocabulary import HEAD_SUBJECT, subject_choices
 from fetalstudio.review.extract_cli import add_extract_parser
@@ -36,7 +37,7 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--trimester", choices=["first", "second", "third"], help="trimester for --plane head (prompt 'An ultrasound image of a fetal head, <trimester> trimester')")
     parser.add_argument("--n", type=int, default=1, help="images per plane (and per sampler)")
     parser.add_argument("--sampler", default="euler", help="sampler(s), comma-separated: euler, euler_a, unipc, ddim, dpmpp_2m_karras")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; an existing one from the same settings is resumed)")
+    parser.add_argument("--out", type=output_folder, required=True, help="output folder (created; an existing one from the same settings is resumed)")
     parser.add_argument("--model", help="generator: a model id from `python -m fetalstudio models` or a path to a diffusers folder / SD 1.x .safetensors (default: the manifest's default generator)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE_OR_ID[:WEIGHT]", help="LoRA to apply with its weight 0-1.5 (default 1.0); repeatable")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -46,7 +47,7 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i")
     parser.add_argument("--prompt", help="prompt to use instead of the plane's caption (e.g. 'a photo of fetal abdomen')")
     parser.add_argument("--negative-prompt", default="", help="negative prompt")
-    parser.add_argument("--batch-size", type=int, default=1, help="images generated together (more memory, faster on GPUs)")
+    parser.add_argument("--batch-size", type=at_least_one, default=1, help="images generated together (more memory, faster on GPUs)")
     parser.add_argument("--json", type=Path, help="also write a JSON summary to this file")
     parser.set_defaults(handler=run_generate)
 

@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from fetalstudio.cli_args import at_least_one, device_name, output_folder
 from fetalstudio.errors import FetalStudioError
 
 
@@ -37,7 +38,7 @@ def add_analyze_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--in", dest="source", type=Path, required=True, help="folder of images, or a CSV with an 'image' column")
-    parser.add_argument("--out", type=Path, required=True, help="report folder (created; the same command resumes an interrupted run)")
+    parser.add_argument("--out", type=output_folder, required=True, help="report folder (created; the same command resumes an interrupted run)")
     parser.add_argument("--classify", action="store_true", help="predict the plane of every image (default: both when neither is given)")
     parser.add_argument("--segment", action="store_true", help="segment and measure the fetal head (automatic box)")
     parser.add_argument("--pixel-size", type=float, help="mm per pixel for images without one (CSV column or DICOM header win)")
@@ -46,7 +47,7 @@ def add_analyze_parser(commands) -> None:
     parser.add_argument("--segmenter", metavar="ID_OR_PATH", help="segmenter id/path, or a SAM vit_b/l/h .pth (default: the bundled head segmenter)")
     parser.add_argument("--export", type=_formats, default=(), metavar="FORMATS", help="mask exports, comma-separated: png, coco, yolo, nnunet")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlay pictures")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--limit", type=int, help="only the first N images")
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
     parser.set_defaults(handler=run_analyze)

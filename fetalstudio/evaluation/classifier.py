@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fetalstudio.cli_args import at_least_one, device_name, output_folder
 from fetalstudio.errors import FetalStudioError
 
 HEADLINE = ("accuracy", "recall", "precision", "f1", "auc", "n")
@@ -41,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         ".safetensors checkpoint (default: the manifest's default classifier, else the first one found)")
     parser.add_argument("--data", type=Path, required=True,
                         help="labelled images: a CSV with filename,plane (relative to the CSV) or a folder of plane sub-folders")
-    parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--out", type=output_folder, required=True, help="report folder (created)")
     parser.add_argument("--json", type=Path, help="also write {accuracy, recall, precision, f1, auc, n} to this file")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--device", help="cpu, cuda, mps (default: $FETALSTUDIO_DEVICE, else the best available)")
+    parser.add_argument("--batch-size", type=at_least_one, default=32, help="images per forward pass")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, mps (default: $FETALSTUDIO_DEVICE, else the best available)")
     parser.add_argument("--tta", choices=["auto", "none", "hflip"], default="auto",
                         help="test-time augmentation: auto = what the checkpoint says")
 

@@ -28,6 +28,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fetalstudio.cli_args import output_folder
 from fetalstudio.errors import FetalStudioError
 
 BOX_MODES = ("exact", "jitter")
@@ -37,7 +38,7 @@ DEFAULT_JITTER_PX = 20.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, action="append", required=True, help="image/mask pairs CSV (image, mask, optional pixel_size_mm, hc_mm); repeatable")
     parser.add_argument("--model", help="segmenter id or path (.safetensors segmenter or SAM .pth); default: the installed segmenter")
-    parser.add_argument("--out", type=Path, required=True, help="report folder (summary.md, per_image.csv, summary.json)")
+    parser.add_argument("--out", type=output_folder, required=True, help="report folder (summary.md, per_image.csv, summary.json)")
     parser.add_argument("--json", type=Path, help="also write the summary numbers to this JSON file")
     parser.add_argument("--box", choices=BOX_MODES, default="jitter", help="box prompt: the mask's exact bounding box or a jittered one")
     parser.add_argument("--jitter-px", type=float, default=DEFAULT_JITTER_PX, help="largest move of each box coordinate, original pixels")

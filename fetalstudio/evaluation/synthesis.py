@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fetalstudio.cli_args import at_least_one, device_name, output_folder
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.paths import APP_ROOT
 
@@ -82,14 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--african", type=Path, help="optional second real set for the t-SNE plot and a real-vs-real reference "
                         "(e.g. ../shared/data/african/train/labels.csv)")
     parser.add_argument("--train-real", type=Path, help="the generator's training images for the memorisation audit (default: --real); never subsampled")
-    parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--out", type=output_folder, required=True, help="report folder (created)")
     parser.add_argument("--json", type=Path, help="also write the headline numbers to this JSON file")
     parser.add_argument("--classifier", help="plane classifier: a model id from `python -m fetalstudio models` or a .safetensors path "
                         "(default: the manifest's default classifier)")
     parser.add_argument("--inception-weights", type=Path, help="torchvision inception_v3 state dict (e.g. inception_v3_google-0cc3c7bd.pth) to "
                         "also compute FID; without it FID is not computed")
-    parser.add_argument("--device", help="cpu, cuda, mps (default: $FETALSTUDIO_DEVICE, else the best available)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, mps (default: $FETALSTUDIO_DEVICE, else the best available)")
+    parser.add_argument("--batch-size", type=at_least_one, default=32, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsampling, MS-SSIM pairs and t-SNE")
     parser.add_argument("--max-pairs", type=int, default=200, help="MS-SSIM pairs per plane at most (chosen with --seed)")
     parser.add_argument("--max-images-per-plane", type=int, help="use at most N images per plane of --synthetic, --real and --african "

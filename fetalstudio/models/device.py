@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fetalstudio.errors import FetalStudioError
+
+#: Device types FetalStudio runs on (``cuda:N`` picks one GPU).
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 @dataclass(frozen=True)
 class DevicePlacement:
@@ -18,11 +23,39 @@ class DevicePlacement:
         return f"{self.device.type} / {str(self.dtype).removeprefix('torch.')}"
 
 
+def available_devices() -> list[str]:
+    """The devices this machine has, as they are named on the command line (cpu always)."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        devices += (["cuda"] + [f"cuda:{index}" for index in range(count)]) if count > 1 else ["cuda"]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def checked_device(name: str, source: str = "--device") -> torch.device:
+    """``name`` as a torch device, refused with a clear message when it is not cpu/cuda/cuda:N/mps
+    or this machine does not have it (``source`` says where the name came from)."""
+    text = name.strip().lower()
+    kind, _, index = text.partition(":")
+    here = f"Available here: {', '.join(available_devices())}."
+    if kind not in DEVICE_TYPES or (index and not (kind == "cuda" and index.isdigit())):
+        raise FetalStudioError(f"{source} {name!r} is not a device; use cpu, cuda, cuda:N (one GPU) or mps. {here}")
+    if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+        has = "no CUDA GPU" if not torch.cuda.is_available() else f"{torch.cuda.device_count()} CUDA GPU(s)"
+        raise FetalStudioError(f"{source} {name!r}: this machine has {has} (or PyTorch was built without CUDA). {here}")
+    if kind == "mps" and "mps" not in available_devices():
+        raise FetalStudioError(f"{source} {name!r}: Apple's MPS is not available on this machine. {here}")
+    return torch.device(text)
+
+
 def pick_device(preferred: str | None = None) -> torch.device:
     """``preferred`` (or $FETALSTUDIO_DEVICE) wins; else CUDA, MPS, CPU in that order."""
-    preferred = preferred or os.environ.get("FETALSTUDIO_DEVICE")
     if preferred:
-        return torch.device(preferred)
+        return checked_device(preferred)
+    if os.environ.get("FETALSTUDIO_DEVICE"):
+        return checked_device(os.environ["FETALSTUDIO_DEVICE"], "$FETALSTUDIO_DEVICE")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

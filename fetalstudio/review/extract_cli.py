@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fetalstudio.cli_args import output_folder
 from fetalstudio.errors import FetalStudioError
 
 #: The columns of ellipses.csv, in order.
@@ -40,7 +41,7 @@ def add_extract_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--csv", type=Path, required=True, help="segmentation CSV with image and mask columns (paths relative to its folder)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder: masks/ and ellipses.csv (created)")
+    parser.add_argument("--out", type=output_folder, required=True, help="output folder: masks/ and ellipses.csv (created)")
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
     parser.add_argument("--threshold", type=int, default=127, help="mask pixels above this value (0-254) count (default: 127)")
     parser.add_argument("--channel", help="for colour masks: the mask channel, 0/1/2 or r/g/b (default: the maximum over the channels)")

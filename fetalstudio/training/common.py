@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fetalstudio.cli_args import at_least_one, output_folder
+
 STATE_DIR = "state"
 LOG_NAME = "train_log.csv"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float) -> None:
     group = parser.add_argument_group("training loop (shared by every train command)")
-    group.add_argument("--out", type=Path, required=True, help="output folder: checkpoint, model card, log, resumable state")
+    group.add_argument("--out", type=output_folder, required=True, help="output folder: checkpoint, model card, log, resumable state")
     group.add_argument("--steps", type=int, default=steps, help="optimizer steps in total")
-    group.add_argument("--batch-size", type=int, default=batch_size, help="images per step (per device)")
+    group.add_argument("--batch-size", type=at_least_one, default=batch_size, help="images per step (per device)")
     group.add_argument("--lr", type=float, default=lr, help="learning rate")
     group.add_argument("--seed", type=int, default=1234, help="seed for every random number generator")
     group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on GPUs")
