@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +36,26 @@ class SegmentationPair:
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def _read_csv(path: Path) -> list[dict]:
+def read_csv_rows(path: Path) -> list[dict]:
+    """The rows of a UTF-8 CSV (a BOM is allowed) as dicts; a file in another encoding or one the csv
+    module cannot parse is a FetalStudioError naming the file, the line and what to do."""
+    path = Path(path)
     if not path.is_file():
         raise FetalStudioError(f"{path} does not exist. Give a CSV file (or a folder of plane sub-folders).")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        return list(csv.DictReader(handle))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise FetalStudioError(
+            f"{path} is not UTF-8 text: byte {error.start} (line {line}) is 0x{data[error.start]:02x}. "
+            "Save it as UTF-8 (e.g. in Excel: Save As > 'CSV UTF-8') and try again."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as error:
+        raise FetalStudioError(f"{path}, line {reader.line_num}: not a readable CSV ({error}). Fix that line and try again.") from None
 
 
 def _require(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
@@ -64,7 +80,7 @@ def read_classification(source: Path) -> list[LabelledImage]:
         if not items:
             raise FetalStudioError(f"{source} has no images in plane sub-folders (e.g. {source}/brain/*.png).")
         return items
-    rows = _read_csv(source)
+    rows = read_csv_rows(source)
     _require(rows, source, ("filename", "plane"))
     base = source.parent
     return [LabelledImage(base / row["filename"], row["plane"].strip().lower(), row.get("patient_id", "") or "") for row in rows]
@@ -78,7 +94,7 @@ def _float(value: str | None) -> float | None:
 
 
 def read_segmentation(source: Path) -> list[SegmentationPair]:
-    rows = _read_csv(source)
+    rows = read_csv_rows(source)
     _require(rows, source, ("image", "mask"))
     base = source.parent
     pairs = []

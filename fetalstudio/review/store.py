@@ -338,10 +338,14 @@ class _FolderLock:
         self._descriptor: int | None = None
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        with self._thread_lock:
+    def hold(self, blocking: bool = True) -> Iterator[None]:
+        """Hold the lock; with ``blocking=False`` raise ``BlockingIOError`` at once if another
+        thread or process holds it (e.g. to refuse a second run rather than wait for the first)."""
+        if not self._thread_lock.acquire(blocking):
+            raise BlockingIOError(f"{self._path.parent} is in use")
+        try:
             if self._depth == 0:
-                self._descriptor = self._lock_file()
+                self._descriptor = self._lock_file(blocking)
             self._depth += 1
             try:
                 yield
@@ -351,11 +355,13 @@ class _FolderLock:
                     descriptor, self._descriptor = self._descriptor, None
                     fcntl.flock(descriptor, fcntl.LOCK_UN)
                     os.close(descriptor)
+        finally:
+            self._thread_lock.release()
 
-    def _lock_file(self) -> int:
+    def _lock_file(self, blocking: bool = True) -> int:
         descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            fcntl.flock(descriptor, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(descriptor)
             raise
@@ -366,7 +372,9 @@ _LOCKS: dict[str, _FolderLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def _folder_lock(folder: Path) -> _FolderLock:
+def folder_lock(folder: Path) -> _FolderLock:
+    """The lock of ``folder`` (its ``.lock`` file): one per folder in this process, shared with
+    other processes through flock. Batch analysis runs hold their output folder's with it."""
     key = str(folder.resolve())
     with _LOCKS_GUARD:
         if key not in _LOCKS:
@@ -385,7 +393,7 @@ class ReviewSession:
     def __init__(self, folder: Path, meta: dict[str, Any]):
         self._folder = Path(folder)
         self._meta = meta
-        self._lock = _folder_lock(self._folder)
+        self._lock = folder_lock(self._folder)
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -397,7 +405,7 @@ class ReviewSession:
         if (folder / SESSION_FILE).exists():
             raise FetalStudioError(f"{folder} already holds a review session; open it instead, or pick a new folder.")
         folder.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(folder).hold():
+        with folder_lock(folder).hold():
             if (folder / SESSION_FILE).exists():
                 raise FetalStudioError(f"{folder} already holds a review session; open it instead, or pick a new folder.")
             if not _is_empty_skeleton(folder):
@@ -438,7 +446,7 @@ class ReviewSession:
         if folder.exists() and not folder.is_dir():
             return cls.create(folder, name=name, settings=settings)  # says why it cannot be
         folder.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(folder).hold():  # two processes opening a new folder at once: one creates it
+        with folder_lock(folder).hold():  # two processes opening a new folder at once: one creates it
             if (folder / SESSION_FILE).exists():
                 return cls.open(folder)
             return cls.create(folder, name=name, settings=settings)
