@@ -21,7 +21,7 @@ import numpy as np
 from gradio_image_annotation import image_annotator
 
 from fetalstudio.analysis.batch import BatchInput, inputs_from_files, read_batch_inputs, run_batch, zip_folder
-from fetalstudio.analysis.head import HeadResult
+from fetalstudio.analysis.head import HeadResult, measurement_warnings
 from fetalstudio.analysis.image_input import model_view, supported_suffixes
 from fetalstudio.analysis.mask_export import MASK_FORMATS
 from fetalstudio.analysis.models import (batch_models, classifier_choices, classifier_ids, load_plane_classifier,
@@ -29,14 +29,16 @@ from fetalstudio.analysis.models import (batch_models, classifier_choices, class
 from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
 from fetalstudio.app_context import AppContext
-from fetalstudio.errors import FetalStudioError
+from fetalstudio.errors import FetalStudioError, ModelNotFoundError
+from fetalstudio.paths import app_file
 from fetalstudio.review.store import atomic_write_bytes
 from fetalstudio.segmentation.predictor import BoxPromptPredictor
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
 
 ANALYSIS_FOLDER = "analysis"
 #: The longest side of the pictures sent to the browser; coordinates are scaled back to the file's pixels.
 DISPLAY_SIDE = 1024
+NO_IMAGE = "No image loaded: upload one to start."
 POSITIVE, NEGATIVE = "Positive point (on the head)", "Negative point (not head)"
 MAX_USERS = 32
 #: The annotator reports a box as soon as the mouse goes down; smaller ones (display pixels) are not prompts yet.
@@ -77,7 +79,7 @@ class UserAnalyses:
 class AnalysisInbox:
     """What other tabs use to send an image here: put its path in ``path`` and call ``receive``."""
 
-    path: gr.Textbox
+    path: gr.State  # server-side: the browser can't name the path
     receive: object
     outputs: list
     follow_up: object
@@ -89,8 +91,15 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f} {unit}"
 
 
+def top_plane(session: AnalysisSession) -> str | None:
+    """The classifier's first plane for the loaded image (None before it ran)."""
+    return session.planes[0][0] if session.planes else None
+
+
 def measurement_text(session: AnalysisSession) -> str:
     result = session.result
+    if session.image is None:
+        return ""
     if result is None:
         return "Draw a box around the head, click on it, or press **Find the head automatically**."
     head = result.measurement
@@ -107,9 +116,9 @@ def measurement_text(session: AnalysisSession) -> str:
     else:
         lines.append(f"**HC {bio.hc_px:.1f} px** · BPD {bio.bpd_px:.1f} px · OFD {bio.ofd_px:.1f} px — "
                      "type the pixel size (mm per pixel) to get millimetres.")
-    if head.reason:
-        lines.append(f"⚠ The mask is not a clean head ellipse ({head.reason}); check it before using the numbers.")
-    elif head.quality is not None:
+    warnings = measurement_warnings(top_plane(session), head)
+    lines.extend(f"⚠ **{warning}**" for warning in warnings)
+    if head.quality is not None and not warnings:
         lines.append(f"Ellipse fit quality {head.quality:.2f}")
     return "\n\n".join(lines)
 
@@ -123,8 +132,23 @@ def image_text(session: AnalysisSession) -> str:
         parts.append(f"frame {image.frame + 1} of {image.frame_count}")
     if image.bit_depth > 8:
         parts.append(f"{image.bit_depth}-bit, scaled to 8-bit")
-    parts.append(f"pixel size {image.pixel_size_mm:.4g} mm (DICOM)" if image.pixel_size_mm else "pixel size unknown")
+    source = {"dicom": "DICOM", "typed": "typed in"}.get(session.pixel_size_source or "", "")
+    parts.append(f"pixel size {session.pixel_size_mm:.4g} mm ({source})" if session.pixel_size_mm else "pixel size unknown")
     return " · ".join(parts)
+
+
+def default_models(manager) -> tuple[list[str], str | None]:
+    """The classifier and segmenter that run when none is chosen (the manifest's defaults), shown
+    in the dropdowns so the user sees which models ran; nothing when none is installed."""
+    try:
+        classifiers = classifier_ids(manager)
+    except ModelNotFoundError:
+        classifiers = []
+    try:
+        segmenter = segmenter_id(manager)
+    except ModelNotFoundError:
+        segmenter = None
+    return classifiers, segmenter
 
 
 def render(context: AppContext) -> AnalysisInbox:
@@ -132,13 +156,14 @@ def render(context: AppContext) -> AnalysisInbox:
     users = UserAnalyses()
     cancel_flags = CancelFlags()
     root = context.outputs_dir / ANALYSIS_FOLDER
+    default_classifiers, default_segmenter = default_models(manager)
     gr.Markdown("Which standard plane is this, where is the fetal head, how big is it. "
                 "Research use only — not for diagnosis.")
     with gr.Row():
         with gr.Column(scale=3):
             upload = gr.File(label=f"Image ({', '.join(supported_suffixes())})", type="filepath", elem_id="analysis-upload",
                              file_types=list(supported_suffixes()), height=110)
-            inbox_path = gr.Textbox(visible=False, elem_id="analysis-inbox")
+            inbox_path = gr.State(None)
             image_info = gr.Markdown("", elem_id="analysis-image-info")
             frame = gr.Number(0, label="Frame (multi-frame DICOM)", precision=0, minimum=0, visible=False, elem_id="analysis-frame")
             annotator = image_annotator(label="Draw a box around the head", label_list=["head"], label_colors=[(0, 200, 255)],
@@ -153,9 +178,9 @@ def render(context: AppContext) -> AnalysisInbox:
             status = gr.Markdown("Load an image to start.", elem_id="analysis-status")
             planes = gr.Label(label="Plane", num_top_classes=3, elem_id="analysis-planes")
             with gr.Row():
-                classifier = gr.Dropdown(classifier_choices(manager), value=None, multiselect=True, allow_custom_value=True,
-                                         label="Classifier(s) — several are averaged", elem_id="analysis-classifier")
-                segmenter = gr.Dropdown(segmenter_choices(manager), value=None, allow_custom_value=True,
+                classifier = gr.Dropdown(classifier_choices(manager), value=default_classifiers, multiselect=True,
+                                         allow_custom_value=True, label="Classifier(s) — several are averaged", elem_id="analysis-classifier")
+                segmenter = gr.Dropdown(segmenter_choices(manager), value=default_segmenter, allow_custom_value=True,
                                         label="Segmenter (or SAM checkpoint)", elem_id="analysis-segmenter")
             saliency_button = gr.Button("Show saliency (Grad-CAM)", size="sm", elem_id="analysis-saliency-run")
             saliency = gr.Image(label="Saliency for the predicted plane", type="filepath", interactive=False, visible=False,
@@ -237,7 +262,7 @@ def render(context: AppContext) -> AnalysisInbox:
         if not path:
             raise FetalStudioError("Choose an image file to analyse.")
         user = users.get(request)
-        image = user.session.load(path, int(frame_number or 0))
+        image = user.session.load(app_file(path), int(frame_number or 0))
         view_path, user.display_factor = display_file(image.gray, "image")
         return [{"image": view_path, "boxes": []}, image_text(user.session),
                 gr.update(visible=image.frame_count > 1, maximum=image.frame_count - 1, value=image.frame),
@@ -246,24 +271,36 @@ def render(context: AppContext) -> AnalysisInbox:
 
     load_outputs = [annotator, image_info, frame, pixel_size, status, planes, saliency, *result_components]
 
+    def on_upload_cleared(request: gr.Request):
+        """The upload's ✕: forget the image and everything computed from it, and say so."""
+        user = users.get(request)
+        user.session = AnalysisSession()
+        return [None, "", gr.update(visible=False, value=0), 0, NO_IMAGE, None, gr.update(value=None, visible=False),
+                None, "", None, gr.update(choices=[], value=None, visible=False), None, None, None, None]
+
     @user_errors
     def encode_and_classify(chosen_classifiers, chosen_segmenter, request: gr.Request):
         user = users.get(request)
         session = user.session
         if session.image is None:
-            return "Load an image to start.", None
+            return NO_IMAGE, None, ""
         started = time.perf_counter()
         encoded = session.encode(predictor_for(user, chosen_segmenter))
         encode_seconds = time.perf_counter() - started
         ids = classifier_ids(manager, chosen_classifiers or [])
         session.model_ids["classifier"] = ",".join(ids)
         ranking = session.classify(load_plane_classifier(manager, ids), k=5)
+        if user.session is not session:  # the upload was cleared meanwhile
+            return NO_IMAGE, None, ""
         note = f"encoded in {encode_seconds:.2f} s" if encoded else "embedding reused from the cache"
-        return f"✔ Ready ({note}): draw a box around the head, click on it, or find it automatically.", dict(ranking)
+        # the measurement's warnings depend on the plane (a head measured before a classifier change)
+        return (f"✔ Ready ({note}): draw a box around the head, click on it, or find it automatically.", dict(ranking),
+                measurement_text(session))
 
-    load_event = dict(fn=encode_and_classify, inputs=[classifier, segmenter], outputs=[status, planes],
+    load_event = dict(fn=encode_and_classify, inputs=[classifier, segmenter], outputs=[status, planes, measurements],
                       concurrency_id=GPU_QUEUE, concurrency_limit=1)
     upload.upload(load, [upload, frame], load_outputs).success(**load_event)
+    upload.clear(on_upload_cleared, None, load_outputs)
     frame.submit(load, [upload, frame], load_outputs).success(**load_event)
     classifier.change(**load_event)
     segmenter.change(**load_event)  # encode the image for the newly chosen segmenter
@@ -345,8 +382,8 @@ def render(context: AppContext) -> AnalysisInbox:
         user = users.get(request)
         user.session.set_pixel_size(value)
         if user.session.image is None:
-            return [gr.skip()] * len(result_components)
-        return result_outputs(user, request)
+            return [gr.skip()] * (len(result_components) + 1)
+        return [image_text(user.session), *result_outputs(user, request)]
 
     @user_errors
     def on_saliency(chosen_classifiers, request: gr.Request):
@@ -367,7 +404,7 @@ def render(context: AppContext) -> AnalysisInbox:
     multimask.change(on_multimask, [segmenter, multimask], result_components, **gpu)
     candidate.input(on_candidate, [candidate], result_components)
     clear.click(on_clear, None, result_components)
-    pixel_size.input(on_pixel_size, [pixel_size], result_components)
+    pixel_size.input(on_pixel_size, [pixel_size], [image_info, *result_components])
     saliency_button.click(on_saliency, [classifier], [saliency], **gpu)
 
     # --- batch -----------------------------------------------------------------------------
@@ -376,7 +413,8 @@ def render(context: AppContext) -> AnalysisInbox:
             return inputs_from_files([Path(p) for p in files])
         if not (source or "").strip():
             raise FetalStudioError("Give a folder or CSV path, or upload images, to run a batch.")
-        return read_batch_inputs(Path(source.strip()).expanduser())
+        return read_batch_inputs(server_source(context, source, "a folder or CSV of images", listed=lambda path: [
+            file for item in read_batch_inputs(path) for file in (item.image, item.mask) if file is not None]))
 
     def batch_folder(name: str) -> Path:
         cleaned = (name or "").strip()
@@ -403,8 +441,8 @@ def render(context: AppContext) -> AnalysisInbox:
 
         summary = run_batch(inputs, out, settings, classifier_model, predictor, progress=step, cancel=flag)
         table = pd.read_csv(out / "report.csv", keep_default_na=False)
-        shown = [c for c in ("name", "status", "plane", "plane_probability", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "score",
-                             "dice", "hc_error_mm", "error") if c in table.columns]
+        shown = [c for c in ("name", "status", "plane", "plane_probability", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "warning",
+                             "score", "dice", "hc_error_mm", "error") if c in table.columns]
         files_out = [str(out / "report.csv")]
         if any((out / "overlays").iterdir()):
             files_out.append(str(zip_folder(out / "overlays", out / "overlays.zip")))
@@ -425,4 +463,5 @@ def render(context: AppContext) -> AnalysisInbox:
 
     batch_cancel.click(on_cancel, None, None, queue=False)
 
-    return AnalysisInbox(inbox_path, receive, [*load_outputs], encode_and_classify, [classifier, segmenter], [status, planes])
+    return AnalysisInbox(inbox_path, receive, [*load_outputs], encode_and_classify, [classifier, segmenter],
+                         [status, planes, measurements])

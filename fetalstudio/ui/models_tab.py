@@ -1,13 +1,25 @@
-"""Models panel: what is known, what is loaded and where, memory used; load/unload/refresh."""
+"""Models panel: what is known, what is loaded and where, memory used; load/unload/refresh.
+
+The panel reads the manager's state again whenever it is shown: the other tabs load models
+through the same manager, and the panel must not show what was true when the page was built.
+A failed action (a hub model on an offline machine, a pinned model) is reported once, in the
+panel's message line, and leaves every widget working.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import gradio as gr
 
 from fetalstudio.app_context import AppContext
-from fetalstudio.ui.common import GPU_QUEUE, user_errors
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.ui.common import GPU_QUEUE
 
 COLUMNS = ["id", "kind", "format", "loaded", "device", "size MB", "source", "licence", "notes"]
+#: Without widths the browser sizes columns by their content: the mostly empty loaded/device/size
+#: columns shrank to one character and their headers wrapped letter by letter.
+COLUMN_WIDTHS = ["210px", "100px", "140px", "80px", "130px", "90px", "260px", "220px", "320px"]
 
 
 def _table(context: AppContext) -> list[list]:
@@ -15,10 +27,13 @@ def _table(context: AppContext) -> list[list]:
             for r in context.manager.status()]
 
 
-def render(context: AppContext) -> None:
+def render(context: AppContext, page: gr.Tab | None = None) -> None:
+    """The panel; ``page`` is the tab it sits in, so that opening the tab shows the current state."""
     manager = context.manager
     summary = gr.Markdown(manager.describe(), elem_id="models-summary")
-    table = gr.Dataframe(_table(context), headers=COLUMNS, interactive=False, wrap=True, elem_id="models-table")
+    message = gr.Markdown("", elem_id="models-message")
+    table = gr.Dataframe(_table(context), headers=COLUMNS, interactive=False, wrap=True, column_widths=COLUMN_WIDTHS,
+                         elem_id="models-table")
     with gr.Row():
         choice = gr.Dropdown(manager.ids(), label="Model", allow_custom_value=True, elem_id="models-choice",
                              info="A model id, or a path to a checkpoint file or folder")
@@ -31,25 +46,45 @@ def render(context: AppContext) -> None:
         "repository and the machine is online."
     )
 
-    def current():
-        return manager.describe(), _table(context), gr.update(choices=manager.ids())
+    def current() -> list:
+        return [manager.describe(), _table(context), gr.update(choices=manager.ids())]
 
-    @user_errors
-    def do_load(model_id: str, progress=gr.Progress(track_tqdm=True)):
+    def reported(action: Callable[[str], str], model_id: str | None) -> list:
+        """The action's outcome in the message line, then the panel's state: a library error is a
+        message here, not an exception (which Gradio would also paint over every output as "Error")."""
+        try:
+            text = action((model_id or "").strip())
+        except FetalStudioError as error:
+            text = f"⚠ {error}"
+        return [text, *current()]
+
+    def loaded(model_id: str) -> str:
+        if not model_id:
+            raise FetalStudioError("Choose a model id in the list (or type a path to a checkpoint), then press Load.")
         manager.get(model_id)
-        return current()
+        return f"✔ Loaded `{model_id}`."
 
-    @user_errors
-    def do_unload(model_id: str):
-        manager.unload(model_id)
-        return current()
+    def unloaded(model_id: str) -> str:
+        if not model_id:
+            raise FetalStudioError("Choose a loaded model in the list, then press Unload.")
+        return f"✔ Unloaded `{model_id}`." if manager.unload(model_id) else f"`{model_id}` was not loaded."
 
-    @user_errors
-    def do_refresh():
+    def rescanned(_: str) -> str:
         manager.refresh()
-        return current()
+        return f"✔ Rescanned: {len(manager.ids())} models known."
 
-    outputs = [summary, table, choice]
+    def do_load(model_id: str | None, progress=gr.Progress(track_tqdm=True)) -> list:
+        return reported(loaded, model_id)
+
+    def do_unload(model_id: str | None) -> list:
+        return reported(unloaded, model_id)
+
+    def do_refresh() -> list:
+        return reported(rescanned, None)
+
+    outputs = [message, summary, table, choice]
     load.click(do_load, choice, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1)
     unload.click(do_unload, choice, outputs)
     refresh.click(do_refresh, None, outputs)
+    if page is not None:
+        page.select(current, None, [summary, table, choice])
