@@ -17,6 +17,8 @@ class AppContext:
     manager: ModelManager
     synthesis: SynthesisEngine
     outputs_dir: Path
+    #: Server folders the batch and import boxes may read; None: any folder (the app listens on loopback only).
+    data_dirs: tuple[Path, ...] | None = None
 
 
 def _quiet_third_party() -> None:
@@ -30,7 +32,9 @@ def _quiet_third_party() -> None:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
-def build_context(checkpoints: Path | None = None, outputs: Path | None = None) -> AppContext:
+def build_context(checkpoints: Path | None = None, outputs: Path | None = None,
+                  data_dirs: tuple[Path, ...] | None = None) -> AppContext:
     _quiet_third_party()
     manager = ModelManager(checkpoints or checkpoints_dir())
-    return AppContext(manager=manager, synthesis=SynthesisEngine(manager), outputs_dir=outputs or outputs_dir())
+    return AppContext(manager=manager, synthesis=SynthesisEngine(manager), outputs_dir=outputs or outputs_dir(),
+                      data_dirs=data_dirs)

@@ -2,7 +2,7 @@
 one headless chromium page, every request recorded, a screenshot and the app log on failure.
 
 A module imports these fixtures and defines ``prepare_app(folders) -> dict`` (models in place,
-environment overrides). Its pages open on the app's first tab.
+environment overrides) and may set ``APP_ARGS`` (more app.py options). Its pages open on the app's first tab.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def app(folders, request):
         PYTHONUNBUFFERED="1",
     )
     env.update(request.module.prepare_app(folders))
-    server = AppServer(port=free_port(), env=env, log_path=folders["root"] / "app.log")
+    server = AppServer(port=free_port(), env=env, log_path=folders["root"] / "app.log",
+                       args=list(getattr(request.module, "APP_ARGS", [])))
     failed_before = request.session.testsfailed
     server.start()
     try:

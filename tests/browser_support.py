@@ -51,6 +51,8 @@ class AppServer:
     port: int
     env: dict[str, str]
     log_path: Path
+    #: More app.py options (e.g. ["--max-file-size", "1"]).
+    args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     _log_file: object = field(default=None, repr=False)
 
@@ -61,7 +63,7 @@ class AppServer:
     def start(self) -> None:
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(APP), "--port", str(self.port)],
+            [sys.executable, str(APP), "--port", str(self.port), *self.args],
             cwd=REPO_ROOT, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )

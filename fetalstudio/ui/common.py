@@ -1,16 +1,20 @@
-"""Helpers shared by the tabs: error translation, per-browser-session cancel flags, the GPU queue."""
+"""Helpers shared by the tabs: error translation, per-browser-session cancel flags, the GPU queue,
+the checks on paths that come from the browser, and the events kept out of the API."""
 
 from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 
 import gradio as gr
 
+from fetalstudio.app_context import AppContext
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.paths import is_under
 
 #: Every event that runs a model shares this queue: one GPU job at a time, in arrival order.
 GPU_QUEUE = "gpu"
@@ -65,3 +69,44 @@ class SendToAnalysis:
     button: gr.Button
     pick: Callable[..., str]
     inputs: list
+
+
+def server_source(context: AppContext, text: str | None, what: str,
+                  listed: Callable[[Path], Iterable[Path]] | None = None) -> Path:
+    """A folder or CSV typed into a batch or import box, read on the server.
+
+    On loopback (``context.data_dirs is None``) any path is fine: the user is on this computer.
+    Otherwise the path and every file it lists (``listed(path)``, e.g. a CSV's image column) must lie
+    inside the folders named with ``--data-dir`` at launch, with one message for every refusal.
+    """
+    cleaned = (text or "").strip()
+    if not cleaned:
+        raise FetalStudioError(f"Type the path of {what}.")
+    path = Path(cleaned).expanduser()
+    require_in_data_dirs(context, [path])
+    if listed is not None and context.data_dirs is not None:
+        require_in_data_dirs(context, listed(path))
+    return path
+
+
+def require_in_data_dirs(context: AppContext, paths: Iterable[Path]) -> None:
+    """Refuse any of ``paths`` outside the ``--data-dir`` folders (no-op when the app listens on loopback only)."""
+    if context.data_dirs is None:
+        return
+    if not context.data_dirs:
+        raise FetalStudioError("Reading folders on the server is off: the app listens beyond this computer and was "
+                               "started without --data-dir. Upload the images, or restart with --data-dir FOLDER.")
+    if not all(is_under(path, context.data_dirs) for path in paths):
+        names = ", ".join(str(folder) for folder in context.data_dirs)
+        raise FetalStudioError(f"Only files inside the folders named with --data-dir can be read ({names}); "
+                               "the path, or a file it lists, lies elsewhere. Use a path inside those folders.")
+
+
+def hide_internal_events(blocks: gr.Blocks) -> None:
+    """Keep every event out of the API page, /info and gradio_client: they exist for this page only.
+
+    Gradio still routes "private" events called by name (/gradio_api/call/<name>); the server refuses
+    those routes (see fetalstudio.ui.server.ApiGuard).
+    """
+    for fn in blocks.fns.values():
+        fn.api_visibility = "private"
