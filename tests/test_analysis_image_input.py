@@ -43,7 +43,7 @@ def test_rgba_is_composited_over_black_and_colour_becomes_luminance(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     gray = load_image(tmp_path / "a.png").gray
     assert gray.shape == (20, 30) and (gray[:, :15] == 200).all() and (gray[:, 15:] == 0).all()
-    rgb = np.zeros((10, 10, 3), np.uint8)
+    rgb = np.zeros((20, 20, 3), np.uint8)
     rgb[..., 0] = 255
     Image.fromarray(rgb).save(tmp_path / "red.bmp")
     assert (load_image(tmp_path / "red.bmp").gray == 76).all()  # 0.299 * 255
