@@ -176,17 +176,29 @@ def test_csv_inputs_are_checked(tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
     (tmp_path / "good.csv").write_text("image,pixel_size_mm\nx.png,0.1\n")
     assert read_batch_inputs(tmp_path / "good.csv") == [BatchInput("x", tmp_path / "x.png", None, 0.1, None)]
-    (tmp_path / "missing.csv").write_text("image\nx.png\nnope.png\n")
-    with pytest.raises(FetalStudioError, match="1 file.*nope.png"):
-        read_batch_inputs(tmp_path / "missing.csv")
     (tmp_path / "columns.csv").write_text("file\nx.png\n")
     with pytest.raises(FetalStudioError, match="'image' column"):
         read_batch_inputs(tmp_path / "columns.csv")
-    (tmp_path / "number.csv").write_text("image,hc_mm\nx.png,big\n")
-    with pytest.raises(FetalStudioError, match="row 2: hc_mm must be a number"):
-        read_batch_inputs(tmp_path / "number.csv")
     with pytest.raises(FetalStudioError, match="does not exist"):
         read_batch_inputs(tmp_path / "nothing")
+
+
+def test_bad_csv_rows_become_inputs_with_an_error_and_the_others_are_kept(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    lines = ["image,mask,pixel_size_mm,hc_mm", "x.png,,0.1,170", "nope.png,,,", "x.png,gone.png,,", ",,,",
+             "x.png,,-1,", "x.png,,0,", "x.png,,inf,", "x.png,,nan,", "x.png,,wide,", "x.png,,,big", "x.png,,,-3"]
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    inputs = read_batch_inputs(tmp_path / "rows.csv")
+    assert len(inputs) == len(lines) - 1 and len({i.name for i in inputs}) == len(inputs)
+    assert inputs[0].error is None and inputs[0].pixel_size_mm == 0.1 and inputs[0].hc_mm == 170
+    errors = [i.error for i in inputs[1:]]
+    assert all(errors)
+    assert errors[0].startswith("row 3: the image") and "nope.png does not exist" in errors[0]
+    assert "the mask" in errors[1] and "gone.png does not exist" in errors[1]
+    assert errors[2].startswith("row 5: the image cell is empty")
+    for number, (error, value) in enumerate(zip(errors[3:8], ("-1", "0", "inf", "nan", "wide")), start=6):
+        assert error.startswith(f"row {number}: pixel_size_mm") and value in error
+    assert "hc_mm 'big'" in errors[8] and "hc_mm '-3'" in errors[9]
 
 
 # --- batch runs -------------------------------------------------------------------------------

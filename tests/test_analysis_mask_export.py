@@ -14,6 +14,7 @@ from PIL import Image
 from fetalstudio.analysis.image_input import load_image
 from fetalstudio.analysis.mask_export import MASK_FORMATS, MaskRecord, export_masks
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.review.store import LOCK_FILE
 from fetalstudio.segmentation.ellipse import dice, fill_outline, fit_outline
 
 try:
@@ -84,8 +85,8 @@ def test_paths_progress_and_no_leftovers(export, records):
     }
     assert all(path.exists() for path in paths.values())
     assert calls == [(n, 16) for n in range(1, 17)]
-    assert sorted(p.name for p in out.iterdir()) == ["coco", "mask_export.json", "nnunet", "png", "yolo"]
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no partial folder or temporary file
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["coco", "mask_export.json", "nnunet", "png", "yolo"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != LOCK_FILE]  # no partial folder or temporary file
 
 
 def test_png_images_are_grayscale_and_masks_identical(export, records):
@@ -180,7 +181,7 @@ def test_rerun_replaces_only_the_formats_asked_for(records, tmp_path):
     assert len(json.loads((out / "coco" / "annotations_rle.json").read_text())["images"]) == len(records)  # untouched
     assert (out / "nnunet" / "Dataset007_my_run" / "dataset.json").is_file() and (out / "results.csv").read_text() == "kept\n"
     assert json.loads((out / "mask_export.json").read_text())["formats"] == ["coco", "nnunet", "png"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
     (out / "yolo").mkdir()
     (out / "yolo" / "mine.txt").write_text("not ours")
@@ -214,4 +215,29 @@ def test_errors_name_the_problem_and_write_nothing(records, tmp_path):
         export_masks([MaskRecord("grey", records[-1].image_path, grey)], out, ("yolo",))
     with pytest.raises(FetalStudioError, match="does not exist"):
         export_masks([MaskRecord("gone", tmp_path / "gone.png", small)], out, ("coco",))
-    assert [p.name for p in out.iterdir()] == []  # nothing half-written
+    assert [p.name for p in out.iterdir() if p.name != LOCK_FILE] == []  # nothing half-written
+
+
+def test_a_killed_export_leaves_nothing_after_the_next_one_and_is_never_zipped(records, tmp_path):
+    from fetalstudio.analysis.batch import zip_folder
+    from fetalstudio.analysis.mask_export import PARTIAL_PREFIX
+
+    out = tmp_path / "exports"
+    export_masks(records[:1], out, ("png",))
+    # what a kill -9 in the middle of the next export leaves: its build folder and a swapped-out png
+    dead = out / f"{PARTIAL_PREFIX}deadbeef"
+    (dead / "png" / "masks").mkdir(parents=True)
+    (dead / "png" / "masks" / "half.png").write_bytes(b"\x89PNG half")
+    swapped = out / ".png.previous-0badf00d"
+    (swapped / "images").mkdir(parents=True)
+    (out / "png" / "masks" / ".head-000_HC.png.1234.tmp").write_bytes(b"temporary")
+    archive = zip_folder(out, tmp_path / "exports.zip")
+    import zipfile
+
+    names = zipfile.ZipFile(archive).namelist()
+    assert names and not [n for n in names if "/." in n]  # no partial folder, temporary file or lock
+    assert "exports/png/masks/head-000_HC.png" in names
+
+    export_masks(records[:2], out, ("png", "coco"))
+    assert not dead.exists() and not swapped.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]

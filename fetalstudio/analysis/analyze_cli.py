@@ -10,9 +10,15 @@ The head box comes from the automatic mode (a coarse pass over candidate boxes s
 segmenter, then a second pass with the box found): no ground truth is used to make a prediction.
 
 Output (``--out``): report.csv (one row per image: plane and probabilities, box, ellipse, HC/BPD/OFD
-in px and mm, Dice and HC error when references are given), masks/, overlays/, summary.json and,
-with ``--export``, mask exports (png, coco with RLE and polygons, yolo, nnunet) under exports/.
-A JSON summary (mean Dice, HC MAE, counts) is printed and written to ``--json FILE``.
+in px and mm, Dice and HC error when references are given, a warning when the HC is doubtful:
+not a head plane, poor ellipse fit), masks/, overlays/, summary.json and, with ``--export``, mask
+exports (png, coco with RLE and polygons, yolo, nnunet) under exports/. A JSON summary (mean
+Dice, HC MAE, counts) is printed and written to ``--json FILE``.
+
+An image that cannot be analysed (missing, unreadable, a bad CSV cell) gets an error row and the
+run goes on. One run at a time writes into an output folder (a second is refused); an output
+folder inside the input folder is not read as input. A full disk stops the run: the rows written
+are kept and the same command resumes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import sys
 from pathlib import Path
 
 from fetalstudio.cli_args import at_least_one, device_name, output_folder
-from fetalstudio.errors import FetalStudioError
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -47,8 +52,11 @@ def add_analyze_parser(commands) -> None:
     parser.add_argument("--segmenter", metavar="ID_OR_PATH", help="segmenter id/path, or a SAM vit_b/l/h .pth (default: the bundled head segmenter)")
     parser.add_argument("--export", type=_formats, default=(), metavar="FORMATS", help="mask exports, comma-separated: png, coco, yolo, nnunet")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlay pictures")
+    parser.add_argument("--measure-heads-only", action="store_true",
+                        help="measure the head only on images classified as a head plane (brain); the others get a row "
+                             "saying 'head not measured: not a head plane' (needs classification and segmentation)")
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument("--limit", type=at_least_one, help="only the first N images")
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
     parser.set_defaults(handler=run_analyze)
 
@@ -68,14 +76,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     classify, segment = args.classify, args.segment
     if not (classify or segment):
         classify = segment = True
-    if args.limit is not None and args.limit < 1:
-        raise FetalStudioError("--limit must be at least 1.")
     pixel_size = checked_pixel_size(args.pixel_size)
-    inputs = read_batch_inputs(args.source)[: args.limit]
+    inputs = read_batch_inputs(args.source, exclude=[args.out])[: args.limit]  # --out inside --in: not its own input
     manager = ModelManager(checkpoints_dir(), placement=default_placement(args.device))
     settings, classifier, predictor = batch_models(manager, classify=classify, segment=segment, classifiers=args.classifier,
                                                    segmenter=args.segmenter, pixel_size_mm=pixel_size,
-                                                   overlays=not args.no_overlays, formats=args.export)
+                                                   overlays=not args.no_overlays, formats=args.export,
+                                                   measure_heads_only=args.measure_heads_only)
     summary = run_batch(inputs, args.out, settings, classifier, predictor, progress=_progress)
     record = summary.as_dict()
     print(json.dumps(record))

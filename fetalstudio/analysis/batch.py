@@ -10,7 +10,10 @@ Layout of ``out``::
 
 Re-running the same command resumes: images that already have a complete row are skipped. A
 different run (other settings or models) into the same folder is refused, so a report never
-mixes two runs. The head box comes from the automatic mode (``auto_box``): ground-truth masks,
+mixes two runs, and so is a second run while one is writing there (the folder's lock). Every
+per-image failure (an unreadable or missing file, a bad CSV cell, a decompression bomb, an
+unexpected exception) becomes an error row and the run goes on; a full disk stops it, keeping the
+rows written. ``warning`` says why a head measurement is doubtful (not a head plane, poor fit). The head box comes from the automatic mode (``auto_box``): ground-truth masks,
 when given, are only used to score the prediction (Dice), never to make it.
 """
 
@@ -23,24 +26,28 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from fetalstudio.analysis.head import HeadResult, segment_head
+from fetalstudio.analysis.head import HEAD_PLANES, HeadResult, measurement_warnings, segment_head
 from fetalstudio.analysis.image_input import LoadedImage, load_image, supported_suffixes
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.session import checked_pixel_size
-from fetalstudio.errors import FetalStudioError
+from fetalstudio.data.tables import read_csv_rows
+from fetalstudio.errors import DiskFullError, FetalStudioError, disk_full_error, is_disk_full
 from fetalstudio.review.export import write_png
-from fetalstudio.review.store import atomic_write_bytes
+from fetalstudio.review.store import LOCK_FILE, atomic_write_bytes, folder_lock
 from fetalstudio.segmentation.ellipse import dice, fill_outline
 
 SETTINGS_FILE, REPORT_FILE, SUMMARY_FILE = "batch.json", "report.csv", "summary.json"
-BASE_COLUMNS = ("name", "file", "status", "error", "width", "height", "plane", "plane_probability")
+BASE_COLUMNS = ("name", "file", "status", "error", "warning", "width", "height", "plane", "plane_probability")
+#: The start of ``warning`` on rows whose head was not measured (``measure_heads_only``).
+HEAD_NOT_MEASURED = "head not measured"
 HEAD_COLUMNS = (
     "box_source", "box_x0", "box_y0", "box_x1", "box_y1", "score", "center_x", "center_y", "axis_a", "axis_b", "angle_deg",
     "quality", "fit_note", "hc_px", "bpd_px", "ofd_px", "pixel_size_mm", "pixel_size_source", "hc_mm", "bpd_mm", "ofd_mm",
@@ -56,6 +63,7 @@ class BatchInput:
     mask: Path | None = None  # ground truth (filled or outline), only for scoring
     pixel_size_mm: float | None = None
     hc_mm: float | None = None
+    error: str | None = None  # a problem of its CSV row (missing file, bad cell): it becomes an error row
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,13 @@ class BatchSettings:
     segmenter: str = ""
     overlays: bool = True
     formats: tuple[str, ...] = ()
+    measure_heads_only: bool = False  # segment only images the classifier puts on a head plane
 
     def __post_init__(self) -> None:
         if not (self.classify or self.segment):
             raise FetalStudioError("Choose what to run: plane classification, head segmentation, or both.")
+        if self.measure_heads_only and not (self.classify and self.segment):
+            raise FetalStudioError("Measuring heads only on head planes needs both plane classification and head segmentation.")
 
 
 @dataclass
@@ -80,6 +91,8 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0  # finished by an earlier, interrupted run
     errors: int = 0
+    warned: int = 0  # rows with a warning (HC doubtful, or head not measured)
+    heads_not_measured: int = 0  # not a head plane, with measure_heads_only
     cancelled: bool = False
     seconds: float = 0.0
     planes: dict[str, int] = field(default_factory=dict)
@@ -120,49 +133,92 @@ def inputs_from_files(paths: Sequence[Path]) -> list[BatchInput]:
     return [BatchInput(name, Path(path)) for name, path in zip(names, paths)]
 
 
-def _optional_float(value: str | None, column: str, row: int, source: Path) -> float | None:
-    if value is None or value.strip() == "":
-        return None
+def _is_batch_output(folder: Path) -> bool:
+    return (folder / SETTINGS_FILE).is_file()
+
+
+def _image_files(source: Path, exclude: Sequence[Path]) -> list[Path]:
+    """Image files under ``source``, leaving out hidden files and folders, the ``exclude`` folders
+    and any batch output folder (so ``--out`` inside ``--in`` never analyses its own masks)."""
+    suffixes = supported_suffixes()
+    excluded = {Path(folder).resolve() for folder in exclude}
+    files = []
+    for root, folders, names in os.walk(source):
+        here = Path(root)
+        folders[:] = [f for f in folders if not f.startswith(".") and (here / f).resolve() not in excluded
+                      and not _is_batch_output(here / f)]
+        files += [here / name for name in names if not name.startswith(".") and Path(name).suffix.lower() in suffixes]
+    return sorted(files)
+
+
+def _csv_pixel_size(value: str) -> tuple[float | None, str | None]:
+    """A CSV's pixel size and the problem with it, checked like ``--pixel-size``. An empty cell is
+    unknown; 0 is refused (typed, 0 means "unknown"; in a table it is a mistake)."""
+    if value.strip() == "":
+        return None, None
     try:
-        return float(value)
+        size = checked_pixel_size(value)
+    except FetalStudioError as error:
+        return None, f"pixel_size_mm: {error}"
+    if size is None:
+        return None, f"pixel_size_mm {value!r} is not a pixel size; leave the cell empty if it is unknown."
+    return size, None
+
+
+def _csv_hc(value: str) -> tuple[float | None, str | None]:
+    if value.strip() == "":
+        return None, None
+    try:
+        hc = float(value)
     except ValueError:
-        raise FetalStudioError(f"{source.name}, row {row}: {column} must be a number, not {value!r}.") from None
+        hc = float("nan")
+    if not (np.isfinite(hc) and hc > 0):
+        return None, f"hc_mm {value!r} must be a positive number of mm (or empty)."
+    return hc, None
 
 
-def read_batch_inputs(source: str | Path) -> list[BatchInput]:
-    """Images from a folder (searched recursively, hidden files skipped) or a CSV with an ``image``
-    column and optional ``mask``, ``pixel_size_mm`` and ``hc_mm`` (paths relative to the CSV)."""
+def _csv_input(base: Path, row: dict, name: str, number: int) -> BatchInput:
+    """One CSV row; a missing file or bad cell is kept as the input's ``error`` (an error row)."""
+    cell = (row.get("image") or "").strip()
+    if not cell:
+        return BatchInput(name, base, error=f"row {number}: the image cell is empty; name an image file (relative to the CSV's folder).")
+    image = base / cell
+    mask_cell = (row.get("mask") or "").strip()
+    mask = base / mask_cell if mask_cell else None
+    pixel_size, pixel_problem = _csv_pixel_size(row.get("pixel_size_mm") or "")
+    hc, hc_problem = _csv_hc(row.get("hc_mm") or "")
+    problems = [f"{what} {path} does not exist (paths are relative to the CSV's folder)"
+                for what, path in (("the image", image), ("the mask", mask)) if path is not None and not path.is_file()]
+    problems += [problem for problem in (pixel_problem, hc_problem) if problem]
+    error = f"row {number}: " + "; ".join(problems) if problems else None
+    return BatchInput(name, image, mask, pixel_size, hc, error)
+
+
+def read_batch_inputs(source: str | Path, exclude: Sequence[str | Path] = ()) -> list[BatchInput]:
+    """Images from a folder (searched recursively; hidden files, ``exclude`` folders and batch
+    output folders skipped) or a CSV with an ``image`` column and optional ``mask``,
+    ``pixel_size_mm`` and ``hc_mm`` (paths relative to the CSV). A CSV row with a missing file or
+    a bad cell is kept with its ``error``, so the run reports it as an error row and goes on."""
     source = Path(source)
     if source.is_dir():
-        suffixes = supported_suffixes()
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                       and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        files = _image_files(source, [Path(p) for p in exclude])
         if not files:
-            raise FetalStudioError(f"{source} holds no images ({', '.join(suffixes)}). Choose the folder that holds them.")
+            raise FetalStudioError(f"{source} holds no images ({', '.join(supported_suffixes())}). Choose the folder that holds them.")
         names = _unique([_safe_name(p.relative_to(source)) for p in files])
         return [BatchInput(name, path) for name, path in zip(names, files)]
     if not source.is_file():
         raise FetalStudioError(f"{source} does not exist. Give a folder of images or a CSV with an 'image' column.")
     if source.suffix.lower() != ".csv":
         raise FetalStudioError(f"{source.name} is neither a folder nor a .csv file. Give a folder of images or a CSV.")
-    with source.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv_rows(source)
     if not rows or "image" not in rows[0]:
         raise FetalStudioError(f"{source.name} needs an 'image' column (optional: mask, pixel_size_mm, hc_mm) and at least one row.")
     base = source.parent
-    inputs, missing = [], []
-    names = _unique([_safe_name(Path(Path(row["image"]).name if Path(row["image"]).is_absolute() else row["image"]))
-                     for row in rows])
-    for number, (name, row) in enumerate(zip(names, rows), start=2):
-        image = base / row["image"]
-        mask = base / row["mask"] if (row.get("mask") or "").strip() else None
-        missing += [str(p) for p in (image, mask) if p is not None and not p.is_file()]
-        inputs.append(BatchInput(name, image, mask, _optional_float(row.get("pixel_size_mm"), "pixel_size_mm", number, source),
-                                 _optional_float(row.get("hc_mm"), "hc_mm", number, source)))
-    if missing:
-        raise FetalStudioError(f"{len(missing)} file(s) named in {source.name} do not exist, e.g. {missing[0]}. "
-                               "Paths in the CSV are relative to the CSV's folder.")
-    return inputs
+    stems = []
+    for number, row in enumerate(rows, start=2):
+        cell = (row.get("image") or "").strip()
+        stems.append(_safe_name(Path(Path(cell).name if Path(cell).is_absolute() else cell)) if cell else f"row{number}")
+    return [_csv_input(base, row, name, number) for number, (name, row) in enumerate(zip(_unique(stems), rows), start=2)]
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -180,7 +236,7 @@ def _check_out(out: Path, record: dict) -> None:
             changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
             raise FetalStudioError(f"{out} holds a batch run with other settings ({', '.join(changed)} differ). "
                                    "Choose another output folder, or delete this one to start again.")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(path.name != LOCK_FILE for path in out.iterdir()):
         raise FetalStudioError(f"{out} is not empty and is not a batch analysis folder. Choose a new or empty folder.")
 
 
@@ -217,7 +273,7 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.6g}" if np.isfinite(value) else ""
-    return str(value)
+    return " ".join(str(value).splitlines())  # one line per row: a cut-short row is then told by its missing newline
 
 
 def _png(path: Path, array: np.ndarray) -> None:
@@ -241,8 +297,11 @@ class _Models:
 
 
 def _analyse(item: BatchInput, settings: BatchSettings, models: _Models, out: Path) -> dict:
+    if item.error is not None:
+        raise FetalStudioError(item.error)
     image: LoadedImage = load_image(item.image)
     row: dict = {"name": item.name, "file": str(item.image), "status": "ok", "width": image.size[0], "height": image.size[1]}
+    plane = None
     if models.classifier is not None:
         from PIL import Image
 
@@ -250,6 +309,9 @@ def _analyse(item: BatchInput, settings: BatchSettings, models: _Models, out: Pa
         plane = max(probabilities, key=probabilities.get)
         row.update(plane=plane, plane_probability=probabilities[plane], **{f"prob_{c}": probabilities[c] for c in models.classes})
     if models.predictor is None:
+        return row
+    if settings.measure_heads_only and plane not in HEAD_PLANES:
+        row["warning"] = f"{HEAD_NOT_MEASURED}: not a head plane (classified as {plane})"
         return row
     pixel_size, source = item.pixel_size_mm, "csv"
     if pixel_size is None:
@@ -259,7 +321,7 @@ def _analyse(item: BatchInput, settings: BatchSettings, models: _Models, out: Pa
     result: HeadResult = segment_head(models.predictor, image.gray, auto=True, pixel_size_mm=pixel_size)
     measurement = result.measurement
     row.update(box_source=result.box_source, score=result.score, quality=measurement.quality, fit_note=measurement.reason,
-               pixel_size_source=source if pixel_size is not None else "")
+               pixel_size_source=source if pixel_size is not None else "", warning="; ".join(measurement_warnings(plane, measurement)))
     row.update(zip(("box_x0", "box_y0", "box_x1", "box_y1"), result.box))
     if measurement.ellipse is not None:
         row.update({k: getattr(measurement.ellipse, k) for k in ("center_x", "center_y", "axis_a", "axis_b", "angle_deg")})
@@ -307,17 +369,47 @@ def run_batch(
         if unknown or not settings.segment:
             raise FetalStudioError(f"Mask exports need head segmentation and formats from {', '.join(MASK_FORMATS)} (got {', '.join(settings.formats)}).")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FetalStudioError(f"{out} is a file; give a folder for the batch report (it is created if missing).")
     classes = tuple(classifier.classes) if settings.classify else ()
     record = {"settings": {**asdict(settings), "formats": list(settings.formats)}, "classes": list(classes)}
-    _check_out(out, record)
-    for folder in (out, out / "masks", out / "overlays"):
+    _check_out(out, record)  # before anything is written: a foreign folder is left as it was
+    columns = report_columns(classes, settings)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _run_lock(out):
+            _check_out(out, record)  # again under the lock: a run that finished meanwhile may have written its settings
+            return _run_locked(inputs, out, settings, record, columns, classifier, predictor, progress, cancel)
+    except (OSError, DiskFullError) as error:
+        if not (isinstance(error, DiskFullError) or is_disk_full(error)):
+            raise
+        kept = len(_finished_rows(out / REPORT_FILE, columns))
+        raise disk_full_error(out, f"The {kept} image row(s) already in {REPORT_FILE} (with their masks and overlays) are kept; "
+                                   "run the same command again to resume from there.") from error
+
+
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock for the whole run; a second run into the same folder is refused at once."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out).hold(blocking=False))
+        except BlockingIOError:
+            raise FetalStudioError(f"Another batch analysis is writing into {out} right now. Wait for it to finish (then run "
+                                   "the same command again to resume), or choose another output folder.") from None
+        yield
+
+
+def _run_locked(inputs: Sequence[BatchInput], out: Path, settings: BatchSettings, record: dict, columns: list[str],
+                classifier, predictor, progress: Progress | None, cancel: threading.Event | None) -> BatchSummary:
+    for folder in (out / "masks", out / "overlays"):
         folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / SETTINGS_FILE, (json.dumps(record, indent=2) + "\n").encode())
-    columns = report_columns(classes, settings)
     report = out / REPORT_FILE
     finished = {row["name"]: row for row in _finished_rows(report, columns)}
     _write_report(report, columns, list(finished.values()))
 
+    classes = tuple(record["classes"])
     models = _Models(classifier if settings.classify else None, predictor if settings.segment else None, classes)
     summary = BatchSummary(out=out, images=len(inputs))
     started = time.perf_counter()
@@ -328,10 +420,7 @@ def run_batch(
         if item.name in finished:
             summary.skipped += 1
         else:
-            try:
-                row = _analyse(item, settings, models, out)
-            except FetalStudioError as error:
-                row = {"name": item.name, "file": str(item.image), "status": "error", "error": str(error)}
+            row = _analysed_row(item, settings, models, out)
             _append_row(report, columns, {c: _cell(row.get(c)) for c in columns})
             summary.done += 1
         if progress is not None:
@@ -345,12 +434,29 @@ def run_batch(
     return summary
 
 
+def _analysed_row(item: BatchInput, settings: BatchSettings, models: _Models, out: Path) -> dict:
+    """The report row of one image; any failure of this image (not a full disk) is an error row."""
+    try:
+        return _analyse(item, settings, models, out)
+    except DiskFullError:
+        raise
+    except FetalStudioError as error:
+        message = str(error)
+    except Exception as error:  # noqa: BLE001 - a bomb, MemoryError, cv2.error...: reported, and the run goes on
+        if is_disk_full(error):
+            raise
+        message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return {"name": item.name, "file": str(item.image), "status": "error", "error": message}
+
+
 def _floats(rows: list[dict], column: str) -> np.ndarray:
     return np.array([float(r[column]) for r in rows if r.get(column, "") != ""], dtype=np.float64)
 
 
 def _summarise(summary: BatchSummary, rows: list[dict]) -> None:
     summary.errors = sum(1 for r in rows if r["status"] == "error")
+    summary.warned = sum(1 for r in rows if r.get("warning"))
+    summary.heads_not_measured = sum(1 for r in rows if r.get("warning", "").startswith(HEAD_NOT_MEASURED))
     planes: dict[str, int] = {}
     for row in rows:
         if row.get("plane"):
@@ -383,13 +489,15 @@ def _export(rows: list[dict], inputs: Sequence[BatchInput], out: Path, formats: 
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:
-    """A zip of ``folder``'s files (e.g. the overlays) for download, written atomically."""
+    """A zip of ``folder``'s files (e.g. the overlays) for download, written atomically; hidden files
+    and folders (an export being built, a temporary file) are left out."""
     import zipfile
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
         for path in sorted(folder.rglob("*")):
-            if path.is_file():
+            # hidden names are work in progress or bookkeeping: export build folders, temporary files, the lock
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
                 bundle.write(path, path.relative_to(folder.parent).as_posix())
     archive.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(archive, buffer.getvalue())

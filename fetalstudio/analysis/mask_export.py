@@ -23,7 +23,8 @@ centres at +0.5), so YOLO's are COCO's divided by width and height.
 
 Everything is built in a hidden folder inside ``out`` and each format's folder is then renamed
 into place, so re-running replaces ``out/<format>`` whole and leaves other files in ``out``
-alone. ``out/mask_export.json`` records which format folders are exports; an existing
+alone. Exports into one ``out`` hold its lock (``out/.lock``), so a build folder found by the next
+export is from one that was killed, and is removed. ``out/mask_export.json`` records which format folders are exports; an existing
 ``out/<format>`` that is not one is refused rather than replaced.
 """
 
@@ -48,11 +49,13 @@ from fetalstudio.review.export import (
     COCO_CATEGORY, NnunetCase, check_choices, coco_annotation, copy_file, mask_polygons, move_into_place,
     nnunet_dataset_name, write_json, write_nnunet_dataset, write_png,
 )
-from fetalstudio.review.store import atomic_write_bytes, binary_mask
+from fetalstudio.review.store import atomic_write_bytes, binary_mask, folder_lock
 from fetalstudio.segmentation.ellipse import Ellipse, fit_ellipse
 
 MASK_FORMATS = ("png", "coco", "yolo", "nnunet")
 MANIFEST = "mask_export.json"
+#: The hidden build folder of an export in progress (removed by the next export if one was killed).
+PARTIAL_PREFIX = ".mask-export-partial-"
 YOLO_CLASS = 0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -116,7 +119,22 @@ def export_masks(
             progress(done, total)
 
     out.mkdir(parents=True, exist_ok=True)
-    building = out / f".mask-export-partial-{uuid.uuid4().hex[:8]}"
+    with folder_lock(out).hold():  # one export into ``out`` at a time, so any other build folder is a dead one
+        _remove_partial_builds(out)
+        return _export_locked(records, out, formats, dataset_name, dataset_id, step)
+
+
+def _remove_partial_builds(out: Path) -> None:
+    """Build folders (and swapped-out previous exports) left by an export that was killed; call
+    with ``out``'s lock held."""
+    leftovers = list(out.glob(f"{PARTIAL_PREFIX}*")) + [path for name in MASK_FORMATS for path in out.glob(f".{name}.previous-*")]
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _export_locked(records: list[MaskRecord], out: Path, formats: tuple[str, ...], dataset_name: str, dataset_id: int,
+                   step: Callable[[], None]) -> dict[str, Path]:
+    building = out / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}"
     building.mkdir()
     try:
         staged = _stage_all(records, building / "png", step)  # the "png" layout doubles as the staging area

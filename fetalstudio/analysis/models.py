@@ -65,13 +65,15 @@ def batch_models(
     pixel_size_mm: float | None = None,
     overlays: bool = True,
     formats: Sequence[str] = (),
+    measure_heads_only: bool = False,
 ) -> tuple[BatchSettings, PlaneRanking | None, CachedPredictor | None]:
     """The settings of a batch run (recording the resolved model ids, so a resumed run must use the
     same models) and the models it needs, for the CLI and the tab alike."""
     chosen_classifiers = classifier_ids(manager, classifiers) if classify else []
     chosen_segmenter = segmenter_id(manager, segmenter) if segment else ""
     settings = BatchSettings(classify=classify, segment=segment, pixel_size_mm=pixel_size_mm, classifier=",".join(chosen_classifiers),
-                             segmenter=chosen_segmenter, overlays=overlays, formats=tuple(formats))
+                             segmenter=chosen_segmenter, overlays=overlays, formats=tuple(formats),
+                             measure_heads_only=measure_heads_only)
     classifier = load_plane_classifier(manager, chosen_classifiers) if classify else None
     predictor = CachedPredictor(load_head_predictor(manager, chosen_segmenter), capacity=1) if segment else None
     return settings, classifier, predictor

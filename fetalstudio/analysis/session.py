@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import fetalstudio
-from fetalstudio.analysis.head import HeadResult, segment_head
+from fetalstudio.analysis.head import HeadResult, measurement_warnings, segment_head
 from fetalstudio.analysis.image_input import LoadedImage, load_image
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.segment import CachedPredictor
@@ -132,6 +132,15 @@ class AnalysisSession:
             return self.result
 
     # --- outputs ---------------------------------------------------------------------------
+    def warnings(self) -> list[str]:
+        """Why the current head measurement should not be trusted (empty: no reason, or nothing
+        measured): the classifier's top plane is not a head plane, or the ellipse fits poorly."""
+        with self.lock:
+            if self.result is None:
+                return []
+            plane = self.planes[0][0] if self.planes else None
+            return measurement_warnings(plane, self.result.measurement)
+
     def picture(self, opacity: float = 0.4) -> np.ndarray:
         image = self.require_image()
         result = self.result
@@ -169,6 +178,7 @@ class AnalysisSession:
                 "mask_pixels": int(result.mask.sum()),
             }
             record["head"] = result.measurement.as_dict()
+            record["warnings"] = self.warnings()
         return record
 
     def save_outputs(self, folder: Path) -> tuple[Path, Path]:
