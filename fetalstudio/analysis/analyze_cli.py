@@ -57,6 +57,9 @@ def add_analyze_parser(commands) -> None:
                              "saying 'head not measured: not a head plane' (needs classification and segmentation)")
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--limit", type=at_least_one, help="only the first N images")
+    parser.add_argument("--max-pixels", type=at_least_one, metavar="N",
+                        help="refuse images declaring more pixel values than this (rows x columns x samples; checked before "
+                             "decoding, against decompression bombs). Default: 50000000 or $FETALSTUDIO_MAX_PIXELS")
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
     parser.set_defaults(handler=run_analyze)
 
@@ -67,6 +70,7 @@ def _progress(done: int, total: int, name: str) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from fetalstudio.analysis.batch import read_batch_inputs, run_batch
+    from fetalstudio.analysis.image_input import set_max_pixels
     from fetalstudio.analysis.models import batch_models
     from fetalstudio.analysis.session import checked_pixel_size
     from fetalstudio.models.device import default_placement
@@ -77,6 +81,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     if not (classify or segment):
         classify = segment = True
     pixel_size = checked_pixel_size(args.pixel_size)
+    if args.max_pixels is not None:
+        set_max_pixels(args.max_pixels)
     inputs = read_batch_inputs(args.source, exclude=[args.out])[: args.limit]  # --out inside --in: not its own input
     manager = ModelManager(checkpoints_dir(), placement=default_placement(args.device))
     settings, classifier, predictor = batch_models(manager, classify=classify, segment=segment, classifiers=args.classifier,
