@@ -275,6 +275,7 @@ def prune_cache(folder: Path, budget: CacheBudget, now: float | None = None) -> 
         files.append((max(stat.st_mtime, stat.st_atime), stat.st_size, path))
     total = sum(size for _, size, _ in files)
     removed = freed = 0
+    emptied: set[Path] = set()
     for used, size, path in sorted(files, key=lambda f: f[0]):  # oldest first
         age = now - used
         if age < budget.in_use_s:
@@ -286,16 +287,18 @@ def prune_cache(folder: Path, budget: CacheBudget, now: float | None = None) -> 
         except OSError:
             continue
         removed, freed, total = removed + 1, freed + size, total - size
-    _remove_empty_folders(Path(folder), now - budget.in_use_s)
+        emptied.add(path.parent)
+    _remove_empty_folders(Path(folder), emptied, now - budget.in_use_s)
     return PruneReport(removed, freed, total)
 
 
-def _remove_empty_folders(folder: Path, before: float) -> None:
-    """Empty folders last changed before ``before`` (a fresh one may be about to receive an upload)."""
+def _remove_empty_folders(folder: Path, emptied: set[Path], before: float) -> None:
+    """Empty folders that held a pruned file or were last changed before ``before`` (a fresh empty
+    one may be about to receive an upload)."""
     folders = [p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()]
     for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         try:
-            if path.stat().st_mtime < before:
+            if path in emptied or path.stat().st_mtime < before:
                 path.rmdir()  # only succeeds when empty
         except OSError:
             pass
