@@ -5,26 +5,32 @@ from __future__ import annotations
 import numpy as np
 
 
-def write_ultrasound_dicom(path, pixels: np.ndarray, *, spacing=None, us_delta_cm=None, photometric="MONOCHROME2"):
-    """A minimal ultrasound DICOM file written with pydicom (with a patient name that must not leak)."""
+def write_ultrasound_dicom(path, pixels: np.ndarray, *, spacing=None, us_delta_cm=None, photometric="MONOCHROME2",
+                           deflated: bool = False):
+    """A minimal ultrasound DICOM file written with pydicom (with a patient name that must not leak);
+    ``pixels`` rows x columns (x 3 for colour), or frames x rows x columns for a cine loop;
+    ``deflated``: the Deflated Explicit VR Little Endian transfer syntax."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "US"
     ds.PatientName = "Doe^Jane"
     ds.PatientID = "SECRET-123"
-    frames = pixels if pixels.ndim == 3 else pixels[None]
+    colour = photometric in ("RGB", "YBR_FULL")
+    frames = pixels[None] if pixels.ndim == 2 or colour and pixels.ndim == 3 else pixels
     ds.NumberOfFrames = len(frames)
-    ds.Rows, ds.Columns = frames.shape[1:]
-    ds.SamplesPerPixel = 1
+    ds.Rows, ds.Columns = frames.shape[1:3]
+    ds.SamplesPerPixel = 3 if colour else 1
     ds.PhotometricInterpretation = photometric
+    if colour:
+        ds.PlanarConfiguration = 0
     ds.BitsAllocated = ds.BitsStored = 8 * pixels.dtype.itemsize
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 0
@@ -84,7 +90,7 @@ def write_deflated_dicom_bomb(path, rows: int = 30000, columns: int = 30000, fra
     meta_bytes = DicomBytesIO()
     meta_bytes.is_little_endian, meta_bytes.is_implicit_VR = True, False
     write_file_meta_info(meta_bytes, meta, enforce_standard=True)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     zeros = bytes(_ZERO_CHUNK)
     with open(path, "wb") as handle:
         handle.write(b"\0" * 128 + b"DICM" + meta_bytes.getvalue())

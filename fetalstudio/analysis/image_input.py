@@ -51,7 +51,7 @@ MAX_PIXELS_ENV = "FETALSTUDIO_MAX_PIXELS"
 MIN_IMAGE_SIDE_PX = 16
 #: Deflated DICOM: at most this much of the inflated dataset is read to find its header (the
 #: elements before the pixel data; ultrasound headers are a few KB).
-DICOM_HEADER_BYTES = 16 * 1024 * 1024
+DICOM_HEADER_BYTES = 4 * 1024 * 1024
 _PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float and integer pixel data
 _max_pixels_setting: int | None = None
 
@@ -91,6 +91,12 @@ def _raise_limit_hint() -> str:
 def check_declared_size(name: str, rows: int, columns: int, samples: int = 1, frames: int = 1, limit: int | None = None) -> None:
     """Refuse an image by its declared size, before decoding: more values than the pixel limit
     (a decompression bomb, or far larger than an ultrasound frame) or smaller than ``MIN_IMAGE_SIDE_PX``."""
+    check_pixel_count(name, rows, columns, samples, frames, limit)
+    check_image_side(name, rows, columns)
+
+
+def check_pixel_count(name: str, rows: int, columns: int, samples: int = 1, frames: int = 1, limit: int | None = None) -> None:
+    """Refuse a declared size over the pixel limit (rows x columns x samples x frames)."""
     limit = max_pixels() if limit is None else limit
     values = rows * columns * max(1, samples) * max(1, frames)
     if values > limit:
@@ -98,15 +104,20 @@ def check_declared_size(name: str, rows: int, columns: int, samples: int = 1, fr
         raise FetalStudioError(f"{name} declares {shape} = {values:,} pixel values, more than the limit of {limit:,} "
                                "(a decompression bomb, or far larger than an ultrasound frame); it was not decoded. "
                                + _raise_limit_hint())
+
+
+def check_image_side(name: str, rows: int, columns: int) -> None:
+    """Refuse an image smaller than ``MIN_IMAGE_SIDE_PX`` on a side, with a message instead of a
+    degenerate (inverted) automatic box further on."""
     if min(rows, columns) < MIN_IMAGE_SIDE_PX:
         raise FetalStudioError(f"{name} is {columns}x{rows} pixels: too small to analyse (at least {MIN_IMAGE_SIDE_PX}x"
                                f"{MIN_IMAGE_SIDE_PX}; an ultrasound frame is hundreds of pixels wide). Check that this is the right file.")
 
 
 def check_image_file(path: str | Path, limit: int | None = None) -> None:
-    """The declared-size check of ``load_image`` for readers that decode a raster file themselves
-    (e.g. OpenCV for colour masks): Pillow reads only the header. Files Pillow cannot identify pass
-    (their own reader reports them)."""
+    """The pixel limit of ``load_image`` for readers that decode a raster file themselves (e.g.
+    OpenCV for colour masks), from the size Pillow reads in the header. Files Pillow cannot identify
+    pass (their own reader reports them)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -114,7 +125,7 @@ def check_image_file(path: str | Path, limit: int | None = None) -> None:
     _follow_limit_in_pillow(limit)
     try:
         with Image.open(path) as image:
-            check_declared_size(path.name, image.height, image.width, len(image.getbands()), limit=limit)
+            check_pixel_count(path.name, image.height, image.width, len(image.getbands()), limit=limit)
     except Image.DecompressionBombError as error:
         raise _pillow_bomb(path, error, limit) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
