@@ -85,3 +85,82 @@ def test_exposed_host_or_share_needs_auth():
 def test_bad_auth_strings(text):
     with pytest.raises(FetalStudioError, match="USER:PASSWORD"):
         parse_auth(text)
+
+
+def test_app_launch_options_parse(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetalstudio_app", REPO / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    options = app.parse_args(["--host", "0.0.0.0", "--auth", "u:p", "--data-dir", str(tmp_path / "a"), "--data-dir",
+                              str(tmp_path / "b"), "--max-file-size", "50", "--max-pixels", "1000000", "--no-browser"])
+    assert options.data_dirs == (tmp_path / "a", tmp_path / "b")
+    assert options.max_file_size_bytes == 50 * 1024 * 1024 and options.max_pixels == 1_000_000
+    assert options.open_browser is False and options.exposed
+    defaults = app.parse_args([])
+    assert defaults.max_file_size_mb == 200 and defaults.open_browser and not defaults.exposed
+
+
+# --- shared argument checks (issue 11, item 7) -------------------------------------------------
+
+COMMANDS_WITH_OUT = [["generate", "--plane", "brain"], ["extract", "--csv", "x.csv"], ["analyze", "--in", "x"],
+                     ["eval", "classifier", "--data", "x"], ["eval", "segmenter", "--csv", "x"], ["eval", "synthesis"],
+                     ["train", "sd"], ["train", "lora"], ["train", "classifier"], ["train", "segmenter"]]
+COMMANDS_WITH_BATCH_SIZE = [["generate"], ["eval", "classifier"], ["eval", "synthesis"], ["train", "sd"], ["train", "lora"],
+                            ["train", "classifier"], ["train", "segmenter"]]
+COMMANDS_WITH_DEVICE = [["analyze"], ["eval", "classifier"], ["eval", "synthesis"]]
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_OUT, ids=" ".join)
+def test_every_out_that_is_a_file_is_refused(command, tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    err = _usage_error([*command, "--out", str(existing)], capsys)
+    assert f"argument --out: {existing} is a file, not a folder" in err and existing.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_BATCH_SIZE, ids=" ".join)
+@pytest.mark.parametrize("value", ["0", "-4", "two"])
+def test_every_batch_size_below_one_is_refused(command, value, capsys):
+    err = _usage_error([*command, "--batch-size", value], capsys)
+    assert "argument --batch-size: must be" in err and "at least 1" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_DEVICE, ids=" ".join)
+def test_every_device_option_names_the_valid_and_available_devices(command, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _usage_error([*command, "--device", "banana"], capsys)
+    assert "'banana' is not a device; use cpu, cuda, cuda:N (one GPU) or mps" in err and "Available here: cpu" in err
+    err = _usage_error([*command, "--device", "cuda"], capsys)
+    assert "'cuda': this machine has no CUDA GPU" in err and "Available here: cpu" in err
+
+
+def test_the_device_environment_variable_is_checked_too(monkeypatch):
+    from fetalstudio.models.device import default_placement
+
+    monkeypatch.setenv("FETALSTUDIO_DEVICE", "banana")
+    with pytest.raises(FetalStudioError, match=r"\$FETALSTUDIO_DEVICE 'banana' is not a device.*Available here: cpu"):
+        default_placement()
+    assert default_placement("cpu").device.type == "cpu"
+
+
+@pytest.mark.parametrize("command", [["analyze", "--in"], ["extract", "--csv"]], ids=" ".join)
+def test_a_csv_that_is_not_utf8_is_named_with_its_line(command, tmp_path, capsys):
+    table = tmp_path / "latin1.csv"
+    table.write_bytes("image,mask\nok.png,ok_mask.png\nb\u00e9b\u00e9.png,m.png\n".encode("latin-1"))
+    assert main([*command, str(table), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(table) in err and "not UTF-8" in err and "line 3" in err and "Save it as UTF-8" in err
