@@ -299,3 +299,199 @@ def test_the_analyze_cli_reports_dice_and_hc_error_from_a_segmentation_csv(tmp_p
     assert "Mask exports need" in capsys.readouterr().err
     assert main(["analyze", "--in", str(table), "--out", str(tmp_path / "z"), "--segmenter", "fetalstudio-plane-classifier"]) == 2
     assert "not a segmenter" in capsys.readouterr().err
+
+
+# --- failures, warnings, locking, a full disk -------------------------------------------------
+
+def _spanish(plane: str, index: int = 0) -> Path:
+    return sorted((DATA / "spanish_planes" / plane).glob("*.png"))[index]
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_every_failing_image_is_an_error_row_and_a_rerun_goes_past_it(models, tmp_path, monkeypatch):
+    import cv2
+
+    from fetalstudio.analysis import batch
+
+    classifier, _ = models
+    image_path, _, _ = _hc18(0)
+    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")  # 196 M pixels in a few kB: a decompression bomb
+    for name in ("memory.png", "opencv.png", "surprise.png"):
+        (tmp_path / name).write_bytes(image_path.read_bytes())
+    raising = {"memory.png": MemoryError(), "opencv.png": cv2.error("OpenCV(4.x) error: (-215:Assertion failed) !_src.empty()"),
+               "surprise.png": RuntimeError("line one\nline two")}
+    real_load = batch.load_image
+
+    def load(path, *args, **kwargs):
+        if Path(path).name in raising:
+            raise raising[Path(path).name]
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "load_image", load)
+    rows = [image_path, "bomb.png", "memory.png", "", "missing.png", "opencv.png", "surprise.png", _spanish("abdomen")]
+    pixel_sizes = ["0.1", "", "", "", "", "", "", "-1"]
+    table = tmp_path / "in.csv"
+    table.write_text("image,pixel_size_mm\n" + "".join(f"{r},{p}\n" for r, p in zip(rows, pixel_sizes)))
+    inputs = read_batch_inputs(table)
+    settings = BatchSettings(segment=False, classifier="c")
+    summary = run_batch(inputs, tmp_path / "run", settings, classifier, None)
+    report = _report(tmp_path / "run")
+    assert summary.done == 8 and summary.errors == 7 and len(report) == 8
+    assert [r["status"] for r in report] == ["ok"] + ["error"] * 7
+    errors = [r["error"] for r in report[1:]]
+    assert "bomb.png" in errors[0] or "DecompressionBombError" in errors[0]
+    assert errors[1] == "MemoryError"
+    assert "row 5: the image cell is empty" in errors[2]
+    assert "missing.png does not exist" in errors[3]
+    assert errors[4].startswith("error: OpenCV") or errors[4].startswith("cv2.error") or "Assertion failed" in errors[4]
+    assert errors[5] == "RuntimeError: line one line two"  # one line per row
+    assert errors[6].startswith("row 9: pixel_size_mm") and "-1" in errors[6]
+    again = run_batch(inputs, tmp_path / "run", settings, classifier, None)
+    assert again.skipped == 8 and again.done == 0 and len(_report(tmp_path / "run")) == 8
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_head_measurements_on_other_planes_are_flagged_or_skipped(models, tmp_path):
+    from fetalstudio.analysis.head import HEAD_PLANES, NOT_HEAD_PLANE
+
+    classifier, predictor = models
+    inputs = [BatchInput("brain", _spanish("brain")), BatchInput("abdomen", _spanish("abdomen")),
+              BatchInput("femur", _spanish("femur"))]
+    summary = run_batch(inputs, tmp_path / "all", BatchSettings(classifier="c", segmenter="s"), classifier, predictor)
+    rows = {r["name"]: r for r in _report(tmp_path / "all")}
+    assert rows["brain"]["plane"] in HEAD_PLANES and NOT_HEAD_PLANE not in rows["brain"]["warning"]
+    for name in ("abdomen", "femur"):
+        assert rows[name]["plane"] == name and rows[name]["hc_px"] != ""
+        assert f"{NOT_HEAD_PLANE} (classified as {name})" in rows[name]["warning"]
+    assert summary.warned == sum(1 for r in rows.values() if r["warning"]) >= 2 and summary.heads_not_measured == 0
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["warned"] == summary.warned
+
+    settings = BatchSettings(classifier="c", segmenter="s", measure_heads_only=True, formats=("png",))
+    skipping = run_batch(inputs, tmp_path / "heads", settings, classifier, predictor)
+    rows = {r["name"]: r for r in _report(tmp_path / "heads")}
+    assert rows["brain"]["hc_px"] != "" and rows["brain"]["mask"] == "masks/brain.png"
+    for name in ("abdomen", "femur"):
+        assert rows[name]["status"] == "ok" and rows[name]["hc_px"] == "" and rows[name]["mask"] == ""
+        assert rows[name]["warning"] == f"head not measured: not a head plane (classified as {name})"
+    assert skipping.heads_not_measured == 2 and not (tmp_path / "heads" / "masks" / "abdomen.png").exists()
+    assert sorted(p.name for p in (tmp_path / "heads" / "exports" / "png" / "masks").iterdir()) == ["brain.png"]
+    with pytest.raises(FetalStudioError, match="needs both plane classification and head segmentation"):
+        BatchSettings(segment=False, measure_heads_only=True)
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_session_says_when_its_hc_is_not_meaningful(models):
+    from fetalstudio.analysis.head import NOT_HEAD_PLANE
+
+    classifier, predictor = models
+    session = AnalysisSession()
+    session.load(_spanish("abdomen"))
+    assert session.warnings() == []
+    session.segment(predictor, auto=True)
+    assert not any(NOT_HEAD_PLANE in w for w in session.warnings())  # not classified: the plane is not known
+    assert session.classify(classifier)[0][0] == "abdomen"
+    assert f"{NOT_HEAD_PLANE} (classified as abdomen)" in session.warnings()
+    assert session.measurements()["warnings"] == session.warnings()
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_second_run_into_a_busy_folder_is_refused(models, tmp_path):
+    import subprocess
+    import sys
+
+    classifier, _ = models
+    inputs = _inputs(2)
+    out = tmp_path / "run"
+    settings = BatchSettings(segment=False, classifier="c")
+    run_batch(inputs[:1], out, settings, classifier, None)
+    # another analyze process holding the folder, as a running one does
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (out / "report.csv").read_bytes()
+        with pytest.raises(FetalStudioError, match="Another batch analysis is writing into .*run"):
+            run_batch(inputs, out, settings, classifier, None)
+        assert (out / "report.csv").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_batch(inputs, out, settings, classifier, None).done == 1  # free again: the rerun resumes
+    assert len(_report(out)) == 2
+
+
+@needs_data
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(tmp_path, capsys):
+    from fetalstudio.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"head{index}.png").write_bytes(_hc18(index)[0].read_bytes())
+    args = ["analyze", "--in", str(folder), "--out", str(folder / "report"), "--classify", "--device", "cpu"]
+    assert main(args) == 0
+    assert main(args) == 0  # the rerun sees report/ (its masks and overlays) inside --in
+    assert [r["name"] for r in _report(folder / "report")] == ["head0", "head1"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 2
+    # another run's folder inside the input folder is left out too
+    assert [i.name for i in read_batch_inputs(folder)] == ["head0", "head1"]
+    assert [i.name for i in read_batch_inputs(folder, exclude=[folder / "nothing"])] == ["head0", "head1"]
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_full_disk_stops_the_run_says_what_was_kept_and_the_rerun_resumes(models, tmp_path, monkeypatch):
+    import errno
+
+    from fetalstudio.analysis import batch
+    from fetalstudio.errors import DiskFullError
+
+    classifier, _ = models
+    inputs = _inputs(4)
+    out = tmp_path / "run"
+    settings = BatchSettings(segment=False, classifier="c")
+    real_append, appended = batch._append_row, []
+
+    def append(report, columns, row):
+        if len(appended) == 2:  # the third row: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        appended.append(row["name"])
+        real_append(report, columns, row)
+
+    monkeypatch.setattr(batch, "_append_row", append)
+    with pytest.raises(DiskFullError) as raised:
+        run_batch(inputs, out, settings, classifier, None)
+    message = str(raised.value)
+    assert str(out) in message and "The 2 image row(s) already in report.csv" in message and "run the same command again" in message
+    assert [r["name"] for r in _report(out)] == appended
+    monkeypatch.setattr(batch, "_append_row", real_append)
+    again = run_batch(inputs, out, settings, classifier, None)
+    assert again.skipped == 2 and again.done == 2 and [r["name"] for r in _report(out)] == [i.name for i in inputs]
+
+
+def test_a_row_the_disk_could_not_take_is_not_left_half_written(tmp_path, monkeypatch):
+    import errno
+    import io as _io
+
+    from fetalstudio.analysis.batch import _append_row
+
+    report = tmp_path / "report.csv"
+    report.write_text("name,status\na,ok\n")
+
+    class FullDisk(_io.TextIOWrapper):
+        def flush(self):
+            super().flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: FullDisk(real_open(self, "ab"), encoding="utf-8", newline="")
+                        if a and a[0] == "a" else real_open(self, *a, **k))
+    with pytest.raises(OSError):
+        _append_row(report, ["name", "status"], {"name": "b", "status": "ok"})
+    assert report.read_text() == "name,status\na,ok\n"

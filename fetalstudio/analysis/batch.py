@@ -263,9 +263,14 @@ def _append_row(report: Path, columns: list[str], row: dict) -> None:
     buffer = io.StringIO()
     csv.DictWriter(buffer, columns, lineterminator="\n").writerow(row)
     with report.open("a", encoding="utf-8", newline="") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
+        size = handle.tell()
+        try:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError:
+            handle.truncate(size)  # no half row left behind (a full disk, an I/O error)
+            raise
 
 
 def _cell(value) -> str:
