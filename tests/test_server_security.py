@@ -200,26 +200,10 @@ def server(tmp_path_factory):
                     args=["--auth", f"{USER}:{PASSWORD}", "--max-file-size", "1"])
     app.start()
     try:
-        _wait_for_login_page(app)
+        app.wait_until_up()  # the login page answers 200
         yield app
     finally:
         app.stop()
-
-
-def _wait_for_login_page(app: AppServer, timeout_s: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if app.process.poll() is not None:
-            raise RuntimeError(f"app.py exited:\n{app.log()}")
-        try:
-            if httpx.get(app.url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"app.py did not answer:\n{app.log()}")
 
 
 @contextmanager
