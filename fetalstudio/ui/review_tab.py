@@ -22,11 +22,12 @@ from fetalstudio.review import corrections, navigation
 from fetalstudio.review.export import export_session
 from fetalstudio.review.overlay import ADD_COLOUR, REMOVE_COLOUR
 from fetalstudio.review.view import item_pictures
-from fetalstudio.review.pairs import PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, generate_pairs, import_pairs
+from fetalstudio.review.pairs import (PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, find_pairs, generate_pairs,
+                                      import_pairs)
 from fetalstudio.review.store import ReviewItem, ReviewSession, atomic_write_bytes
 from fetalstudio.segmentation.ellipse import Ellipse
 from fetalstudio.synthesis.samplers import SAMPLERS
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, server_source, user_errors
 from fetalstudio.vocabulary import TRIMESTERS
 
 SESSIONS_FOLDER = "review"
@@ -322,8 +323,10 @@ def render(context: AppContext) -> None:
                   progress=gr.Progress()):
         if not (source or "").strip():
             raise FetalStudioError("Type the path of a pairs CSV or of a folder with images/ and masks/ to import.")
+        source_path = server_source(context, source, "a pairs CSV or a folder with images/ and masks/", listed=lambda path: [
+            file for pair in find_pairs(path) for file in (pair.image, pair.mask)])
         session = _session_for_new_pairs(view, name)
-        added = import_pairs(session, Path(source.strip()).expanduser(), int(threshold_), cancel=cancel_flags.fresh(request),
+        added = import_pairs(session, source_path, int(threshold_), cancel=cancel_flags.fresh(request),
                              on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
         if added:
             move_to(view, added[0].id)
