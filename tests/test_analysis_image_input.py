@@ -4,6 +4,7 @@ pixels, DICOM pixel spacing honoured and identifying fields kept out, clear erro
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,22 @@ def test_tiny_images_are_refused_with_a_minimum_size(tmp_path, side):
 def test_the_smallest_image_allowed_loads(tmp_path):
     Image.fromarray(np.full((16, 16), 128, np.uint8)).save(tmp_path / "small.png")
     assert load_image(tmp_path / "small.png").size == (16, 16)
+
+
+def test_segmenting_a_tiny_array_says_it_is_too_small_not_an_inverted_box():
+    """Arrays given to the segmenter directly (not through load_image) are checked too; a 1x1 image
+    used to end in 'A box is ... got [0.06, 0.0, -0.33, -0.39]' from the automatic mode."""
+    import torch
+
+    from fetalstudio.analysis.head import segment_head
+    from fetalstudio.analysis.segment import CachedPredictor
+    from fetalstudio.models.device import DevicePlacement
+    from fetalstudio.models.entries import ModelKind
+    from fetalstudio.models.manager import ModelManager
+    from fetalstudio.segmentation.predictor import BoxPromptPredictor
+
+    manager = ModelManager(Path(__file__).resolve().parents[1] / "checkpoints", placement=DevicePlacement(torch.device("cpu"), torch.float32))
+    predictor = CachedPredictor(BoxPromptPredictor(manager.get(manager.default_id(ModelKind.SEGMENTER))))
+    for side in (1, 2, 8):
+        with pytest.raises(FetalStudioError, match=f"The image is {side}x{side} pixels: too small to analyse"):
+            segment_head(predictor, np.full((side, side), 120, np.uint8), auto=True)

@@ -262,12 +262,14 @@ def _dicom_pixel_size(dataset) -> float | None:
 
 def _load_dicom(path: Path, frame: int, limit: int) -> LoadedImage:
     try:
-        import pydicom  # noqa: F401
         from pydicom.errors import InvalidDicomError
+        from pydicom.filereader import read_file_meta_info
     except ImportError as error:  # pragma: no cover - pydicom is a requirement
         raise FetalStudioError("Reading DICOM needs pydicom: pip install pydicom.") from error
+    meta = None
     try:
-        header, pixels, frames = _read_dicom(path, frame, limit)
+        meta = read_file_meta_info(str(path))
+        header, pixels, frames = _read_dicom(path, meta, frame, limit)
     except FetalStudioError:
         raise
     except InvalidDicomError as error:
@@ -275,8 +277,10 @@ def _load_dicom(path: Path, frame: int, limit: int) -> LoadedImage:
     except (AttributeError, KeyError) as error:
         raise FetalStudioError(f"{path.name} is a DICOM file without image pixels (e.g. a report or structured data).") from error
     except Exception as error:
-        raise FetalStudioError(f"{path.name}: the DICOM pixels cannot be decoded ({type(error).__name__}: {error}). "
-                               "Compressed transfer syntaxes may need extra pydicom plug-ins (pylibjpeg).") from error
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        hint = ("Its compression may need an extra pydicom plug-in (pylibjpeg)." if syntax is not None and syntax.is_compressed
+                else "The file is truncated or corrupt: re-export or re-copy it.")
+        raise FetalStudioError(f"{path.name}: the DICOM pixels cannot be decoded ({type(error).__name__}: {error}). {hint}") from error
     photometric = str(getattr(header, "PhotometricInterpretation", "MONOCHROME2"))
     gray = _luminance(pixels) if pixels.ndim == 3 else to_uint8(pixels)  # YBR is already RGB (pydicom converts it)
     if photometric == "MONOCHROME1":
@@ -286,15 +290,13 @@ def _load_dicom(path: Path, frame: int, limit: int) -> LoadedImage:
                        frame=frame, frame_count=frames, bit_depth=int(getattr(header, "BitsStored", 8) or 8), details=details)
 
 
-def _read_dicom(path: Path, frame: int, limit: int):
+def _read_dicom(path: Path, meta, frame: int, limit: int):
     """(header without pixels, the pixels of ``frame``, frame count): the header is read first and the
     declared size checked before any pixel data is read or inflated; only ``frame`` is decoded."""
     from pydicom import dcmread
-    from pydicom.filereader import read_file_meta_info
     from pydicom.pixels import pixel_array
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    meta = read_file_meta_info(str(path))
     if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         return _read_deflated_dicom(path, meta, frame, limit)
     header = dcmread(str(path), stop_before_pixels=True, defer_size="1 MB")

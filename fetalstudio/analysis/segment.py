@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fetalstudio.analysis.image_input import check_image_side
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
 
 
@@ -39,6 +40,7 @@ class CachedPredictor:
     def set_image(self, image) -> bool:
         """Make ``image`` current; True when it had to be encoded, False when its embedding was cached."""
         rgb = grayscale_rgb(image)
+        check_image_side("The image", *rgb.shape[:2])
         key = image_key(rgb)
         if key == self._current:
             return False

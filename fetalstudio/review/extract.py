@@ -451,11 +451,15 @@ def _failure(shape: tuple[int, int], threshold: int, reason: str) -> Extraction:
 def read_mask_file(path: str | Path) -> np.ndarray:
     """A mask image file as an array (grayscale 2-D, or RGB(A) in R, G, B order like PIL).
 
-    Raises FileNotFoundError when there is no such file and ValueError when it is not an image.
+    Raises FileNotFoundError when there is no such file and ValueError when it is not an image;
+    FetalStudioError when it declares more pixels than the readers' limit (checked before decoding).
     """
+    from fetalstudio.analysis.image_input import check_image_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
+    check_image_file(path)
     data = np.fromfile(str(path), np.uint8)  # imdecode also reads non-ASCII paths
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
