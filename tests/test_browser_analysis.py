@@ -25,6 +25,7 @@ except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path, the 
     from browser_support import wait_for_text
     from data_support import DATA, needs_data, pairs_rows, write_pairs_csv
 
+from fetalstudio.analysis.head import NOT_HEAD_PLANE
 from fetalstudio.segmentation.ellipse import bounding_box, dice, fill_outline
 
 pytestmark = [pytest.mark.browser, needs_data]
@@ -35,6 +36,8 @@ app, browser_context, folders, module_page, page, requests_seen = (  # the fixtu
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 ROW = 20  # an HC18 image with its head well inside the frame
+#: A femur plane the bundled classifier calls femur with p = 0.83.
+FEMUR = DATA / "spanish_planes" / "femur" / "Patient00708_Plane5_1_of_1.png"
 BATCH = 5
 
 
@@ -113,6 +116,8 @@ def test_upload_draw_a_box_get_the_mask_and_hc_in_mm(page, folders):
     pixel_size.press("Enter")
     text = wait_for_text(page, "#analysis-measurements", "mm (pixel size", 30)
     hc_shown = float(text.split("HC ")[1].split(" mm")[0])
+    info = wait_for_text(page, "#analysis-image-info", "(typed in)", 30)  # no longer "pixel size unknown"
+    assert f"pixel size {float(row['pixel_size_mm']):.4g} mm (typed in)" in info and "unknown" not in info
 
     results = _results(folders, f"{image.stem}_measurements.json")
     measurements = json.loads((results / f"{image.stem}_measurements.json").read_text())
@@ -134,6 +139,50 @@ def test_upload_draw_a_box_get_the_mask_and_hc_in_mm(page, folders):
         time.sleep(0.2)
     prompt = json.loads((results / f"{image.stem}_measurements.json").read_text())["prompt"]
     assert prompt["point_labels"] == [1] and prompt["box"] == measurements["prompt"]["box"]
+
+
+def test_the_model_dropdowns_show_the_default_models(page):
+    _open_tab(page)
+    assert page.locator("#analysis-segmenter input").input_value() == "fetalstudio-head-segmenter"
+    chosen = page.locator("#analysis-classifier .token").all_inner_texts()
+    assert [token.strip() for token in chosen] == ["fetalstudio-plane-classifier"]
+
+
+def test_a_head_measured_on_a_femur_plane_is_flagged(page, folders):
+    image = folders["root"] / "upload" / FEMUR.name
+    image.parent.mkdir(exist_ok=True)
+    shutil.copy(FEMUR, image)
+    _open_tab(page)
+    _upload(page, image)
+    assert "femur" in page.inner_text("#analysis-planes")
+    page.click("#analysis-auto")
+    text = wait_for_text(page, "#analysis-measurements", "HC", 60)
+    assert f"{NOT_HEAD_PLANE} (classified as femur)" in text
+    measurements = json.loads((_results(folders, f"{image.stem}_measurements.json") / f"{image.stem}_measurements.json").read_text())
+    assert measurements["planes"][0]["plane"] == "femur"
+
+
+def test_clearing_the_upload_clears_the_image_and_everything_computed_from_it(page, folders):
+    image, truth, row = _example(folders)
+    _open_tab(page)
+    _upload(page, image)
+    page.locator("#analysis-pixel-size input").fill(row["pixel_size_mm"])
+    page.locator("#analysis-pixel-size input").press("Enter")
+    page.click("#analysis-auto")
+    wait_for_text(page, "#analysis-measurements", "HC", 60)
+    wait_for_text(page, "#analysis-downloads", "_mask", 30)
+
+    page.click("#analysis-upload button[aria-label=Clear]")
+    status = wait_for_text(page, "#analysis-status", "No image", 30)
+    assert "Ready" not in status
+    assert page.inner_text("#analysis-image-info").strip() == ""
+    assert page.inner_text("#analysis-measurements").strip() == ""
+    assert "%" not in page.inner_text("#analysis-planes")  # no plane probabilities left
+    assert image.stem not in page.inner_text("#analysis-downloads")
+    assert page.locator("#analysis-picture img").count() == 0 and page.locator("#analysis-annotator img").count() == 0
+    assert page.locator("#analysis-pixel-size input").input_value() in ("0", "")
+    page.click("#analysis-auto")  # the session forgot the image too
+    wait_for_text(page, ".toast-body", "Load an image first", 30)
 
 
 def test_a_zero_size_box_is_refused_with_a_message(page, folders):
