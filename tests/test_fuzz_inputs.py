@@ -183,6 +183,8 @@ def files(tmp_path_factory) -> Path:
 def default_pixel_limit(monkeypatch):
     monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
     set_max_pixels(None)
+    yield
+    set_max_pixels(None)  # `analyze --max-pixels` sets the process-wide limit
 
 
 class Bounded:
@@ -433,3 +435,22 @@ def test_extract_cli_bad_csv_cells_give_a_clear_error_or_a_sound_row(files, tmp_
             assert all(row["hc_mm"] in ("",) or np.isfinite(float(row["hc_mm"])) and float(row["hc_mm"]) > 0 for row in rows), (number, rows)
     code, stderr, _ = _extract(tmp_path / "latin1", _non_utf8_csv(tmp_path, good))
     assert code == 2 and "not UTF-8" in stderr
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_analyze_max_pixels_sets_the_limit_for_the_run(files, tmp_path):
+    import contextlib
+
+    from fetalstudio.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_noise(60, 80)).save(folder / "scan.png")  # 4,800 pixels
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["analyze", "--in", str(folder), "--out", str(tmp_path / "out"), "--classify", "--max-pixels", "4000"])
+    row = next(iter(_report(tmp_path / "out").values()))
+    assert code == 0 and row["status"] == "error" and "more than the limit of 4,000" in row["error"]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        main(["analyze", "--in", str(folder), "--out", str(tmp_path / "out2"), "--max-pixels", "0"])
+    assert "--max-pixels" in stderr.getvalue()
