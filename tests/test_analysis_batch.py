@@ -400,25 +400,33 @@ def test_the_session_says_when_its_hc_is_not_meaningful(models):
 
 @needs_data
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_second_run_into_a_busy_folder_is_refused(models, tmp_path):
+def test_a_second_run_into_a_busy_folder_is_refused(models, tmp_path, capsys):
     import subprocess
     import sys
+
+    from fetalstudio.cli import main
 
     classifier, _ = models
     inputs = _inputs(2)
     out = tmp_path / "run"
     settings = BatchSettings(segment=False, classifier="c")
     run_batch(inputs[:1], out, settings, classifier, None)
-    # another analyze process holding the folder, as a running one does
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    # another analyze process holding the folders, as a running one does
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+        f"for path in {[str(out / '.lock'), str(fresh / '.lock')]!r}:\n"
+        "    fcntl.flock(os.open(path, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         before = (out / "report.csv").read_bytes()
         with pytest.raises(FetalStudioError, match="Another batch analysis is writing into .*run"):
             run_batch(inputs, out, settings, classifier, None)
+        table = write_pairs_csv(tmp_path / "pairs.csv", pairs_rows("hc18_heads")[:2])
+        assert main(["analyze", "--in", str(table), "--out", str(fresh), "--classify", "--device", "cpu"]) == 2
+        assert "Another batch analysis is writing into" in capsys.readouterr().err
         assert (out / "report.csv").read_bytes() == before
     finally:
         holder.kill()
