@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import time
 import zipfile
 from pathlib import Path
 
@@ -152,3 +154,165 @@ def test_brush_strokes_come_back_as_a_binary_mask_of_the_image_size(page, folder
     mask = np.asarray(Image.open(folder / after["mask"]))
     assert mask.shape == before_mask.shape and set(np.unique(mask)) <= {0, 255}
     assert (mask > 0).sum() > before_mask.sum() and (mask > 0)[before_mask].all()  # red paint only adds
+
+
+# --- ellipse fields: typed values are saved together, once per action, and never overwritten -------
+TYPED_ELLIPSE = {"cx": 130.0, "cy": 120.0, "a": 60.0, "b": 45.0, "angle": 45.0}
+ELLIPSE_KEYS = {"cx": "center_x", "cy": "center_y", "a": "axis_a", "b": "axis_b", "angle": "angle_deg"}
+
+
+def _number_box(page, field: str):
+    return page.locator(f"#review-{field} input[type=number]")
+
+
+def _type_field(page, field: str, value: float, then: str = "Tab") -> None:
+    """Type into a number box the way a user does: click, select all, type, then Tab (or Enter) away."""
+    _number_box(page, field).click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(f"{value:g}")
+    if then:
+        page.keyboard.press(then)
+
+
+def _item(folder: Path, item_id: str) -> dict:
+    return json.loads((folder / "items" / f"{item_id}.json").read_text())
+
+
+def _ellipse_saves(folder: Path) -> int:
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    return sum(json.loads(line)["action"] == "set_mask:ellipse" for line in lines)
+
+
+def _wait_for_revision(folder: Path, item_id: str, revision: int, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (item := _item(folder, item_id))["revision"] < revision:
+        assert time.monotonic() < deadline, f"item {item_id} stayed at revision {item['revision']}, expected {revision}"
+        time.sleep(0.1)
+    return item
+
+
+def _shown_item(page) -> str:
+    return re.search(r"(\d{6}), decision", _info(page)).group(1)
+
+
+def _stored(item: dict) -> dict[str, float]:
+    return {field: item["ellipse"][key] for field, key in ELLIPSE_KEYS.items()}
+
+
+def test_ellipse_fields_typed_in_a_row_save_together_once_and_are_not_overwritten(page, folders):
+    _open_tab(page)
+    wait_for_text(page, "#review-item-info", "total 3", 30)
+    page.get_by_role("tab", name="Ellipse").click()
+    folder, item_id = _session_folder(folders), _shown_item(page)
+    revision, saves = _item(folder, item_id)["revision"], _ellipse_saves(folder)
+
+    for field, value in TYPED_ELLIPSE.items():  # Tab after each: leaving a box saves nothing by itself
+        _type_field(page, field, value)
+    page.wait_for_timeout(1500)
+    assert _item(folder, item_id)["revision"] == revision, "leaving a number box saved a half-typed ellipse"
+
+    page.click("#review-save-ellipse")
+    _type_field(page, "cy", 121, then="")  # typed while the save runs: its re-render must leave this alone
+    item = _wait_for_revision(folder, item_id, revision + 1)
+    wait_for_text(page, "#review-banner", f"ellipse of {item_id}", 30)
+    page.wait_for_timeout(1000)
+    assert _stored(item) == TYPED_ELLIPSE and item["how"] == "ellipse"
+    assert _number_box(page, "cy").input_value() == "121"
+    assert _number_box(page, "angle").input_value() == "45"
+
+    _number_box(page, "cy").press("Enter")  # Enter saves, with every box as it is now
+    item = _wait_for_revision(folder, item_id, revision + 2)
+    assert _stored(item) == {**TYPED_ELLIPSE, "cy": 121.0}
+
+    page.click("#review-save-ellipse")  # nothing changed: no revision
+    wait_for_text(page, "#review-banner", "unchanged, nothing to save", 30)
+    assert _item(folder, item_id)["revision"] == revision + 2 and _ellipse_saves(folder) == saves + 2
+
+    page.reload()
+    page.wait_for_selector("#synthesis-generate")
+    _open_tab(page)
+    wait_for_text(page, "#review-item-info", f"{item_id}, decision edited", 30)
+    shown = {field: float(_number_box(page, field).input_value()) for field in TYPED_ELLIPSE}
+    assert shown == {**TYPED_ELLIPSE, "cy": 121.0}
+
+
+def test_enter_after_typing_several_fields_saves_them_all_in_one_revision(page, folders):
+    _open_tab(page)
+    wait_for_text(page, "#review-item-info", "total 3", 30)
+    page.get_by_role("tab", name="Ellipse").click()
+    folder, item_id = _session_folder(folders), _shown_item(page)
+    revision, saves = _item(folder, item_id)["revision"], _ellipse_saves(folder)
+    _type_field(page, "cx", 126)
+    _type_field(page, "a", 58)
+    _type_field(page, "angle", 30, then="Enter")
+    item = _wait_for_revision(folder, item_id, revision + 1)
+    page.wait_for_timeout(1500)  # a second save would show up here
+    item = _item(folder, item_id)
+    assert item["revision"] == revision + 1 and _ellipse_saves(folder) == saves + 1
+    assert (item["ellipse"]["center_x"], item["ellipse"]["axis_a"], item["ellipse"]["angle_deg"]) == (126.0, 58.0, 30.0)
+
+
+def test_letting_go_of_a_slider_saves_once(page, folders):
+    _open_tab(page)
+    wait_for_text(page, "#review-item-info", "total 3", 30)
+    page.get_by_role("tab", name="Ellipse").click()
+    folder, item_id = _session_folder(folders), _shown_item(page)
+    revision = _item(folder, item_id)["revision"]
+    slider = page.locator("#review-b input[type=range]")
+    slider.scroll_into_view_if_needed()
+    box, value, maximum = slider.bounding_box(), float(slider.input_value()), float(slider.get_attribute("max"))
+    x, y = box["x"] + box["width"] * value / maximum, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + box["width"] * 0.15, y, steps=8)  # one drag: many input events, one save on letting go
+    page.mouse.up()
+    _wait_for_revision(folder, item_id, revision + 1)
+    page.wait_for_timeout(1500)
+    item = _item(folder, item_id)
+    dragged = float(_number_box(page, "b").input_value())
+    assert item["revision"] == revision + 1 and dragged != value
+    assert item["ellipse"]["axis_b"] == dragged
+
+    slider.focus()
+    page.keyboard.press("ArrowLeft")  # the keyboard moves a slider too: one step, one save
+    item = _wait_for_revision(folder, item_id, revision + 2)
+    assert item["ellipse"]["axis_b"] == dragged - 0.5
+
+
+# --- Generate pairs twice: new seeds, and a pair already in the session is skipped with a message ---
+def _generated_keys(folder: Path) -> list[tuple]:
+    sources = [json.loads(p.read_text())["source"] for p in sorted((folder / "items").glob("*.json"))]
+    return [tuple(source.get(key) for key in ("model", "lora", "lora_weight", "sampler", "steps", "seed", "prompt"))
+            for source in sources]
+
+
+def _wait_for_items(folder: Path, count: int, timeout_s: float = GENERATION_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(list((folder / "items").glob("*.json"))) < count:
+        assert time.monotonic() < deadline, f"the session did not reach {count} items"
+        time.sleep(0.2)
+
+
+def test_generating_twice_makes_new_pairs_and_skips_ones_already_there(page, folders):
+    _open_tab(page)
+    wait_for_text(page, "#review-item-info", "total 3", 30)
+    folder = _session_folder(folders)
+    seed_box = page.locator("#review-seed input")
+    assert seed_box.input_value() == "3"  # the seed the next run uses: after the session's last pair
+    set_number(page, page.locator("#review-count input"), 1, "pairs")
+    set_number(page, page.locator("#review-steps input[type=number]"), 4, "steps")
+
+    for total in (4, 5):
+        page.click("#review-generate")
+        _wait_for_items(folder, total)
+        wait_for_text(page, "#review-item-info", f"total {total}", 60)
+        assert seed_box.input_value() == str(total)
+    keys = _generated_keys(folder)
+    assert [key[5] for key in keys] == [0, 1, 2, 3, 4] and len(set(keys)) == 5
+
+    set_number(page, seed_box, 0, "seed")  # the first run's settings again: all three pairs are there already
+    set_number(page, page.locator("#review-count input"), 3, "pairs")
+    page.click("#review-generate")
+    wait_for_text(page, "#review-banner", "3 pairs skipped: already in this session (seeds 0-2)", GENERATION_TIMEOUT_S)
+    assert "0 new pair(s) stored" in page.inner_text("#review-banner")
+    assert _generated_keys(folder) == keys

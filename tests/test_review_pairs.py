@@ -15,7 +15,7 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.review import navigation
 from fetalstudio.review.export import export_session
 from fetalstudio.review.overlay import apply_editor_strokes, editor_background, overlay
-from fetalstudio.review.pairs import PairRequest, find_pairs, generate_pairs, import_pairs, lora_mask_channel
+from fetalstudio.review.pairs import PairRequest, find_pairs, generate_pairs, import_pairs, lora_mask_channel, next_seed
 from fetalstudio.review.store import ReviewSession
 from fetalstudio.segmentation.ellipse import Ellipse, dice, fill_outline
 
@@ -114,6 +114,8 @@ def test_pair_request_validation():
         PairRequest("first", count=0).validated()
     with pytest.raises(FetalStudioError, match="threshold"):
         PairRequest("first", threshold=300).validated()
+    with pytest.raises(FetalStudioError, match="seed must be"):
+        PairRequest("first", seed=-1).validated()
 
 
 def test_the_bundled_loras_record_their_mask_channel():
@@ -140,7 +142,7 @@ def test_generated_pairs_land_in_the_session_one_by_one_with_their_settings(tmp_
         assert total == 2
 
     items = generate_pairs(SynthesisEngine(manager), session, PairRequest("second", count=2, steps=6, seed=5),
-                           on_progress=on_progress)
+                           on_progress=on_progress).added
     assert seen == [1, 2]
     assert [item.source["seed"] for item in items] == [5, 6]
     for item in items:
@@ -151,8 +153,38 @@ def test_generated_pairs_land_in_the_session_one_by_one_with_their_settings(tmp_
         assert item.ellipse is not None or item.reason  # an ellipse, or why not
     cancelled = threading.Event()
     cancelled.set()
-    assert generate_pairs(SynthesisEngine(manager), session, PairRequest("first", count=3, steps=4), cancel=cancelled) == []
+    assert generate_pairs(SynthesisEngine(manager), session, PairRequest("first", count=3, steps=4), cancel=cancelled).added == []
     assert len(session) == 2
+
+
+@needs_bundled
+@pytest.mark.usefixtures("one_torch_thread")
+def test_generating_again_continues_the_seed_and_skips_pairs_already_in_the_session(tmp_path):
+    import torch
+
+    from fetalstudio.models.device import DevicePlacement
+    from fetalstudio.models.manager import ModelManager
+    from fetalstudio.synthesis.engine import SynthesisEngine
+
+    engine = SynthesisEngine(ModelManager(CHECKPOINTS, placement=DevicePlacement(torch.device("cpu"), torch.float32)))
+    session = ReviewSession.create(tmp_path / "session")
+    seeds = lambda run: [item.source["seed"] for item in run.added]  # noqa: E731
+
+    assert next_seed(session) == 0
+    first = generate_pairs(engine, session, PairRequest("second", count=2, steps=2))
+    second = generate_pairs(engine, session, PairRequest("second", count=2, steps=2))  # pressed again: new seeds
+    assert seeds(first) == [0, 1] and seeds(second) == [2, 3] and next_seed(session) == 4
+    assert not first.skipped and not second.skipped and second.skipped_note() == ""
+    images = [session.load_image(item) for item in (*first.added, *second.added)]
+    assert all(not np.array_equal(images[0], image) for image in images[1:])  # four different pairs
+
+    again = generate_pairs(engine, session, PairRequest("second", count=3, steps=2, seed=2))
+    assert again.skipped == [2, 3] and seeds(again) == [4]
+    assert again.skipped_note().startswith("2 pairs skipped: already in this session (seeds 2-3)")
+    other_steps = generate_pairs(engine, session, PairRequest("second", count=1, steps=3, seed=0))
+    assert not other_steps.skipped and seeds(other_steps) == [0]  # other settings, other pixels: not a duplicate
+    keys = [tuple(sorted((k, v) for k, v in item.source.items() if k != "model_hash")) for item in session.items()]
+    assert len(session) == 6 and len(set(keys)) == 6
 
 
 def _session_with_decisions(tmp_path) -> ReviewSession:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fetalstudio.errors import FetalStudioError
+from fetalstudio.errors import DiskFullError, FetalStudioError
 from fetalstudio.review.export import export_session
 from fetalstudio.review.store import DECISIONS, UNDO_LIMIT, ReviewItem, ReviewSession
 from fetalstudio.segmentation.ellipse import Ellipse, fill_outline, fit_ellipse
@@ -592,3 +594,153 @@ def test_export_errors(tmp_path, session):
     result = export_session(session, tmp_path / "out", formats=("folder",))
     assert result.exported == 1 and result.skipped == [(empty.id, "empty mask")]
     assert set(DECISIONS) >= set(result.counts)
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+class _FullDisk:
+    """The disk fills up at the store's ``at``-th write (counting file writes and log appends): that
+    write puts half its bytes down and fails with ENOSPC, as does every later one."""
+
+    def __init__(self, monkeypatch, at: int):
+        import builtins
+
+        import fetalstudio.review.store as store
+
+        self.at, self.count, self._open, self._write = at, 0, builtins.open, os.write
+        monkeypatch.setattr(store, "open", self.open, raising=False)  # the atomic writer's open(), nobody else's
+        monkeypatch.setattr(os, "write", self.write)
+
+    def _full(self) -> bool:
+        self.count += 1
+        return self.count >= self.at
+
+    def open(self, path, mode="r", *args, **kwargs):
+        handle = self._open(path, mode, *args, **kwargs)
+        if "w" not in mode or not self._full():
+            return handle
+        real_write = handle.write
+
+        def write(data):
+            real_write(data[: len(data) // 2])
+            handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        handle.write = write
+        return handle
+
+    def write(self, descriptor, data):
+        if not os.readlink(f"/proc/self/fd/{descriptor}").endswith(LOG_NAME) or not self._full():
+            return self._write(descriptor, data)
+        self._write(descriptor, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+LOG_NAME = "log.jsonl"
+
+
+def test_a_full_disk_at_any_write_says_what_was_kept_and_leaves_nothing_half_written(session, monkeypatch):
+    """Every write of each action (data files, item JSON, log line) in turn meets a full disk: a
+    message names the folder and what is kept; reopened, the session holds everything before intact."""
+    items = [add_synthetic(session, seed) for seed in range(4)]
+    session.decide(items[0].id, "accepted")
+    session.decide(items[1].id, "rejected")
+    item = items[2]
+    gray, mask, ellipse = synthetic_pair(9)
+    actions = {  # name: (action, writes: files..., item JSON, log line)
+        "add": (lambda: session.add_item(gray, gray, source={}, mask=mask, ellipse=ellipse, quality=1.0, reason=None, threshold=1), 5),
+        "set_mask": (lambda: session.set_mask(item.id, mask, ellipse=ellipse, how="ellipse"), 3),
+        "decide": (lambda: session.decide(item.id, "rejected"), 2),
+        "undo": (lambda: session.undo(item.id), 2),
+        "redo": (lambda: session.redo(item.id), 2),
+    }
+    for name, (action, writes) in actions.items():
+        if name == "redo":
+            session.undo(item.id)
+        for at in range(1, writes + 1):
+            before, count = session.get(item.id), len(session)
+            kept = session.items()
+            _FullDisk(monkeypatch, at)
+            with pytest.raises(DiskFullError) as raised:
+                action()
+            monkeypatch.undo()
+            message = str(raised.value)
+            assert f"The disk holding {session.folder} is full" in message and "Free some space" in message
+            decided = sum(i.decision != "pending" for i in session.items())
+            assert f"Everything before it is kept: {len(session)} pairs, {decided} of them accepted, rejected or edited." in message
+            saved = at == writes  # only the log line failed: the action itself is on disk
+            assert ("was saved; only its line in the action log" in message) == saved, (name, at, message)
+            assert ("not saved" in message or "not added" in message) != saved, (name, at, message)
+            assert not list(session.folder.rglob("*.tmp")), (name, at)
+            reopened = ReviewSession.open(session.folder)
+            assert_session_consistent(reopened)
+            assert len(reopened) == count + (name == "add" and saved)
+            now = reopened.get(item.id)
+            if not saved:
+                assert now == before and [i for i in reopened.items() if i.id in {k.id for k in kept}] == kept, (name, at)
+                assert {f"images/{p.name}" for p in (session.folder / "images").iterdir()} == {i.image for i in kept}
+            else:
+                assert reopened.log_entries()  # the half log line is skipped, the ones before still read
+            if name != "add" and saved:
+                assert now.revision == before.revision + 1
+                session.undo(item.id) if name != "undo" else session.redo(item.id)  # back for the next write point
+        action()  # the disk has room again: the action works
+
+
+def test_a_full_disk_while_remembering_the_cursor_keeps_the_decisions(session, monkeypatch):
+    item = add_synthetic(session, 0)
+    session.decide(item.id, "accepted")
+    _FullDisk(monkeypatch, 1)
+    with pytest.raises(DiskFullError, match="Only the position in the session .* was not remembered. Everything before it is kept: 1 pair, 1 of them"):
+        session.set_cursor(item.id)
+    monkeypatch.undo()
+    assert ReviewSession.open(session.folder).get(item.id).decision == "accepted"
+
+
+def test_a_full_disk_during_export_leaves_no_half_export_and_keeps_the_previous_one(tmp_path, session, monkeypatch):
+    import fetalstudio.review.export as export
+
+    for seed in range(3):
+        session.decide(add_synthetic(session, seed).id, "accepted")
+    out = tmp_path / "exports" / "heads"
+    with monkeypatch.context() as patch:
+        _FullDisk(patch, 4)
+        with pytest.raises(DiskFullError) as raised:
+            export_session(session, out, formats=("folder", "coco"))
+    assert f"The disk holding {out.parent} is full" in str(raised.value)
+    assert "Nothing was exported: the half-built export was removed and the review session is unchanged." in str(raised.value)
+    assert list(out.parent.iterdir()) == []  # no partial folder, no half file
+    first = export_session(session, out, formats=("folder",))
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    session.decide(add_synthetic(session, 7).id, "accepted")
+    with monkeypatch.context() as patch:
+        _FullDisk(patch, 6)
+        with pytest.raises(DiskFullError, match="The previous export in heads is kept"):
+            export_session(session, out, formats=("folder",))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in out.parent.iterdir()) == ["heads"] and first.exported == 3
+
+    def full_zip(base_name, *args, **kwargs):  # make_archive on a full disk: half a zip, then ENOSPC
+        Path(f"{base_name}.zip").write_bytes(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export.shutil, "make_archive", full_zip)
+        with pytest.raises(DiskFullError, match="The export folder heads is complete; only its zip was not written"):
+            export.zip_export(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["heads"]
+    archive = export.zip_export(out)
+    assert archive == out.parent / "heads.zip" and "metadata.csv" in zipfile.ZipFile(archive).namelist()
+
+
+def test_export_json_names_the_session_without_the_server_path(tmp_path, session):
+    session.decide(add_synthetic(session, 0).id, "accepted")
+    out = tmp_path / "out"
+    marker = out / "export.json"
+    out.mkdir()
+    old = {"session": "heads", "session_folder": str(session.folder.resolve()), "items": ["000001"]}  # an older export
+    marker.write_text(json.dumps(old))
+    export_session(session, out)  # still recognised as an export, so replaced
+    text = marker.read_text()
+    assert str(tmp_path) not in text and not any(part in text for part in ("/tmp", "/home", "/root"))
+    data = json.loads(text)
+    assert data["session"] == "heads" and data["session_folder"] == session.folder.name == "session"

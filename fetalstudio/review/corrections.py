@@ -7,6 +7,8 @@ A refused correction raises ``FetalStudioError`` and leaves the item unchanged.
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError
@@ -19,12 +21,16 @@ REVIEWER = "reviewer"
 
 
 def save_ellipse(session: ReviewSession, item_id: str, ellipse: Ellipse, user: str = REVIEWER) -> ReviewItem:
+    """Save the mask of a typed/dragged ellipse. The same ellipse saved again (a second press of Save)
+    changes nothing and adds no revision: the item is returned as it is."""
     values = (ellipse.center_x, ellipse.center_y, ellipse.axis_a, ellipse.axis_b, ellipse.angle_deg)
     if not all(np.isfinite(v) for v in values):
         raise FetalStudioError("Fill in the centre, both semi-axes and the angle of the ellipse with numbers.")
     if min(ellipse.axis_a, ellipse.axis_b) < 1:
         raise FetalStudioError("Both semi-axes must be at least 1 pixel.")
     item = session.get(item_id)
+    if item.how == "ellipse" and item.ellipse is not None and astuple(item.ellipse) == tuple(float(v) for v in values):
+        return item
     mask = ellipse.to_mask((item.height, item.width))
     if not mask.any():
         raise FetalStudioError(f"That ellipse lies outside the {item.width}x{item.height} image: move its centre inside.")

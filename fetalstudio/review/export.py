@@ -14,7 +14,12 @@ Formats (``formats``), all inside one output folder:
 
 The export is built in a temporary sibling folder and renamed into place at the end, so a
 folder named ``out`` is always a complete export. An existing export in ``out`` (it has
-``export.json``) is replaced; any other non-empty ``out`` is refused.
+``export.json``) is replaced; any other non-empty ``out`` is refused. A full disk removes the
+half-built folder and says so; the session and any previous export stay as they were.
+
+``export.json`` names the session and its folder by name only (older exports held the absolute
+path of the session folder; they are still recognised as exports), so an export shared with
+others does not reveal the folder layout of the machine it was made on.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shutil
 import uuid
@@ -35,7 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fetalstudio.errors import FetalStudioError
+from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
 from fetalstudio.review.store import DECISIONS, ELLIPSE_FIELDS, ReviewItem, ReviewSession, atomic_write_bytes
 from fetalstudio.segmentation.ellipse import Ellipse, dice
 
@@ -121,13 +127,17 @@ def export_session(
             paths.update(_write_coco(pairs, building, session.name, step))
         counts = {decision: sum(p.item.decision == decision for p in pairs) for decision in decisions}
         write_json(building / EXPORT_MARKER, {
-            "session": session.name, "session_folder": str(session.folder.resolve()), "exported_at": _now(),
+            "session": session.name, "session_folder": session.folder.name, "exported_at": _now(),
             "formats": list(formats), "decisions": list(decisions), "counts": counts, "items": [p.item.id for p in pairs],
             "skipped": [list(s) for s in skipped],
         })
         move_into_place(building, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(building, ignore_errors=True)
+        if isinstance(error, OSError) and is_disk_full(error):
+            previous = f" The previous export in {out.name} is kept." if (out / EXPORT_MARKER).is_file() else ""
+            raise disk_full_error(out.parent, "Nothing was exported: the half-built export was removed and the review "
+                                              f"session is unchanged.{previous}") from error
         raise
     return ExportResult(
         out=out, formats=formats, exported=len(pairs), counts=counts,
@@ -351,6 +361,23 @@ def write_json(path: Path, data: Any) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def zip_export(out: Path) -> Path:
+    """``out.zip`` beside the export folder ``out``, written under a temporary name and renamed when
+    complete: a full disk (or a kill) never leaves a truncated zip that looks like a download."""
+    out = Path(out)
+    target = out.with_name(f"{out.name}.zip")
+    partial = out.parent / f".{out.name}.zip-partial-{uuid.uuid4().hex[:8]}"
+    try:
+        made = Path(shutil.make_archive(str(partial), "zip", root_dir=out))
+        os.replace(made, target)
+    except BaseException as error:
+        partial.with_name(f"{partial.name}.zip").unlink(missing_ok=True)
+        if isinstance(error, OSError) and is_disk_full(error):
+            raise disk_full_error(out.parent, f"The export folder {out.name} is complete; only its zip was not written.") from error
+        raise
+    return target
 
 
 def move_into_place(building: Path, out: Path) -> None:

@@ -6,6 +6,12 @@ generated RGB image is unpacked into the grayscale image and the raw mask channe
 Extractor turns the channel into a filled ellipse, and the pair is written into the session the
 moment it exists, so a cancelled or crashed batch keeps every finished pair.
 
+Seeds: without a seed a run continues after the highest seed the session's generated pairs used,
+so pressing Generate again makes new pairs. A pair the session already holds (same model, LoRA,
+LoRA weight, sampler, steps, guidance, prompt and seed, i.e. the same pixels) is not generated
+again: the run skips its seed and says so (``PairRun.skipped``), as duplicates would weigh those
+images twice in training data.
+
 The mask channel is read from the LoRA file (``fetalstudio.mask_channel`` metadata, written by
 ``train lora --mask-channel``); LoRAs from other tools need it given explicitly.
 
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,7 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.review.extract import extract_ellipse
 from fetalstudio.review.store import ReviewItem, ReviewSession
 from fetalstudio.synthesis.mask_injection import unpack
+from fetalstudio.synthesis.settings import MAX_SEED
 from fetalstudio.vocabulary import parse_trimester, prompt_for
 
 #: The paper's generation settings (METHODS section 2).
@@ -72,7 +79,7 @@ class PairRequest:
     sampler: str = PAPER_SAMPLER
     steps: int = PAPER_STEPS
     guidance_scale: float = 4.0
-    seed: int = 0
+    seed: int | None = None  # None: continue after the session's highest seed (next_seed); pair i uses seed + i
     width: int | None = None  # None: the generator's native size
     height: int | None = None
     mask_channel: int | None = None  # None: from the LoRA file
@@ -88,11 +95,71 @@ class PairRequest:
             problems.append(f"count must be 1-10000, not {self.count}")
         if not 0 <= int(self.threshold) <= 255:
             problems.append(f"threshold must be 0-255, not {self.threshold}")
+        if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
+            problems.append(f"seed must be 0-{MAX_SEED} (or empty: continue after the session's last seed), not {self.seed}")
         if self.mask_channel is not None and self.mask_channel not in (0, 1, 2):
             problems.append(f"mask channel must be 0, 1 or 2, not {self.mask_channel}")
         if problems:
             raise FetalStudioError("Cannot generate pairs: " + "; ".join(problems) + ".")
         return self
+
+
+@dataclass(frozen=True)
+class PairRun:
+    """What ``generate_pairs`` did: the pairs it stored and the seeds it skipped as already in the session."""
+
+    added: list[ReviewItem]
+    first_seed: int
+    skipped: list[int] = field(default_factory=list)  # seeds whose pair the session already holds
+
+    def skipped_note(self) -> str:
+        """"3 pairs skipped: already in this session (seeds 0-2)", or "" when none was."""
+        if not self.skipped:
+            return ""
+        seeds = f"seed {self.skipped[0]}" if len(self.skipped) == 1 else f"seeds {_seed_ranges(self.skipped)}"
+        pairs = "1 pair" if len(self.skipped) == 1 else f"{len(self.skipped)} pairs"
+        return f"{pairs} skipped: already in this session ({seeds}); leave the seed empty to continue after the last one."
+
+
+def _seed_ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 7] -> "0-2, 7"."""
+    runs = _consecutive_runs(seeds)
+    return ", ".join(str(start) if length == 1 else f"{start}-{start + length - 1}" for start, length in runs)
+
+
+def _consecutive_runs(seeds: list[int]) -> list[tuple[int, int]]:
+    """(first seed, count) of each run of consecutive seeds, in order (a generation call makes one run)."""
+    runs: list[tuple[int, int]] = []
+    for seed in seeds:
+        if runs and seed == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((seed, 1))
+    return runs
+
+
+def _generated_key(source: dict) -> tuple:
+    """What makes a generated pair's pixels: equal keys, equal pair."""
+    return (source.get("model"), source.get("lora"), _rounded(source.get("lora_weight")), source.get("sampler"),
+            _integer(source.get("steps")), _rounded(source.get("guidance_scale")), source.get("prompt"), _integer(source.get("seed")))
+
+
+def _rounded(value) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def _integer(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def _generated_sources(session: ReviewSession) -> list[dict]:
+    return [item.source for item in session.items() if item.source.get("origin") == "generated" and item.source.get("seed") is not None]
+
+
+def next_seed(session: ReviewSession) -> int:
+    """The seed a run without one starts at: one past the highest seed of the session's generated pairs (0 for none)."""
+    seeds = [int(source["seed"]) for source in _generated_sources(session)]
+    return (max(seeds) + 1) % (MAX_SEED + 1) if seeds else 0
 
 
 def generate_pairs(
@@ -101,8 +168,12 @@ def generate_pairs(
     request: PairRequest,
     on_progress: PairProgress | None = None,
     cancel: threading.Event | None = None,
-) -> list[ReviewItem]:
-    """Generate ``request.count`` pairs with ``engine`` (a SynthesisEngine) into ``session``."""
+) -> PairRun:
+    """Generate ``request.count`` pairs with ``engine`` (a SynthesisEngine) into ``session``.
+
+    Seeds ``seed`` ... ``seed + count - 1`` (``seed`` None: ``next_seed(session)``); a seed whose pair
+    the session already holds is skipped, not generated twice.
+    """
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
 
@@ -125,26 +196,35 @@ def generate_pairs(
     settings = GenerationSettings(
         model=model, prompt=prompt_for("head", parse_trimester(request.trimester).value), sampler=request.sampler,
         steps=int(request.steps), guidance_scale=float(request.guidance_scale), width=int(request.width or size),
-        height=int(request.height or size), seed=int(request.seed), batch_size=1, batch_count=int(request.count),
+        height=int(request.height or size), seed=0, batch_size=1, batch_count=1,
         loras=(LoraSpec(lora, float(request.lora_weight)),),
     )
+    first_seed = next_seed(session) if request.seed is None else int(request.seed)
+    seeds = [(first_seed + index) % (MAX_SEED + 1) for index in range(int(request.count))]
+    existing = {_generated_key(source) for source in _generated_sources(session)}
+    source_of = {
+        "origin": "generated", "prompt": settings.prompt, "trimester": parse_trimester(request.trimester).value,
+        "sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale, "model": model,
+        "lora": lora, "lora_weight": request.lora_weight, "mask_channel": channel,
+    }
+    stored = [_generated_key({**source_of, "seed": seed}) in existing for seed in seeds]
+    skipped = [seed for seed, held in zip(seeds, stored) if held]
+    planned = [seed for seed, held in zip(seeds, stored) if not held]
     added: list[ReviewItem] = []
 
     def store(generated) -> None:
         rgb = np.asarray(generated.image.convert("RGB"))
         gray, raw_mask = unpack(rgb, channel)
-        source = {
-            "origin": "generated", "prompt": settings.prompt, "seed": generated.seed, "trimester": parse_trimester(request.trimester).value,
-            "sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale, "model": model,
-            "lora": lora, "lora_weight": request.lora_weight, "mask_channel": channel,
-            "model_hash": generated.metadata.get("model", {}).get("hash"),
-        }
+        source = {**source_of, "seed": generated.seed, "model_hash": generated.metadata.get("model", {}).get("hash")}
         added.append(_add(session, gray, raw_mask, source, request.threshold, "generated"))
         if on_progress is not None:
-            on_progress(len(added), request.count)
+            on_progress(len(added), len(planned))
 
-    engine.generate(settings, cancel=cancel, on_image=store)
-    return added
+    for start, length in _consecutive_runs(planned):
+        result = engine.generate(replace(settings, seed=start, batch_count=length), cancel=cancel, on_image=store)
+        if result.cancelled:
+            break
+    return PairRun(added, first_seed, skipped)
 
 
 def _add(session: ReviewSession, gray: np.ndarray, raw_mask: np.ndarray, source: dict, threshold: int, how: str) -> ReviewItem:

@@ -43,7 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fetalstudio.errors import FetalStudioError
+from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
 from fetalstudio.review.biometry import head_biometry
 from fetalstudio.segmentation.ellipse import Ellipse
 
@@ -404,6 +404,15 @@ class ReviewSession:
             raise FetalStudioError(f"{folder} is a file, not a folder; pick a new or empty folder for the review session.")
         if (folder / SESSION_FILE).exists():
             raise FetalStudioError(f"{folder} already holds a review session; open it instead, or pick a new folder.")
+        try:
+            return cls._create(folder, name, settings)
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            raise disk_full_error(folder, "No session was created there (an empty folder may be left; it can be reused).") from error
+
+    @classmethod
+    def _create(cls, folder: Path, name: str | None, settings: dict[str, Any] | None) -> ReviewSession:
         folder.mkdir(parents=True, exist_ok=True)
         with folder_lock(folder).hold():
             if (folder / SESSION_FILE).exists():
@@ -472,7 +481,7 @@ class ReviewSession:
 
     def update_settings(self, values: dict[str, Any]) -> dict[str, Any]:
         """Merge ``values`` into the settings and save them; returns the new settings."""
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard("The session settings were not changed."):
             meta = _read_session_meta(self._folder)
             meta["settings"] = {**meta.get("settings", {}), **values}
             atomic_write_json(self._folder / SESSION_FILE, meta)
@@ -581,7 +590,7 @@ class ReviewSession:
         source = json.loads(_json_text(_finite(dict(source or {}))))  # JSON-ready now, not half-way through the writes
         ellipse = _ellipse_from_json(ellipse)
         encoded = {name: None if array is None else _png_bytes(array) for name, array in (("image", image), ("raw", raw), ("mask", filled))}
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard("This new pair was not added."):
             item_id = self._next_id()
             item = ReviewItem(
                 id=item_id,
@@ -615,7 +624,7 @@ class ReviewSession:
     def decide(self, item_id: str, decision: str, user: str = DEFAULT_USER) -> ReviewItem:
         """Accept, reject or reset (pending) an item. Undoable; deciding the same again changes nothing."""
         _check_decision(decision, DIRECT_DECISIONS)
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard(f"This decision ({decision}) on item {item_id} was not saved."):
             item = self.get(item_id)
             if decision == item.decision:
                 return item
@@ -651,7 +660,7 @@ class ReviewSession:
         shape = self.get(item_id).shape
         encoded = _png_bytes(binary_mask(mask, shape))
         ellipse = _ellipse_from_json(ellipse)
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard(f"This {how} correction of item {item_id} was not saved."):
             item = self.get(item_id)
             revision = item.revision + 1
             mask_name = _mask_name(item.id, revision)
@@ -673,7 +682,7 @@ class ReviewSession:
 
     def undo(self, item_id: str, user: str = DEFAULT_USER) -> ReviewItem:
         """Restore the state before the item's last decision or mask edit (mask, ellipse, decision)."""
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard(f"The undo on item {item_id} was not saved."):
             item = self.get(item_id)
             if not item.undo_stack:
                 raise FetalStudioError(f"Nothing to undo for item {item.id}: it has no earlier decision or edit.")
@@ -684,7 +693,7 @@ class ReviewSession:
 
     def redo(self, item_id: str, user: str = DEFAULT_USER) -> ReviewItem:
         """Re-apply the last undone decision or edit."""
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard(f"The redo on item {item_id} was not saved."):
             item = self.get(item_id)
             if not item.redo_stack:
                 raise FetalStudioError(f"Nothing to redo for item {item.id}: nothing was undone since its last change.")
@@ -701,8 +710,35 @@ class ReviewSession:
         if before is not None:
             item = replace(item, revision=before.revision + 1)
         atomic_write_json(self._item_path(item.id), item.to_json())
-        self._log(action, item.id, user, _summary(before), _summary(item))
+        try:
+            self._log(action, item.id, user, _summary(before), _summary(item))
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            raise disk_full_error(self._folder, (
+                f"Item {item.id}'s change ({action}) was saved; only its line in the action log ({LOG_FILE}) was not. "
+                f"{self._kept_sentence()}")) from error
         return item
+
+    @contextmanager
+    def _disk_full_guard(self, not_saved: str) -> Iterator[None]:
+        """A full disk during the writes inside: a DiskFullError naming the folder, what was not saved and
+        what is. The writes are atomic and ordered (see the module), so nothing is left half-written."""
+        try:
+            yield
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            raise disk_full_error(self._folder, f"{not_saved} {self._kept_sentence()}") from error
+
+    def _kept_sentence(self) -> str:
+        try:
+            items = self.items()
+        except FetalStudioError:
+            return "Everything saved before is kept."
+        decided = sum(item.decision != "pending" for item in items)
+        return (f"Everything before it is kept: {len(items)} pair{'s' if len(items) != 1 else ''}, {decided} of them "
+                "accepted, rejected or edited.")
 
     # -- cursor and log ----------------------------------------------------------------------------
     def set_cursor(self, item_id: str | None, decision_filter: str | None = None) -> None:
@@ -711,7 +747,7 @@ class ReviewSession:
             _check_decision(decision_filter, DECISIONS)
         if item_id is not None and item_id not in self:
             raise FetalStudioError(f"There is no item {item_id!r} in the review session {self._folder}.")
-        with self._lock.hold():
+        with self._lock.hold(), self._disk_full_guard("Only the position in the session (which item is shown) was not remembered."):
             atomic_write_json(self._folder / CURSOR_FILE, {"item": item_id, "filter": decision_filter, "time": _now()})
 
     def cursor(self) -> tuple[str | None, str | None]:

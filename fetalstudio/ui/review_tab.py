@@ -8,7 +8,6 @@ last session at its saved cursor.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,14 @@ from pathlib import Path
 import gradio as gr
 
 from fetalstudio.app_context import AppContext
-from fetalstudio.errors import FetalStudioError
+from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.review import corrections, navigation
-from fetalstudio.review.export import export_session
+from fetalstudio.review.export import export_session, zip_export
 from fetalstudio.review.overlay import ADD_COLOUR, REMOVE_COLOUR
 from fetalstudio.review.view import item_pictures
 from fetalstudio.review.pairs import (PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, find_pairs, generate_pairs,
-                                      import_pairs)
+                                      import_pairs, next_seed)
 from fetalstudio.review.store import ReviewItem, ReviewSession, atomic_write_bytes
 from fetalstudio.segmentation.ellipse import Ellipse
 from fetalstudio.synthesis.samplers import SAMPLERS
@@ -37,11 +36,30 @@ BUNDLED_LORA = "bundled LoRA of the trimester"
 EXPORT_FORMATS = [("images + masks + metadata.csv", "folder"), ("nnU-Net v2", "nnunet"), ("COCO JSON", "coco")]
 REVIEWER = "reviewer"
 
-#: Keyboard shortcuts of the review view (ignored while typing in a field, and when the tab is hidden).
+#: Keyboard shortcuts of the review view (ignored while typing in a field, and when the tab is hidden), and
+#: the ellipse fields' saving: Enter in a number box, or letting go of a slider (mouse or arrow keys), presses
+#: "Save ellipse", which saves all five values as they are at that moment. Gradio's own slider events cannot
+#: do this: ``release`` also fires when a number box loses focus (Tab), which saved a half-typed ellipse.
 SHORTCUTS_JS = """
 () => {
   const keys = {a: 'review-accept', r: 'review-reject', n: 'review-next', ArrowRight: 'review-next',
                 p: 'review-prev', ArrowLeft: 'review-prev', u: 'review-undo', y: 'review-redo'};
+  const sliderKeys = ['ArrowLeft', 'ArrowRight', 'ArrowUp', 'ArrowDown', 'Home', 'End', 'PageUp', 'PageDown'];
+  const saveEllipse = () => setTimeout(() => document.getElementById('review-save-ellipse')?.click(), 0);
+  const ellipseField = (target, type) => target && target.tagName === 'INPUT' && target.type === type
+                                         && target.closest('#review-ellipse-fields');
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && ellipseField(event.target, 'number')) {
+      event.preventDefault();
+      saveEllipse();
+    }
+  });
+  document.addEventListener('keyup', (event) => {
+    if (sliderKeys.includes(event.key) && ellipseField(event.target, 'range')) saveEllipse();
+  });
+  document.addEventListener('pointerup', (event) => {
+    if (ellipseField(event.target, 'range')) saveEllipse();
+  });
   document.addEventListener('keydown', (event) => {
     const target = event.target;
     if (event.ctrlKey || event.metaKey || event.altKey) return;
@@ -88,8 +106,13 @@ def session_names(context: AppContext) -> list[str]:
 
 def remember_session(context: AppContext, folder: Path) -> None:
     root = sessions_root(context)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(root / LAST_SESSION_FILE, folder.name.encode("utf-8"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(root / LAST_SESSION_FILE, folder.name.encode("utf-8"))
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full_error(root, f"The session {folder.name} is unchanged; only that it was the last one open was not remembered.") from error
 
 
 def last_session(context: AppContext) -> str | None:
@@ -156,7 +179,8 @@ def render(context: AppContext) -> None:
             sampler = gr.Dropdown([(s.label, s.key) for s in SAMPLERS.values()], value=PAPER_SAMPLER, label="Sampler")
             steps = gr.Slider(1, 100, value=PAPER_STEPS, step=1, label="Steps", elem_id="review-steps")
         with gr.Row():
-            seed = gr.Number(0, label="Seed (pair i uses seed+i)", precision=0, elem_id="review-seed")
+            seed = gr.Number(None, label="Seed (pair i uses seed+i)", precision=0, minimum=0, elem_id="review-seed",
+                             info="Filled with the seed after this session's last pair; a pair already in the session is skipped")
             lora = gr.Dropdown([BUNDLED_LORA, *manager.ids(ModelKind.LORA)], value=BUNDLED_LORA, allow_custom_value=True,
                                label="Image+mask LoRA", elem_id="review-lora")
             lora_weight = gr.Slider(0, 1.5, value=PAPER_LORA_WEIGHT, step=0.05, label="LoRA weight")
@@ -193,13 +217,14 @@ def render(context: AppContext) -> None:
         send = gr.Button("Send to Analysis", elem_id="review-send-analysis")
     with gr.Tabs():
         with gr.Tab("Ellipse") as ellipse_tab:
-            with gr.Row():
+            with gr.Row(elem_id="review-ellipse-fields"):
                 center_x = gr.Slider(0, 1024, value=0, step=0.5, label="Centre x (px)", elem_id="review-cx")
                 center_y = gr.Slider(0, 1024, value=0, step=0.5, label="Centre y (px)", elem_id="review-cy")
                 axis_a = gr.Slider(0, 1024, value=0, step=0.5, label="Semi-axis a (px)", elem_id="review-a")
                 axis_b = gr.Slider(0, 1024, value=0, step=0.5, label="Semi-axis b (px)", elem_id="review-b")
                 angle = gr.Slider(0, 180, value=0, step=0.5, label="Angle (deg)", elem_id="review-angle")
-            gr.Markdown("Releasing a slider saves the ellipse; after typing a value, press **Save ellipse**.")
+            gr.Markdown("Type the values (Tab moves on), then press **Enter** or **Save ellipse**: all five are saved "
+                        "together. Letting go of a slider saves too.")
             save_ellipse = gr.Button("Save ellipse", elem_id="review-save-ellipse")
         with gr.Tab("Re-extract") as reextract_tab:
             threshold = gr.Slider(0, 255, value=127, step=1, label="Threshold on the raw mask channel", elem_id="review-threshold")
@@ -225,8 +250,21 @@ def render(context: AppContext) -> None:
                threshold, editor, decision_filter]
     looks = [opacity, show_mask, show_ellipse]
 
-    def show(view: View, opacity_: float, mask_on: bool, ellipse_on: bool, saved: str | None = None) -> list:
-        """Every display output for ``view`` (the item is re-read from disk: what you see is what is saved)."""
+    ellipse_fields = slice(display.index(center_x), display.index(angle) + 1)
+
+    def show(view: View, opacity_: float, mask_on: bool, ellipse_on: bool, saved: str | None = None,
+             ellipse_values: bool = True) -> list:
+        """Every display output for ``view`` (the item is re-read from disk: what you see is what is saved).
+
+        ``ellipse_values=False`` leaves the ellipse fields as they are on the page: after saving them (they
+        hold what was saved) and after a change of looks, a value typed meanwhile must not be overwritten.
+        """
+        outputs = _show(view, opacity_, mask_on, ellipse_on, saved)
+        if not ellipse_values:
+            outputs[ellipse_fields] = [gr.update()] * (ellipse_fields.stop - ellipse_fields.start)
+        return outputs
+
+    def _show(view: View, opacity_: float, mask_on: bool, ellipse_on: bool, saved: str | None) -> list:
         if not view.folder:
             return [view, "No session open: generate pairs (a session is created) or open one.", *[gr.update()] * (len(display) - 2)]
         session = _session(view)
@@ -276,7 +314,7 @@ def render(context: AppContext) -> None:
             view = opened(view, sessions_root(context) / name)
         result = show(view, opacity_, mask_on, ellipse_on)
         result[2] = gr.update(choices=session_names(context), value=Path(view.folder).name if view.folder else None)
-        return result
+        return [*result, seed_to_use(view)]
 
     @user_errors
     def on_open(name: str, view: View, opacity_, mask_on, ellipse_on):
@@ -290,7 +328,11 @@ def render(context: AppContext) -> None:
         view = opened(view, folder)
         result = show(view, opacity_, mask_on, ellipse_on, saved=note)
         result[2] = gr.update(choices=session_names(context), value=folder.name)
-        return result
+        return [*result, seed_to_use(view)]
+
+    def seed_to_use(view: View):
+        """The Seed box: where the shown session's next run starts (empty without a session)."""
+        return gr.update(value=next_seed(_session(view)) if view.folder else None)
 
     def _session_for_new_pairs(view: View, name: str) -> ReviewSession:
         if view.folder:
@@ -307,16 +349,18 @@ def render(context: AppContext) -> None:
         session = _session_for_new_pairs(view, name)
         pair_request = PairRequest(
             trimester=trimester_, count=int(count_ or 0), lora=None if lora_ in (None, "", BUNDLED_LORA) else lora_,
-            lora_weight=float(weight_), sampler=sampler_, steps=int(steps_), seed=int(seed_ or 0), threshold=int(threshold_),
+            lora_weight=float(weight_), sampler=sampler_, steps=int(steps_), seed=None if seed_ in (None, "") else int(seed_),
+            threshold=int(threshold_),
         )
         progress((0, pair_request.count), desc="Loading models…")
-        added = generate_pairs(context.synthesis, session, pair_request, cancel=cancel_flags.fresh(request),
-                               on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
-        if added:
-            move_to(view, added[0].id)
-        failed = sum(1 for item in added if not item.ellipse)
-        return show(view, opacity_, mask_on, ellipse_on,
-                    saved=f"{len(added)} new pair(s) stored" + (f", {failed} without an ellipse (see the reason)" if failed else ""))
+        run = generate_pairs(context.synthesis, session, pair_request, cancel=cancel_flags.fresh(request),
+                             on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
+        if run.added:
+            move_to(view, run.added[0].id)
+        failed = sum(1 for item in run.added if not item.ellipse)
+        note = (f"{len(run.added)} new pair(s) stored" + (f", {failed} without an ellipse (see the reason)" if failed else "")
+                + (f"; {run.skipped_note()}" if run.skipped else ""))
+        return [*show(view, opacity_, mask_on, ellipse_on, saved=note), seed_to_use(view)]
 
     @user_errors
     def on_import(source: str, threshold_, name, view: View, opacity_, mask_on, ellipse_on, request: gr.Request,
@@ -330,7 +374,7 @@ def render(context: AppContext) -> None:
                              on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
         if added:
             move_to(view, added[0].id)
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"{len(added)} pair(s) imported")
+        return [*show(view, opacity_, mask_on, ellipse_on, saved=f"{len(added)} pair(s) imported"), seed_to_use(view)]
 
     def _require_item(view: View) -> tuple[ReviewSession, ReviewItem]:
         if not view.folder or not view.item:
@@ -373,8 +417,9 @@ def render(context: AppContext) -> None:
         session, item = _require_item(view)
         if any(v is None for v in (cx, cy, a, b, angle_)):
             raise FetalStudioError("Fill in the centre, both semi-axes and the angle of the ellipse.")
-        corrections.save_ellipse(session, item.id, Ellipse(float(cx), float(cy), float(a), float(b), float(angle_)))
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"ellipse of {item.id}")
+        saved = corrections.save_ellipse(session, item.id, Ellipse(float(cx), float(cy), float(a), float(b), float(angle_)))
+        note = f"ellipse of {item.id}" if saved.revision != item.revision else f"ellipse of {item.id} unchanged, nothing to save"
+        return show(view, opacity_, mask_on, ellipse_on, saved=note, ellipse_values=False)
 
     @user_errors
     def on_reextract(threshold_, view: View, opacity_, mask_on, ellipse_on):
@@ -407,27 +452,29 @@ def render(context: AppContext) -> None:
         out = context.outputs_dir / EXPORTS_FOLDER / f"{Path(view.folder).name}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = export_session(session, out, formats=tuple(chosen),
                                 progress=lambda done, total: progress((done, total), desc="Exporting", unit="pairs"))
-        archive = shutil.make_archive(str(out), "zip", root_dir=out)
-        return (f"Exported {result.exported} pair(s) ({', '.join(chosen)}) to `{out}`; zip beside it.", archive)
+        archive = zip_export(out)
+        return (f"Exported {result.exported} pair(s) ({', '.join(chosen)}) to `{out}`; zip beside it.", str(archive))
 
     def look_change(view: View, opacity_, mask_on, ellipse_on):
-        return show(view, opacity_, mask_on, ellipse_on) if view.folder else [gr.update()] * len(display)
+        return show(view, opacity_, mask_on, ellipse_on, ellipse_values=False) if view.folder else [gr.update()] * len(display)
 
     def cancel_job(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
     cancel.click(cancel_job, None, None, queue=False)
-    open_session.click(on_open, [session_name, view_state, *looks], display)
+    session_display = [*display, seed]  # opening a session or adding pairs also shows the seed the next run uses
+    open_session.click(on_open, [session_name, view_state, *looks], session_display)
     generate.click(on_generate, [trimester, count, sampler, steps, seed, lora, lora_weight, threshold_generate, session_name,
-                                 view_state, *looks], display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    import_button.click(on_import, [import_source, threshold_generate, session_name, view_state, *looks], display)
+                                 view_state, *looks], session_display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    import_button.click(on_import, [import_source, threshold_generate, session_name, view_state, *looks], session_display)
     for button, handler, argument in ((accept, on_decide, "accepted"), (reject, on_decide, "rejected"), (previous, on_step, -1),
                                       (following, on_step, 1), (undo, on_history, "undo"), (redo, on_history, "redo")):
         button.click(_bound(handler, argument), [view_state, *looks], display)
     decision_filter.input(on_filter, [decision_filter, view_state, *looks], display)
-    save_ellipse.click(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display)
-    for slider in (center_x, center_y, axis_a, axis_b, angle):
-        slider.release(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display)
+    # Enter in a number box and letting go of a slider press this button (SHORTCUTS_JS); "multiple": a save
+    # pressed while the previous one runs is queued with its own values, never dropped.
+    save_ellipse.click(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display,
+                       trigger_mode="multiple")
     reextract.click(on_reextract, [threshold, view_state, *looks], display)
     save_brush.click(on_save_brush, [editor, view_state, *looks], display)
     segment.click(on_segment, [view_state, *looks], display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
@@ -450,7 +497,7 @@ def render(context: AppContext) -> None:
         other.select(brush_closed, view_state, view_state)
     for control in looks:
         control.input(look_change, [view_state, *looks], display)
-    return on_load, [view_state, *looks], display, SendToAnalysis(send, shown_image_path, [view_state])
+    return on_load, [view_state, *looks], session_display, SendToAnalysis(send, shown_image_path, [view_state])
 
 
 def shown_image_path(view: View) -> str:
