@@ -164,3 +164,17 @@ def test_a_csv_that_is_not_utf8_is_named_with_its_line(command, tmp_path, capsys
     assert main([*command, str(table), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(table) in err and "not UTF-8" in err and "line 3" in err and "Save it as UTF-8" in err
+
+
+def test_extract_refuses_an_empty_mask_cell_and_a_non_finite_pixel_size(tmp_path, capsys):
+    mask = tmp_path / "m.png"
+    from PIL import Image
+
+    Image.new("L", (40, 30)).save(mask)
+    (tmp_path / "empty.csv").write_text(f"image,mask\nx.png,{mask}\ny.png,\n")
+    assert main(["extract", "--csv", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "a")]) == 2
+    assert "line 3: the mask cell is empty" in capsys.readouterr().err
+    for value in ("inf", "nan", "-1"):
+        (tmp_path / "size.csv").write_text(f"image,mask,pixel_size_mm\nx.png,{mask},{value}\n")
+        assert main(["extract", "--csv", str(tmp_path / "size.csv"), "--out", str(tmp_path / "b")]) == 2
+        assert "pixel_size_mm must be a positive number" in capsys.readouterr().err

@@ -177,11 +177,12 @@ def _csv_hc(value: str) -> tuple[float | None, str | None]:
     return hc, None
 
 
-def _csv_input(base: Path, row: dict, name: str, number: int) -> BatchInput:
+def _csv_input(table: Path, row: dict, name: str, number: int) -> BatchInput:
     """One CSV row; a missing file or bad cell is kept as the input's ``error`` (an error row)."""
+    base = table.parent
     cell = (row.get("image") or "").strip()
     if not cell:
-        return BatchInput(name, base, error=f"row {number}: the image cell is empty; name an image file (relative to the CSV's folder).")
+        return BatchInput(name, table, error=f"row {number}: the image cell is empty; name an image file (relative to the CSV's folder).")
     image = base / cell
     mask_cell = (row.get("mask") or "").strip()
     mask = base / mask_cell if mask_cell else None
@@ -213,12 +214,11 @@ def read_batch_inputs(source: str | Path, exclude: Sequence[str | Path] = ()) ->
     rows = read_csv_rows(source)
     if not rows or "image" not in rows[0]:
         raise FetalStudioError(f"{source.name} needs an 'image' column (optional: mask, pixel_size_mm, hc_mm) and at least one row.")
-    base = source.parent
     stems = []
     for number, row in enumerate(rows, start=2):
         cell = (row.get("image") or "").strip()
         stems.append(_safe_name(Path(Path(cell).name if Path(cell).is_absolute() else cell)) if cell else f"row{number}")
-    return [_csv_input(base, row, name, number) for number, (name, row) in enumerate(zip(_unique(stems), rows), start=2)]
+    return [_csv_input(source, row, name, number) for number, (name, row) in enumerate(zip(_unique(stems), rows), start=2)]
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -98,7 +98,11 @@ def read_segmentation(source: Path) -> list[SegmentationPair]:
     _require(rows, source, ("image", "mask"))
     base = source.parent
     pairs = []
-    for row in rows:
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        empty = [column for column in ("image", "mask") if not (row.get(column) or "").strip()]
+        if empty:
+            raise FetalStudioError(f"{source}, line {number}: the {' and '.join(empty)} cell is empty; every row needs an image "
+                                   "and a mask (paths relative to the CSV's folder). Fill or remove that row.")
         group = row.get("subject_group") or row.get("patient_id") or ""
         pairs.append(
             SegmentationPair(

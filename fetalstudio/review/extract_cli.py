@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def read_extract_items(csv_path: Path, limit: int | None = None) -> list[Extract
         )
     items = []
     for number, pair in enumerate(pairs, start=2):  # row 1 is the header
-        if pair.pixel_size_mm is not None and not pair.pixel_size_mm > 0:
+        if pair.pixel_size_mm is not None and not (math.isfinite(pair.pixel_size_mm) and pair.pixel_size_mm > 0):
             raise FetalStudioError(f"{csv_path}, row {number}: pixel_size_mm must be a positive number of mm per pixel, not {pair.pixel_size_mm}.")
         items.append(ExtractItem(pair.extra["mask"], pair.extra.get("image", ""), pair.mask, pair.pixel_size_mm, pair.hc_mm))
     return items
