@@ -303,6 +303,7 @@ def test_the_segmenter_correction_segments_a_real_head_from_the_ellipse_box(tmp_
     from fetalstudio.models.device import DevicePlacement
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.models.manager import ModelManager
+    from fetalstudio.analysis.segment import CachedPredictor
     from fetalstudio.review import corrections
     from fetalstudio.segmentation.predictor import BoxPromptPredictor
 
@@ -317,3 +318,13 @@ def test_the_segmenter_correction_segments_a_real_head_from_the_ellipse_box(tmp_
         saved, score = corrections.ask_segmenter(BoxPromptPredictor(model), session, item.id)
     assert saved.how == "segmenter" and saved.decision == "edited" and 0 <= score <= 1.5
     assert dice(session.load_mask(saved), reference) > 0.9  # box-prompted: it follows the box, so a rough box stays rough
+    with manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
+        cached = CachedPredictor(BoxPromptPredictor(model))
+        corrections.save_ellipse(session, item.id, rough)
+        again, again_score = corrections.ask_segmenter(cached, session, item.id)  # the same box: the same mask
+        moved = Ellipse(rough.center_x - 8, rough.center_y + 6, rough.axis_a, rough.axis_b, rough.angle_deg)
+        corrections.save_ellipse(session, item.id, moved)
+        third, _ = corrections.ask_segmenter(cached, session, item.id)  # another box, the same image: not encoded again
+    assert cached.encoder_runs == 1
+    assert again_score == pytest.approx(score, abs=1e-6) and np.array_equal(session.load_mask(again), session.load_mask(saved))
+    assert third.revision > again.revision and dice(session.load_mask(third), reference) > 0.9

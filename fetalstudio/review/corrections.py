@@ -73,12 +73,15 @@ def segmenter_box(session: ReviewSession, item: ReviewItem) -> tuple[int, int, i
 
 
 def ask_segmenter(predictor, session: ReviewSession, item_id: str, user: str = REVIEWER) -> tuple[ReviewItem, float]:
-    """Segment the item with ``predictor`` (a BoxPromptPredictor) from its box; save the filled ellipse of the result.
+    """Segment the item with ``predictor`` from its box; save the filled ellipse of the result.
 
-    Returns the saved item and the model's predicted IoU score.
+    ``predictor``: a BoxPromptPredictor, or an ``analysis.segment.CachedPredictor`` around one, which
+    encodes each image once however often the reviewer asks. Returns the saved item and the model's
+    predicted IoU score.
     """
     item = session.get(item_id)
-    prediction = predictor.segment(session.load_image(item), segmenter_box(session, item))
+    predictor.set_image(session.load_image(item))
+    prediction = predictor.predict(box=segmenter_box(session, item))
     if not prediction.mask.any():
         raise FetalStudioError("The segmenter found no head in that box: correct the ellipse or paint the mask instead.")
     extraction = extract_ellipse(prediction.mask.astype(np.uint8) * 255)

@@ -8,6 +8,7 @@ last session at its saved cursor.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,13 +434,23 @@ def render(context: AppContext) -> None:
         corrections.save_brush(session, item.id, (value or {}).get("layers") or [])
         return show(view, opacity_, mask_on, ellipse_on, saved=f"painted mask of {item.id}")
 
+    # One predictor for the tab, its image embeddings cached: asking again about an item (after moving
+    # its ellipse) skips the image encoder. Each ask sets its own image, under this lock, so users
+    # sharing it cannot see each other's image.
+    segmenter = {"predictor": None}
+    segmenter_lock = threading.Lock()
+
     @user_errors
     def on_segment(view: View, opacity_, mask_on, ellipse_on):
+        from fetalstudio.analysis.segment import CachedPredictor
         from fetalstudio.segmentation.predictor import BoxPromptPredictor
 
         session, item = _require_item(view)
-        with manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
-            _, score = corrections.ask_segmenter(BoxPromptPredictor(model), session, item.id)
+        with segmenter_lock, manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
+            predictor = segmenter["predictor"]
+            if predictor is None or predictor.predictor.model is not model:
+                predictor = segmenter["predictor"] = CachedPredictor(BoxPromptPredictor(model))
+            _, score = corrections.ask_segmenter(predictor, session, item.id)
         return show(view, opacity_, mask_on, ellipse_on, saved=f"segmenter mask of {item.id} (score {score:.2f})")
 
     @user_errors
