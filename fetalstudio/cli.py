@@ -48,6 +48,10 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--prompt", help="prompt to use instead of the plane's caption (e.g. 'a photo of fetal abdomen')")
     parser.add_argument("--negative-prompt", default="", help="negative prompt")
     parser.add_argument("--batch-size", type=at_least_one, default=1, help="images generated together (more memory, faster on GPUs)")
+    parser.add_argument("--color", choices=["auto", "grayscale", "rgb"], default="auto",
+                        help="output colour: auto = the model's declaration (output = \"grayscale\" in checkpoints/manifest.toml, "
+                             "e.g. the bundled fetalstudio-tiny; undeclared models keep RGB), grayscale (R=G=B; an image+mask "
+                             "LoRA's mask channel is kept) or rgb (the decoder's pixels)")
     parser.add_argument("--json", type=Path, help="also write a JSON summary to this file")
     parser.set_defaults(handler=run_generate)
 
@@ -88,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         out_dir=args.out, model=model, planes=tuple(planes), samplers=tuple(samplers), images_per_plane=args.n,
         steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
         batch_size=args.batch_size, negative_prompt=args.negative_prompt, prompt=args.prompt,
-        trimester=args.trimester, loras=tuple(LoraSpec.parse(text) for text in args.lora),
+        trimester=args.trimester, loras=tuple(LoraSpec.parse(text) for text in args.lora), color=args.color,
     )
 
     def progress(done: int, total: int, last: str) -> None:

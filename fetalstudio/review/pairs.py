@@ -34,7 +34,7 @@ from fetalstudio.data.tables import SegmentationPair, read_segmentation
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.review.extract import extract_ellipse
 from fetalstudio.review.store import ReviewItem, ReviewSession
-from fetalstudio.synthesis.mask_injection import unpack
+from fetalstudio.synthesis.mask_injection import lora_mask_channel, unpack
 from fetalstudio.synthesis.settings import MAX_SEED
 from fetalstudio.vocabulary import parse_trimester, prompt_for
 
@@ -49,22 +49,6 @@ PairProgress = Callable[[int, int], None]
 def bundled_lora_id(trimester: str) -> str:
     """The manifest id of the bundled image+mask LoRA for a trimester."""
     return f"fetalstudio-head-{parse_trimester(trimester).value}-mask"
-
-
-def lora_mask_channel(path: Path) -> int | None:
-    """The mask channel recorded in a LoRA file by ``train lora --mask-channel`` (None when absent)."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or files[0].suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(files[0]), "np") as handle:
-            value = (handle.metadata() or {}).get("fetalstudio.mask_channel")
-    except Exception:  # not a safetensors file we can read: no recorded channel
-        return None
-    return int(value) if value not in (None, "", "None", "null") else None
 
 
 @dataclass(frozen=True)
@@ -197,7 +181,7 @@ def generate_pairs(
         model=model, prompt=prompt_for("head", parse_trimester(request.trimester).value), sampler=request.sampler,
         steps=int(request.steps), guidance_scale=float(request.guidance_scale), width=int(request.width or size),
         height=int(request.height or size), seed=0, batch_size=1, batch_count=1,
-        loras=(LoraSpec(lora, float(request.lora_weight)),),
+        loras=(LoraSpec(lora, float(request.lora_weight)),), mask_channel=channel,
     )
     first_seed = next_seed(session) if request.seed is None else int(request.seed)
     seeds = [(first_seed + index) % (MAX_SEED + 1) for index in range(int(request.count))]

@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fetalstudio.errors import FetalStudioError
@@ -50,6 +50,7 @@ class DatasetRequest:
     prompt: str | None = None  # overrides the plane captions (the folder still says the plane)
     trimester: str | None = None  # for the "head" subject
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    color: str = "auto"  # auto (the model's declaration) | grayscale | rgb; dataset.json records the resolved one
 
     def prompt_for(self, plane: str) -> str:
         return self.prompt if self.prompt else prompt_for(plane, self.trimester)
@@ -61,7 +62,7 @@ class DatasetRequest:
         data = asdict(self)
         data.pop("out_dir")
         data.pop("images_per_plane")  # asking for more images later is fine
-        data.pop("batch_size")  # batching does not change which images are made
+        data.pop("batch_size")  # batching changes pixels only in the last bits; each PNG records its batch
         data["loras"] = [asdict(l) for l in self.loras]
         return json.loads(json.dumps(data))  # tuples -> lists, as read back from dataset.json
 
@@ -119,6 +120,7 @@ class DatasetWriter:
         wanted = self.request.fingerprint()
         if settings_path.exists():
             recorded = json.loads(settings_path.read_text(encoding="utf-8"))
+            recorded.setdefault("color", "rgb")  # datasets from before the colour was recorded are RGB
             if recorded != wanted:
                 changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
                 raise FetalStudioError(
@@ -194,6 +196,7 @@ def export_dataset(
     on_progress: DatasetProgress | None = None,
     cancel: threading.Event | None = None,
 ) -> DatasetReport:
+    request = replace(request, color=engine.output_color(request.model, request.color))
     writer = DatasetWriter(request)
     writer.open()
     jobs = plan_jobs(request)
@@ -213,7 +216,7 @@ def export_dataset(
                 model=request.model, prompt=request.prompt_for(plane), negative_prompt=request.negative_prompt,
                 sampler=sampler, steps=request.steps, guidance_scale=request.guidance_scale,
                 width=request.width, height=request.height, seed=request.seed + chunk[0].index,
-                batch_size=len(chunk), batch_count=1, loras=request.loras,
+                batch_size=len(chunk), batch_count=1, loras=request.loras, color=request.color,
             )
 
             def save(generated: GeneratedImage, chunk=chunk) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,8 +25,10 @@ from fetalstudio.errors import FetalStudioError, ModelLoadError
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.hashing import checkpoint_hash
 from fetalstudio.models.manager import ModelManager
+from fetalstudio.synthesis.color import GRAYSCALE, conversion_name, resolve_color, to_grayscale
+from fetalstudio.synthesis.mask_injection import lora_mask_channel
 from fetalstudio.synthesis.samplers import make_scheduler, parse_sampler
-from fetalstudio.synthesis.settings import GeneratedImage, GenerationResult, GenerationSettings, LoraSpec
+from fetalstudio.synthesis.settings import GeneratedImage, GenerationResult, GenerationSettings, LoraSpec, Reproduction
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class ResolvedLora:
     weight: float
     hash: str
     path: str
+    mask_channel: int | None  # the channel an image+mask LoRA draws its mask in (from its file)
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,6 +97,10 @@ class SynthesisEngine:
         """Generate ``batch_count`` batches of ``batch_size`` images; image i uses seed + i.
 
         Cancelling stops after the current denoising step; images of finished batches are kept.
+        Each image's metadata records its batch (size, position, seeds): batched matrix products
+        differ from unbatched ones in the last bits, so only the same batch gives the same pixels
+        (``reproduce``). The images come back grayscale when ``settings.color`` (or, for "auto",
+        the model's manifest entry) says so; an image+mask LoRA's mask channel is kept.
         """
         settings = settings.validated()
         started = time.perf_counter()
@@ -104,6 +111,7 @@ class SynthesisEngine:
         with self.manager.use(entry.id) as pipeline:
             state = self._state(pipeline, entry)
             loras = self._apply_loras(pipeline, state, settings.loras)
+            settings = self._resolve_output(settings, entry, loras)
             self._apply_sampler(pipeline, state, settings.sampler)
             base_metadata = self._base_metadata(pipeline, state, entry, loras, settings)
             try:
@@ -112,15 +120,39 @@ class SynthesisEngine:
                     batch_images = self.manager.run_with_oom_retry(
                         lambda: self._run_batch(pipeline, settings, indices, len(images), on_progress, cancel), keep=entry.id
                     )
-                    for index, image in zip(indices, batch_images):
+                    seeds = [settings.seed_for(i) for i in indices]
+                    for position, (index, image) in enumerate(zip(indices, batch_images)):
+                        if settings.color == GRAYSCALE:
+                            image = to_grayscale(image, settings.mask_channel)
                         seed = settings.seed_for(index)
-                        generated = GeneratedImage(image, seed, index, settings, {**base_metadata, "seed": seed, "index": index})
+                        batch_record = {"size": len(indices), "index": position, "seeds": seeds}
+                        metadata = {**base_metadata, "seed": seed, "index": index, "batch": batch_record}
+                        generated = GeneratedImage(image, seed, index, settings, metadata)
                         images.append(generated)
                         if on_image is not None:
                             on_image(generated)
             except _Cancelled:
                 return GenerationResult(images, cancelled=True, seconds=time.perf_counter() - started)
         return GenerationResult(images, cancelled=False, seconds=time.perf_counter() - started)
+
+    def output_color(self, model: str, requested: str = "auto") -> str:
+        """"grayscale" or "rgb": what ``generate`` makes of ``requested`` for this model."""
+        return resolve_color(requested, self.manager.entry(model))
+
+    def reproduce(self, reproduction: Reproduction, cancel: threading.Event | None = None) -> GeneratedImage:
+        """The recorded image again, pixel for pixel: its whole batch is re-run and that one image returned."""
+        result = self.generate(reproduction.settings, cancel=cancel)
+        if result.cancelled or len(result.images) <= reproduction.index:
+            raise FetalStudioError("Reproduction was cancelled before the image was made; press Reproduce again.")
+        return result.images[reproduction.index]
+
+    @staticmethod
+    def _resolve_output(settings: GenerationSettings, entry, loras: list[ResolvedLora]) -> GenerationSettings:
+        """The settings as used: the concrete colour, and the mask channel of an active image+mask LoRA."""
+        mask_channel = settings.mask_channel
+        if mask_channel is None:
+            mask_channel = next((l.mask_channel for l in loras if l.weight != 0 and l.mask_channel is not None), None)
+        return replace(settings, color=resolve_color(settings.color, entry), mask_channel=mask_channel)
 
     def _state(self, pipeline, entry) -> PipelineState:
         if pipeline not in self._states:
@@ -177,7 +209,7 @@ class SynthesisEngine:
                 state.adapters[adapter_name] = str(path)
                 state.active_adapters = None  # loading activates the new adapter
             name = re.sub(r"\.(safetensors|ckpt|pt|bin)$", "", path.name)
-            resolved.append(ResolvedLora(adapter_name, name, spec.weight, digest, str(path)))
+            resolved.append(ResolvedLora(adapter_name, name, spec.weight, digest, str(path), lora_mask_channel(path)))
         active = tuple((l.adapter_name, l.weight) for l in resolved if l.weight != 0)
         if active != state.active_adapters:  # enable/set_adapters walk every module: only on change
             if active:
@@ -212,6 +244,8 @@ class SynthesisEngine:
             "versions": library_versions(),
             "device": placement.device.type,
             "dtype": str(placement.dtype).removeprefix("torch."),
+            "output": {"color": settings.color, "mask_channel": settings.mask_channel,
+                       "conversion": conversion_name(settings.color, settings.mask_channel)},
         }
 
 

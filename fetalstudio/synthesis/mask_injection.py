@@ -12,6 +12,8 @@ Masks drawn as ellipse *outlines* (HC18, es_heads) must be filled first: ``fille
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 #: Channel orders by the index of the mask channel.
@@ -32,6 +34,22 @@ def parse_channel_order(value: int | str) -> int:
         f"Unknown channel order {value!r}: give the mask channel as 0/1/2, r/g/b or one of "
         f"{', '.join(CHANNEL_ORDERS.values())}."
     )
+
+
+def lora_mask_channel(path: Path) -> int | None:
+    """The mask channel recorded in a LoRA file by ``train lora --mask-channel`` (None when absent)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or files[0].suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(files[0]), "np") as handle:
+            value = (handle.metadata() or {}).get("fetalstudio.mask_channel")
+    except Exception:  # not a safetensors file we can read: no recorded channel
+        return None
+    return int(value) if value not in (None, "", "None", "null") else None
 
 
 def channel_order_name(mask_channel: int) -> str:

@@ -12,7 +12,7 @@ from PIL import Image, PngImagePlugin
 
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.synthesis.samplers import parse_sampler
-from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
+from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec, Reproduction
 
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "fetalstudio"
@@ -66,15 +66,52 @@ def read_png_text(path_or_image: Path | str | Image.Image) -> dict[str, str]:
 
 
 def settings_from_png(path_or_image: Path | str | Image.Image) -> GenerationSettings:
-    """Settings that regenerate the image: from our JSON chunk, else from A1111 parameters."""
+    """The image's own settings (its seed, batch of one): from our JSON chunk, else from A1111 parameters.
+
+    Generated alone, these give the image up to the last bits of batched arithmetic; for the exact
+    pixels of an image made in a batch use ``reproduction_from_png``.
+    """
     text = read_png_text(path_or_image)
     if JSON_KEY in text:
-        data = json.loads(text[JSON_KEY])
-        settings = GenerationSettings.from_dict(data["settings"])
-        return GenerationSettings.from_dict({**settings.to_dict(), "seed": data["seed"], "batch_size": 1, "batch_count": 1})
+        data = _fetalstudio_chunk(text[JSON_KEY])
+        return GenerationSettings.from_dict({**data["settings"], "seed": data["seed"], "batch_size": 1, "batch_count": 1})
     if PARAMETERS_KEY in text:
         return parse_a1111_parameters(text[PARAMETERS_KEY])
-    raise FetalStudioError(
+    raise _no_parameters_error()
+
+
+def reproduction_from_png(path_or_image: Path | str | Image.Image) -> Reproduction:
+    """How to remake the image exactly: the batch it was made in (size and seeds) and its position.
+
+    PNGs from before the batch was recorded, and A1111 PNGs, give the image's own seed alone.
+    """
+    text = read_png_text(path_or_image)
+    if JSON_KEY not in text:
+        return Reproduction(settings_from_png(path_or_image), 0)
+    data = _fetalstudio_chunk(text[JSON_KEY])
+    batch = data.get("batch") or {"size": 1, "index": 0, "seeds": [data["seed"]]}
+    settings = GenerationSettings.from_dict(
+        {**data["settings"], "seed": batch["seeds"][0], "batch_size": batch["size"], "batch_count": 1}
+    )
+    return Reproduction(settings, int(batch["index"]))
+
+
+def _fetalstudio_chunk(text: str) -> dict:
+    try:
+        data = json.loads(text)
+        data["settings"] = dict(data["settings"])
+        data["seed"] = int(data["seed"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise FetalStudioError(
+            f"The PNG's fetalstudio metadata is damaged ({type(error).__name__}: {error}); pick the original file."
+        ) from error
+    # PNGs written before the output colour was recorded kept the decoder's RGB pixels
+    data["settings"].setdefault("color", "rgb")
+    return data
+
+
+def _no_parameters_error() -> FetalStudioError:
+    return FetalStudioError(
         "This PNG carries no generation parameters (no 'parameters' or 'fetalstudio' text chunk). "
         "Images re-saved by other programs often lose them; pick the original file."
     )

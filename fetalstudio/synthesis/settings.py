@@ -12,6 +12,9 @@ from fetalstudio.synthesis.samplers import DEFAULT_SAMPLER, parse_sampler
 
 MAX_SEED = 2**32 - 1
 LORA_WEIGHT_RANGE = (0.0, 1.5)
+#: Output colour: "auto" follows the model's declaration (``output = "grayscale"`` in
+#: checkpoints/manifest.toml; undeclared models keep the decoder's RGB), or forced either way.
+OUTPUT_COLORS = ("auto", "grayscale", "rgb")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class GenerationSettings:
     batch_size: int = 1
     batch_count: int = 1
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    color: str = "auto"  # one of OUTPUT_COLORS; the engine records the colour it resolved to
+    #: The channel an image+mask LoRA draws its mask in (kept as generated when the image is made
+    #: grayscale); None: read from the active LoRAs' files (``train lora --mask-channel``).
+    mask_channel: int | None = None
 
     @property
     def total_images(self) -> int:
@@ -73,6 +80,10 @@ class GenerationSettings:
             problems.append("batch size must be 1-64 and batch count 1-10000")
         if not -1 <= self.seed <= MAX_SEED:
             problems.append(f"seed must be -1 (random) or between 0 and {MAX_SEED}")
+        if self.color not in OUTPUT_COLORS:
+            problems.append(f"colour must be one of {', '.join(OUTPUT_COLORS)} (got {self.color!r})")
+        if self.mask_channel not in (None, 0, 1, 2):
+            problems.append(f"mask channel must be 0, 1 or 2 (got {self.mask_channel!r})")
         for lora in self.loras:
             low, high = LORA_WEIGHT_RANGE
             if not low <= lora.weight <= high:
@@ -97,6 +108,14 @@ class GenerationSettings:
         values = {k: v for k, v in data.items() if k in known}
         values["loras"] = tuple(LoraSpec(**l) for l in data.get("loras", ()))
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """How to remake one recorded image exactly: its whole batch, and its position in it."""
+
+    settings: GenerationSettings  # batch_size = the original batch, seed = the batch's first seed
+    index: int = 0
 
 
 @dataclass

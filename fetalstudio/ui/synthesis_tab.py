@@ -14,13 +14,14 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.synthesis.dataset import DatasetRequest, export_dataset
 from fetalstudio.synthesis.gallery import save_generated
-from fetalstudio.synthesis.metadata import settings_from_png
+from fetalstudio.synthesis.metadata import reproduction_from_png
 from fetalstudio.synthesis.samplers import SAMPLERS, parse_sampler
 from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, user_errors
 from fetalstudio.vocabulary import HEAD_SUBJECT, PLANES, TRIMESTERS, prompt_for, subject_choices
 
 LORA_SLOTS = 3  # the handlers below spell out three (LoRA, weight) pairs
+COLOR_CHOICES = [("Model default", "auto"), ("Grayscale", "grayscale"), ("RGB", "rgb")]
 CUSTOM = "custom"
 NO_LORA = ""
 DATASETS_FOLDER = "datasets"
@@ -41,24 +42,26 @@ class Controls:
     seed: gr.Number
     batch_size: gr.Slider
     batch_count: gr.Slider
+    color: gr.Radio
     loras: list[gr.Dropdown]
     lora_weights: list[gr.Slider]
 
     def as_inputs(self) -> list:
         lora_pairs = [c for pair in zip(self.loras, self.lora_weights) for c in pair]
         return [self.model, self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance,
-                self.width, self.height, self.seed, self.batch_size, self.batch_count, *lora_pairs]
+                self.width, self.height, self.seed, self.batch_size, self.batch_count, self.color, *lora_pairs]
 
 
 def settings_from_inputs(values: tuple) -> GenerationSettings:
-    model, prompt, negative, sampler, steps, guidance, width, height, seed, batch_size, batch_count, *loras = values
+    model, prompt, negative, sampler, steps, guidance, width, height, seed, batch_size, batch_count, color, *loras = values
     if not model:
         raise FetalStudioError("No generator model is selected. Install one (see the Models tab) and pick it.")
     specs = tuple(LoraSpec(loras[i], float(loras[i + 1])) for i in range(0, len(loras), 2) if loras[i])
     return GenerationSettings(
         model=model, prompt=prompt or "", negative_prompt=negative or "", sampler=sampler, steps=int(steps),
         guidance_scale=float(guidance), width=int(width), height=int(height),
-        seed=int(seed) if seed is not None else -1, batch_size=int(batch_size), batch_count=int(batch_count), loras=specs,
+        seed=int(seed) if seed is not None else -1, batch_size=int(batch_size), batch_count=int(batch_count),
+        loras=specs, color=color or "auto",
     )
 
 
@@ -94,6 +97,9 @@ def render(context: AppContext) -> SendToAnalysis:
                 trimester = gr.Dropdown([t.value for t in TRIMESTERS], value="second", label="Trimester", visible=False)
             prompt = gr.Textbox(prompt_for(PLANES[0].value), label="Prompt", lines=2, elem_id="synthesis-prompt")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1)
+            with gr.Row():  # right under the prompt: visible without scrolling on a 1366x768 screen
+                generate = gr.Button("Generate", variant="primary", elem_id="synthesis-generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="synthesis-cancel")
             with gr.Row():
                 sampler = gr.Dropdown(_sampler_choices(), value="euler", label="Sampler", elem_id="synthesis-sampler")
                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
@@ -107,19 +113,22 @@ def render(context: AppContext) -> SendToAnalysis:
                 reuse_seed = gr.Button("Reuse last seed", size="sm")
                 batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
-            with gr.Accordion("LoRA", open=bool(lora_ids)):
-                lora_dropdowns, lora_weights = [], []
+            color = gr.Radio(COLOR_CHOICES, value="auto", label="Output colour", elem_id="synthesis-color",
+                             info="Model default: grey for models declared grayscale (the bundled fetalstudio-tiny), "
+                                  "RGB otherwise. An image+mask LoRA's mask channel is always kept.")
+            with gr.Accordion("LoRA", open=False, elem_id="synthesis-lora-accordion") as lora_accordion:
+                lora_dropdowns, lora_weights, lora_rows = [], [], []
                 for slot in range(LORA_SLOTS):
-                    with gr.Row():
+                    with gr.Row(visible=slot == 0) as row:  # one slot; "Add a LoRA" shows the next
                         lora_dropdowns.append(gr.Dropdown([NO_LORA, *lora_ids], value=NO_LORA, label=f"LoRA {slot + 1}",
                                                           allow_custom_value=True, elem_id=f"synthesis-lora-{slot}"))
                         lora_weights.append(gr.Slider(0, 1.5, value=1.0, step=0.05, label="Weight"))
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="synthesis-generate")
-                cancel = gr.Button("Cancel", variant="stop", elem_id="synthesis-cancel")
+                    lora_rows.append(row)
+                shown_slots = gr.State(1)
+                add_lora = gr.Button("Add a LoRA", size="sm", elem_id="synthesis-add-lora")
             params_png = gr.File(label="Load parameters from PNG", file_types=[".png"], type="filepath", elem_id="synthesis-params-png")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Results", columns=4, height=520, format="png", type="filepath",
+            gallery = gr.Gallery(label="Results", columns=4, height=520, format="png", type="filepath", interactive=False,
                                  buttons=["download", "fullscreen"], elem_id="synthesis-gallery")
             status = gr.Markdown("", elem_id="synthesis-status")
             send = gr.Button("Send the selected image to Analysis", size="sm", elem_id="synthesis-send-analysis")
@@ -136,7 +145,14 @@ def render(context: AppContext) -> SendToAnalysis:
                 export_status = gr.Markdown("", elem_id="dataset-export-status")
 
     controls = Controls(model, prompt, negative_prompt, sampler, steps, guidance, width, height, seed,
-                        batch_size, batch_count, lora_dropdowns, lora_weights)
+                        batch_size, batch_count, color, lora_dropdowns, lora_weights)
+
+    def on_add_lora(shown: int):
+        shown = min(int(shown) + 1, LORA_SLOTS)
+        return [shown, *[gr.update(visible=slot < shown) for slot in range(LORA_SLOTS)],
+                gr.update(visible=shown < LORA_SLOTS)]
+
+    add_lora.click(on_add_lora, shown_slots, [shown_slots, *lora_rows, add_lora])
 
     def on_subject(subject_value: str, trimester_value: str, current_prompt: str):
         if subject_value == CUSTOM:
@@ -164,11 +180,12 @@ def render(context: AppContext) -> SendToAnalysis:
 
     @user_errors
     def run_generation(model_, prompt_, negative_, sampler_, steps_, guidance_, width_, height_, seed_, batch_size_,
-                       batch_count_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3,
+                       batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3,
                        request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         # Gradio injects request/progress by position, so the inputs are spelled out (no *args).
         settings = settings_from_inputs((model_, prompt_, negative_, sampler_, steps_, guidance_, width_, height_, seed_,
-                                         batch_size_, batch_count_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3)).validated()
+                                         batch_size_, batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3,
+                                         weight_3)).validated()
         _fetch_models(settings)  # hub downloads happen here, where their tqdm bars reach the page
         flag = cancel_flags.fresh(request)
         events: queue.Queue = queue.Queue()
@@ -203,7 +220,7 @@ def render(context: AppContext) -> SendToAnalysis:
                 word = "Cancelled after" if result.cancelled else "Done:"
                 message = (f"{word} {len(result.images)} image(s) in {result.seconds:.1f} s — seeds {settings.seed}"
                            f"…{settings.seed_for(max(len(result.images) - 1, 0))}, {parse_sampler(settings.sampler).label}, "
-                           f"{settings.steps} steps. Saved under outputs/synthesis/.")
+                           f"{settings.steps} steps, {_color_word(result)}. Saved under outputs/synthesis/.")
                 yield paths, message, settings.seed
                 return
 
@@ -226,30 +243,40 @@ def render(context: AppContext) -> SendToAnalysis:
     @user_errors
     def load_parameters(path: str | None):
         if not path:
-            return [gr.update()] * (12 + 2 * LORA_SLOTS) + ["Pick a PNG made by FetalStudio (or A1111)."]
-        loaded = settings_from_png(Path(path))
+            return [gr.update()] * (13 + 3 * LORA_SLOTS + 2) + ["Pick a PNG made by FetalStudio (or A1111)."]
+        # the image's whole batch (its seeds and size): batched arithmetic differs from a lone image in the last bits
+        reproduction = reproduction_from_png(Path(path))
+        loaded = reproduction.settings
         known = set(manager.ids(ModelKind.SD_PIPELINE))
         model_update = gr.update(value=loaded.model) if loaded.model in known else gr.update()
-        lora_updates = []
+        lora_updates, shown = [], max(1, min(len(loaded.loras), LORA_SLOTS))
         for slot in range(LORA_SLOTS):
             spec = loaded.loras[slot] if slot < len(loaded.loras) else None
             lora_updates += [gr.update(value=spec.source if spec else NO_LORA), gr.update(value=spec.weight if spec else 1.0)]
-        note = "Parameters loaded." if loaded.model in known else f"Parameters loaded; model {loaded.model!r} is not installed here, keep or pick another."
+        row_updates = [gr.update(visible=slot < shown) for slot in range(LORA_SLOTS)]
+        note = "Parameters loaded" if loaded.model in known else f"Parameters loaded; model {loaded.model!r} is not installed here, keep or pick another"
+        if loaded.batch_size > 1:
+            note += (f". The image was number {reproduction.index + 1} of a batch of {loaded.batch_size}: Generate remakes "
+                     f"that batch, and its image {reproduction.index + 1} has the PNG's pixels exactly.")
+        else:
+            note += ": Generate gives the PNG's pixels exactly."
         return [model_update, CUSTOM, loaded.prompt, loaded.negative_prompt, loaded.sampler, loaded.steps,
-                loaded.guidance_scale, loaded.width, loaded.height, loaded.seed, 1, 1, *lora_updates, note]
+                loaded.guidance_scale, loaded.width, loaded.height, loaded.seed, loaded.batch_size, 1, loaded.color,
+                *lora_updates, *row_updates, shown, gr.update(open=bool(loaded.loras)), note]
 
     params_png.upload(
         load_parameters, params_png,
-        [model, subject, prompt, negative_prompt, sampler, steps, guidance, width, height, seed, batch_size, batch_count,
-         *[c for pair in zip(lora_dropdowns, lora_weights) for c in pair], status],
+        [model, subject, prompt, negative_prompt, sampler, steps, guidance, width, height, seed, batch_size, batch_count, color,
+         *[c for pair in zip(lora_dropdowns, lora_weights) for c in pair], *lora_rows, shown_slots, lora_accordion, status],
     )
 
     @user_errors
     def run_export(planes, samplers, count, base_seed, name, model_, prompt_, negative_, sampler_, steps_, guidance_,
-                   width_, height_, seed_, batch_size_, batch_count_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3,
-                   request: gr.Request, progress=gr.Progress()):
+                   width_, height_, seed_, batch_size_, batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3,
+                   weight_3, request: gr.Request, progress=gr.Progress()):
         settings = settings_from_inputs((model_, prompt_ or "dataset", negative_, sampler_, steps_, guidance_, width_, height_,
-                                         seed_, batch_size_, batch_count_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3))
+                                         seed_, batch_size_, batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3,
+                                         weight_3))
         if not planes or not samplers:
             raise FetalStudioError("Pick at least one plane and one sampler to export.")
         folder = _dataset_folder(context.outputs_dir, name)
@@ -257,7 +284,7 @@ def render(context: AppContext) -> SendToAnalysis:
             out_dir=folder, model=settings.model, planes=tuple(planes), samplers=tuple(samplers),
             images_per_plane=int(count or 0), steps=settings.steps, guidance_scale=settings.guidance_scale,
             width=settings.width, height=settings.height, seed=int(base_seed or 0), batch_size=settings.batch_size,
-            negative_prompt=settings.negative_prompt, loras=settings.loras,
+            negative_prompt=settings.negative_prompt, loras=settings.loras, color=settings.color,
         )
         if request_.images_per_plane < 1:
             raise FetalStudioError("Images per plane must be at least 1.")
@@ -273,6 +300,16 @@ def render(context: AppContext) -> SendToAnalysis:
     export.click(run_export, [export_planes, export_samplers, export_count, export_seed, export_name, *controls.as_inputs()],
                  export_status, concurrency_id=GPU_QUEUE, concurrency_limit=1)
     return SendToAnalysis(send, picked_image, [gallery, selected])
+
+
+def _color_word(result) -> str:
+    """The colour the engine resolved to (grey for models declared grayscale), as the status line says it."""
+    if not result.images:
+        return "no image"
+    settings = result.images[0].settings
+    if settings.color != "grayscale":
+        return "RGB"
+    return "grayscale" if settings.mask_channel is None else "grayscale image channels, mask channel kept"
 
 
 def _dataset_folder(outputs_dir: Path, name: str) -> Path:
