@@ -239,6 +239,19 @@ def _robust_fit(points: np.ndarray) -> Ellipse | None:
     return ellipse
 
 
+#: Quality bands for people: "good" — nearly the whole contour lies on the ellipse (clean masks and
+#: HC18 annotations score 1.0); "fair" — part of it (a bump, a merged blob) is off: check it;
+#: "poor" — most of it is off, the ellipse is doubtful (analysis.head flags HC below 0.5 too).
+GOOD_FIT_QUALITY = 0.9
+FAIR_FIT_QUALITY = 0.5
+
+
+def fit_label(quality: float) -> str:
+    """"fit 0.57 — fair (57 % of the contour on the ellipse; good ≥ 0.9)": the score with its meaning."""
+    band = "good" if quality >= GOOD_FIT_QUALITY else "fair" if quality >= FAIR_FIT_QUALITY else "poor"
+    return f"fit {quality:.2f} — {band} ({quality:.0%} of the contour on the ellipse; good ≥ {GOOD_FIT_QUALITY:g})"
+
+
 def _quality(ellipse: Ellipse, points: np.ndarray) -> float:
     return float(_inliers(ellipse, points).mean()) if len(points) else 0.0
 

@@ -31,6 +31,7 @@ from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
 from fetalstudio.app_context import AppContext
 from fetalstudio.errors import FetalStudioError, ModelNotFoundError
 from fetalstudio.paths import app_file
+from fetalstudio.review.extract import fit_label
 from fetalstudio.review.store import atomic_write_bytes
 from fetalstudio.segmentation.predictor import BoxPromptPredictor
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
@@ -119,7 +120,7 @@ def measurement_text(session: AnalysisSession) -> str:
     warnings = measurement_warnings(top_plane(session), head)
     lines.extend(f"⚠ **{warning}**" for warning in warnings)
     if head.quality is not None and not warnings:
-        lines.append(f"Ellipse fit quality {head.quality:.2f}")
+        lines.append(f"Ellipse {fit_label(head.quality)}")
     return "\n\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.review import corrections, navigation
 from fetalstudio.review.export import export_session, zip_export
+from fetalstudio.review.extract import fit_label
 from fetalstudio.review.overlay import ADD_COLOUR, REMOVE_COLOUR
 from fetalstudio.review.view import item_pictures
 from fetalstudio.review.pairs import (PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, find_pairs, generate_pairs,
@@ -152,7 +153,7 @@ def _item_line(session: ReviewSession, item: ReviewItem, view: View) -> str:
     elif source.get("image_file"):
         details.append(f"imported from {Path(source['image_file']).name}")
     if item.ellipse is not None:
-        extraction = f"ellipse from {item.how or 'extractor'}" + (f", quality {item.quality:.2f}" if item.quality is not None else "")
+        extraction = f"ellipse from {item.how or 'extractor'}" + (f", {fit_label(item.quality)}" if item.quality is not None else "")
     else:
         extraction = f"**no ellipse**: {item.reason}" if item.reason else "no ellipse"
 

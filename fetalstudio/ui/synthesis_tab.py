@@ -116,7 +116,7 @@ def render(context: AppContext) -> SendToAnalysis:
             color = gr.Radio(COLOR_CHOICES, value="auto", label="Output colour", elem_id="synthesis-color",
                              info="Model default: grey for models declared grayscale (the bundled fetalstudio-tiny), "
                                   "RGB otherwise. An image+mask LoRA's mask channel is always kept.")
-            with gr.Accordion("LoRA", open=False, elem_id="synthesis-lora-accordion") as lora_accordion:
+            with gr.Accordion("LoRA", open=bool(lora_ids), elem_id="synthesis-lora-accordion") as lora_accordion:
                 lora_dropdowns, lora_weights, lora_rows = [], [], []
                 for slot in range(LORA_SLOTS):
                     with gr.Row(visible=slot == 0) as row:  # one slot; "Add a LoRA" shows the next
