@@ -199,11 +199,16 @@ def _stored(item: dict) -> dict[str, float]:
     return {field: item["ellipse"][key] for field, key in ELLIPSE_KEYS.items()}
 
 
-def test_ellipse_fields_typed_in_a_row_save_together_once_and_are_not_overwritten(page, folders):
+def _open_ellipse_tab(page, folders) -> tuple[Path, str]:
+    """The session of the first test in the Ellipse tab: its folder and the shown item's id."""
     _open_tab(page)
     wait_for_text(page, "#review-item-info", "total 3", 30)
     page.get_by_role("tab", name="Ellipse").click()
-    folder, item_id = _session_folder(folders), _shown_item(page)
+    return _session_folder(folders), _shown_item(page)
+
+
+def test_ellipse_fields_typed_in_a_row_save_together_once_and_are_not_overwritten(page, folders):
+    folder, item_id = _open_ellipse_tab(page, folders)
     revision, saves = _item(folder, item_id)["revision"], _ellipse_saves(folder)
 
     for field, value in TYPED_ELLIPSE.items():  # Tab after each: leaving a box saves nothing by itself
@@ -237,10 +242,7 @@ def test_ellipse_fields_typed_in_a_row_save_together_once_and_are_not_overwritte
 
 
 def test_enter_after_typing_several_fields_saves_them_all_in_one_revision(page, folders):
-    _open_tab(page)
-    wait_for_text(page, "#review-item-info", "total 3", 30)
-    page.get_by_role("tab", name="Ellipse").click()
-    folder, item_id = _session_folder(folders), _shown_item(page)
+    folder, item_id = _open_ellipse_tab(page, folders)
     revision, saves = _item(folder, item_id)["revision"], _ellipse_saves(folder)
     _type_field(page, "cx", 126)
     _type_field(page, "a", 58)
@@ -253,10 +255,7 @@ def test_enter_after_typing_several_fields_saves_them_all_in_one_revision(page, 
 
 
 def test_letting_go_of_a_slider_saves_once(page, folders):
-    _open_tab(page)
-    wait_for_text(page, "#review-item-info", "total 3", 30)
-    page.get_by_role("tab", name="Ellipse").click()
-    folder, item_id = _session_folder(folders), _shown_item(page)
+    folder, item_id = _open_ellipse_tab(page, folders)
     revision = _item(folder, item_id)["revision"]
     slider = page.locator("#review-b input[type=range]")
     slider.scroll_into_view_if_needed()

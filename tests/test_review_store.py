@@ -276,20 +276,24 @@ def _die_at_write(monkeypatch, number: int) -> None:
     monkeypatch.setattr(store, "_append_line", counted(store._append_line))
 
 
-def test_every_crash_point_leaves_the_old_or_the_new_state(session, monkeypatch):
-    """Each action's writes (data files, then the item JSON, then the log): dying before any one of
-    them leaves the item as it was (or, once its JSON is written, as it is after the action)."""
-    item = add_synthetic(session, 0)
-    session.set_mask(item.id, np.ones(SHAPE, bool), how="threshold")
+def _write_actions(session: ReviewSession, item: ReviewItem) -> dict:
+    """name: (an action on ``item`` of ``session``, its number of writes: files..., item JSON, log line)."""
     gray, mask, ellipse = synthetic_pair(5)
-    actions = {  # name: (action, number of writes: files..., item JSON, log line)
+    return {
         "add": (lambda: session.add_item(gray, gray, source={}, mask=mask, ellipse=ellipse, quality=1.0, reason=None, threshold=1), 5),
         "set_mask": (lambda: session.set_mask(item.id, mask, ellipse=ellipse, how="ellipse"), 3),
         "decide": (lambda: session.decide(item.id, "rejected"), 2),
         "undo": (lambda: session.undo(item.id), 2),
         "redo": (lambda: session.redo(item.id), 2),
     }
-    for name, (action, writes) in actions.items():
+
+
+def test_every_crash_point_leaves_the_old_or_the_new_state(session, monkeypatch):
+    """Each action's writes (data files, then the item JSON, then the log): dying before any one of
+    them leaves the item as it was (or, once its JSON is written, as it is after the action)."""
+    item = add_synthetic(session, 0)
+    session.set_mask(item.id, np.ones(SHAPE, bool), how="threshold")
+    for name, (action, writes) in _write_actions(session, item).items():
         if name == "redo":
             session.undo(item.id)
         before, count = session.get(item.id), len(session)
@@ -645,15 +649,7 @@ def test_a_full_disk_at_any_write_says_what_was_kept_and_leaves_nothing_half_wri
     session.decide(items[0].id, "accepted")
     session.decide(items[1].id, "rejected")
     item = items[2]
-    gray, mask, ellipse = synthetic_pair(9)
-    actions = {  # name: (action, writes: files..., item JSON, log line)
-        "add": (lambda: session.add_item(gray, gray, source={}, mask=mask, ellipse=ellipse, quality=1.0, reason=None, threshold=1), 5),
-        "set_mask": (lambda: session.set_mask(item.id, mask, ellipse=ellipse, how="ellipse"), 3),
-        "decide": (lambda: session.decide(item.id, "rejected"), 2),
-        "undo": (lambda: session.undo(item.id), 2),
-        "redo": (lambda: session.redo(item.id), 2),
-    }
-    for name, (action, writes) in actions.items():
+    for name, (action, writes) in _write_actions(session, item).items():
         if name == "redo":
             session.undo(item.id)
         for at in range(1, writes + 1):
