@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 ROW = 20  # an HC18 image with its head well inside the frame
 #: A femur plane the bundled classifier calls femur with p = 0.83.
 FEMUR = DATA / "spanish_planes" / "femur" / "Patient00708_Plane5_1_of_1.png"
+#: A trans-thalamic plane the bundled classifier calls brain (p = 0.57).
+BRAIN = DATA / "spanish_planes" / "brain" / "Patient00683_Plane3_2_of_2.png"
 BATCH = 5
 
 
@@ -203,9 +206,11 @@ def test_a_zero_size_box_is_refused_with_a_message(page, folders):
 def test_a_batch_of_five_from_a_csv_and_the_report_download(page, folders):
     rows = pairs_rows("hc18_heads")[:BATCH]
     table = write_pairs_csv(folders["root"] / "batch.csv", rows)
+    out = folders["outputs"] / "analysis" / "batches" / "batch-1"
     _open_tab(page)
     page.get_by_text("Batch: a folder or CSV").click()
     page.locator("#analysis-batch-source textarea, #analysis-batch-source input").first.fill(str(table))
+    page.locator("#analysis-batch-formats").get_by_label("png").check()
     page.click("#analysis-batch-run")
     status = wait_for_text(page, "#analysis-batch-status", f"Done: {BATCH} analysed", 300)
     assert "Mean Dice" in status and "HC mean absolute error" in status
@@ -216,9 +221,36 @@ def test_a_batch_of_five_from_a_csv_and_the_report_download(page, folders):
     assert [r["name"] for r in report] == [Path(r["image"]).stem for r in rows]
     assert all(r["status"] == "ok" and r["plane"] and r["hc_mm"] and r["dice"] for r in report)
     assert all(float(r["pixel_size_mm"]) == pytest.approx(float(s["pixel_size_mm"])) for r, s in zip(report, rows))
-    out = folders["outputs"] / "analysis" / "batches" / "batch-1"
     assert sorted(p.stem for p in (out / "overlays").glob("*.png")) == sorted(r["name"] for r in report)
-    assert "overlays.zip" in page.inner_text("#analysis-batch-downloads").replace("\n", "")
+    downloads = page.inner_text("#analysis-batch-downloads").replace("\n", "")
+    assert "overlays.zip" in downloads and "exports.zip" in downloads
+    assert "warning" in page.locator("#analysis-batch-table").inner_text()  # the report's warning column is shown
+
+    killed = out / "exports" / ".mask-export-partial-killed" / "masks"  # what a kill during an export leaves
+    killed.mkdir(parents=True)
+    (killed / "half-written.png").write_bytes(b"\x89PNG")
+    page.click("#analysis-batch-run")  # the same run name resumes: nothing to analyse, the exports are made again
+    wait_for_text(page, "#analysis-batch-status", f"Done: 0 analysed, {BATCH} from an earlier run", 120)
+    with zipfile.ZipFile(out / "exports.zip") as bundle:
+        names = bundle.namelist()
+    assert sorted(n for n in names if n.startswith("exports/png/masks/")) == sorted(f"exports/png/masks/{r['name']}.png" for r in report)
+    assert not [n for n in names if "mask-export-partial" in n], names
+
+
+def test_a_batch_can_measure_heads_on_head_planes_only(page, folders):
+    _open_tab(page)
+    page.get_by_text("Batch: a folder or CSV").click()
+    page.set_input_files("#analysis-batch-files input[type=file]", [str(FEMUR), str(BRAIN)])
+    page.locator("#analysis-batch-name input, #analysis-batch-name textarea").first.fill("heads-only")
+    page.locator("#analysis-batch-heads-only input").check()
+    page.click("#analysis-batch-run")
+    status = wait_for_text(page, "#analysis-batch-status", "Done: 2 analysed", 120)
+    assert "1 of them not measured (not a head plane)" in status
+    with (folders["outputs"] / "analysis" / "batches" / "heads-only" / "report.csv").open(newline="") as handle:
+        report = {row["name"]: row for row in csv.DictReader(handle)}
+    femur, brain = report[FEMUR.stem], report[BRAIN.stem]
+    assert femur["plane"] == "femur" and femur["warning"].startswith("head not measured") and not femur["hc_px"]
+    assert brain["plane"] == "brain" and float(brain["hc_px"]) > 0 and not brain["warning"].startswith("head not measured")
 
 
 def test_send_a_mask_review_item_to_analysis(page):

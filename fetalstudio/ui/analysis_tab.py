@@ -211,6 +211,8 @@ def render(context: AppContext) -> AnalysisInbox:
             batch_tasks = gr.CheckboxGroup(["classify", "segment"], value=["classify", "segment"], label="Run", elem_id="analysis-batch-tasks")
             batch_pixel = gr.Number(0, label="Pixel size for images without one (mm; 0 = unknown)", minimum=0)
             batch_formats = gr.CheckboxGroup(list(MASK_FORMATS), value=[], label="Mask exports", elem_id="analysis-batch-formats")
+            batch_heads_only = gr.Checkbox(False, label="Measure heads only on head planes (skip abdomen, femur, thorax, other)",
+                                           info="Needs both classify and segment", elem_id="analysis-batch-heads-only")
         with gr.Row():
             batch_run = gr.Button("Run batch", variant="primary", elem_id="analysis-batch-run")
             batch_cancel = gr.Button("Cancel", variant="stop", elem_id="analysis-batch-cancel")
@@ -424,8 +426,8 @@ def render(context: AppContext) -> AnalysisInbox:
         return root / "batches" / cleaned
 
     @user_errors
-    def on_batch(source, files, name, tasks, pixel, formats, chosen_classifiers, chosen_segmenter, request: gr.Request,
-                 progress=gr.Progress()):
+    def on_batch(source, files, name, tasks, pixel, formats, heads_only, chosen_classifiers, chosen_segmenter,
+                 request: gr.Request, progress=gr.Progress()):
         import pandas as pd
 
         inputs = batch_inputs(source, files)
@@ -433,7 +435,8 @@ def render(context: AppContext) -> AnalysisInbox:
         tasks = tasks or []
         settings, classifier_model, predictor = batch_models(
             manager, classify="classify" in tasks, segment="segment" in tasks, classifiers=chosen_classifiers or [],
-            segmenter=chosen_segmenter or None, pixel_size_mm=checked_pixel_size(pixel), formats=formats or ())
+            segmenter=chosen_segmenter or None, pixel_size_mm=checked_pixel_size(pixel), formats=formats or (),
+            measure_heads_only=bool(heads_only))
         flag = cancel_flags.fresh(request)
         progress(0, desc=f"0 of {len(inputs)} images")
 
@@ -451,14 +454,17 @@ def render(context: AppContext) -> AnalysisInbox:
             files_out.append(str(zip_folder(out / "exports", out / "exports.zip")))
         lines = [f"{'Cancelled' if summary.cancelled else 'Done'}: {summary.done} analysed, {summary.skipped} from an earlier run, "
                  f"{summary.errors} unreadable, of {summary.images} · `{out}`"]
+        if summary.warned:
+            skipped = f", {summary.heads_not_measured} of them not measured (not a head plane)" if summary.heads_not_measured else ""
+            lines.append(f"⚠ {summary.warned} with a warning in the report's warning column{skipped}")
         if summary.mean_dice is not None:
             lines.append(f"Mean Dice vs the given masks {summary.mean_dice:.3f} (median {summary.median_dice:.3f}, n={summary.dice_count})")
         if summary.hc_mae_mm is not None:
             lines.append(f"HC mean absolute error {summary.hc_mae_mm:.2f} mm (n={summary.hc_count})")
         return "\n\n".join(lines), table[shown], files_out
 
-    batch_run.click(on_batch, [batch_source, batch_files, batch_name, batch_tasks, batch_pixel, batch_formats, classifier, segmenter],
-                    [batch_status, batch_table, batch_downloads], **gpu)
+    batch_run.click(on_batch, [batch_source, batch_files, batch_name, batch_tasks, batch_pixel, batch_formats, batch_heads_only,
+                               classifier, segmenter], [batch_status, batch_table, batch_downloads], **gpu)
     def on_cancel(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
