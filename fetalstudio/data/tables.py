@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import csv
 import io
 from dataclasses import dataclass, field
@@ -86,11 +88,20 @@ def read_classification(source: Path) -> list[LabelledImage]:
     return [LabelledImage(base / row["filename"], row["plane"].strip().lower(), row.get("patient_id", "") or "") for row in rows]
 
 
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
+def _positive_cell(row: dict, column: str, source: Path, number: int) -> float | None:
+    """An optional positive, finite number (pixel size, HC): empty is unknown; anything else is refused
+    with the line, because a wrong scale would silently corrupt every millimetre derived from it."""
+    text = (row.get(column) or "").strip()
+    if not text:
         return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise FetalStudioError(f"{source}, line {number}: {column} {text!r} is not a positive number. "
+                               "Correct it, or leave the cell empty if it is unknown.")
+    return value
 
 
 def read_segmentation(source: Path) -> list[SegmentationPair]:
@@ -106,8 +117,8 @@ def read_segmentation(source: Path) -> list[SegmentationPair]:
         group = row.get("subject_group") or row.get("patient_id") or ""
         pairs.append(
             SegmentationPair(
-                image=base / row["image"], mask=base / row["mask"], pixel_size_mm=_float(row.get("pixel_size_mm")),
-                hc_mm=_float(row.get("hc_mm")), group=group, extra=row,
+                image=base / row["image"], mask=base / row["mask"], pixel_size_mm=_positive_cell(row, "pixel_size_mm", source, number),
+                hc_mm=_positive_cell(row, "hc_mm", source, number), group=group, extra=row,
             )
         )
     return pairs
