@@ -106,7 +106,12 @@ def hide_internal_events(blocks: gr.Blocks) -> None:
     """Keep every event out of the API page, /info and gradio_client: they exist for this page only.
 
     Gradio still routes "private" events called by name (/gradio_api/call/<name>); the server refuses
-    those routes (see fetalstudio.ui.server.ApiGuard).
+    those routes (see fetalstudio.ui.server.NamedApiRefusal). The page reaches an event with ``queue=False``
+    through one of those routes too, so every event must be queued: a quick one such as Cancel gets
+    ``concurrency_limit=None`` instead (its own group, never waiting behind a model run).
     """
     for fn in blocks.fns.values():
+        if not fn.queue:
+            raise RuntimeError(f"Event {fn.name!r} has queue=False, which the server's API guard refuses; "
+                               "queue it with concurrency_limit=None instead.")
         fn.api_visibility = "private"

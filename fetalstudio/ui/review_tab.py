@@ -473,7 +473,7 @@ def render(context: AppContext) -> None:
     def cancel_job(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
-    cancel.click(cancel_job, None, None, queue=False)
+    cancel.click(cancel_job, None, None, concurrency_limit=None)
     session_display = [*display, seed]  # opening a session or adding pairs also shows the seed the next run uses
     open_session.click(on_open, [session_name, view_state, *looks], session_display)
     generate.click(on_generate, [trimester, count, sampler, steps, seed, lora, lora_weight, threshold_generate, session_name,

@@ -234,7 +234,7 @@ def render(context: AppContext) -> SendToAnalysis:
     def cancel_job(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
-    cancel.click(cancel_job, None, None, queue=False)
+    cancel.click(cancel_job, None, None, concurrency_limit=None)
 
     def _fetch_models(settings: GenerationSettings) -> None:
         for source in (settings.model, *(lora.source for lora in settings.loras)):
