@@ -264,6 +264,21 @@ def test_a_batch_reports_every_image_resumes_and_refuses_other_settings(models, 
 
 @needs_data
 @pytest.mark.usefixtures("one_torch_thread")
+def test_a_folder_of_a_release_before_measure_heads_only_still_resumes(models, tmp_path):
+    classifier, _ = models
+    inputs = _inputs(2)
+    settings = BatchSettings(segment=False, classifier="c")
+    out = tmp_path / "run"
+    run_batch(inputs[:1], out, settings, classifier, None)
+    record = json.loads((out / "batch.json").read_text())
+    del record["settings"]["measure_heads_only"]  # as an older FetalStudio wrote it
+    (out / "batch.json").write_text(json.dumps(record))
+    resumed = run_batch(inputs, out, settings, classifier, None)
+    assert resumed.skipped == 1 and resumed.done == 1 and len(_report(out)) == 2
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_cancelled_batch_keeps_its_rows_and_a_rerun_finishes(models, tmp_path):
     import threading
 

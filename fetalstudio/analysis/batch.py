@@ -228,10 +228,17 @@ def report_columns(classes: Sequence[str], settings: BatchSettings) -> list[str]
     return columns + list(HEAD_COLUMNS) if settings.segment else columns
 
 
+#: Settings added after a release, with the value every earlier run had: an older run's folder
+#: still resumes (its rows without the newer report columns are redone).
+SETTINGS_ADDED_LATER = {"measure_heads_only": False}
+
+
 def _check_out(out: Path, record: dict) -> None:
     settings_path = out / SETTINGS_FILE
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
+        if isinstance(previous.get("settings"), dict):
+            previous["settings"] = {**SETTINGS_ADDED_LATER, **previous["settings"]}
         if previous != record:
             changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
             raise FetalStudioError(f"{out} holds a batch run with other settings ({', '.join(changed)} differ). "
