@@ -19,7 +19,7 @@ from fetalstudio.ui.common import GPU_QUEUE
 COLUMNS = ["id", "kind", "format", "loaded", "device", "size MB", "source", "licence", "notes"]
 #: Without widths the browser sizes columns by their content: the mostly empty loaded/device/size
 #: columns shrank to one character and their headers wrapped letter by letter.
-COLUMN_WIDTHS = ["210px", "100px", "140px", "80px", "130px", "90px", "260px", "220px", "320px"]
+COLUMN_WIDTHS = ["230px", "110px", "170px", "75px", "135px", "80px", "260px", "220px", "320px"]
 
 
 def _table(context: AppContext) -> list[list]:
