@@ -36,5 +36,7 @@ def build_context(checkpoints: Path | None = None, outputs: Path | None = None,
                   data_dirs: tuple[Path, ...] | None = None) -> AppContext:
     _quiet_third_party()
     manager = ModelManager(checkpoints or checkpoints_dir())
+    if data_dirs is not None:  # shared beyond loopback: typed model paths only inside the app's model folders
+        manager.user_path_roots = (manager.checkpoints_dir, *manager.extra_folders, *data_dirs)
     return AppContext(manager=manager, synthesis=SynthesisEngine(manager), outputs_dir=outputs or outputs_dir(),
                       data_dirs=data_dirs)

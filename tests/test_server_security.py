@@ -86,6 +86,33 @@ def test_batch_and_import_paths_are_free_on_loopback_and_limited_to_data_dirs_wh
         server_source(_context(()), str(data), "a folder")
 
 
+def test_a_shared_app_loads_typed_model_paths_only_from_its_model_folders(tmp_path):
+    import shutil
+
+    from fetalstudio.app_context import build_context
+    from fetalstudio.errors import ModelNotFoundError
+    from fetalstudio.paths import checkpoints_dir
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir(), outside.mkdir()
+    bundled = checkpoints_dir() / "bundled" / "fetalstudio-plane-classifier" / "model.safetensors"
+    shutil.copy(bundled, data / "classifier.safetensors")
+    shutil.copy(bundled, outside / "classifier.safetensors")
+
+    local = build_context(outputs=tmp_path / "outputs").manager  # loopback: any path the user types
+    assert local.entry(str(outside / "classifier.safetensors")).kind.value == "classifier"
+
+    shared = build_context(outputs=tmp_path / "outputs", data_dirs=(data.resolve(),)).manager
+    assert shared.entry(str(data / "classifier.safetensors")).kind.value == "classifier"
+    assert shared.entry(str(bundled)).origin != "user"  # a bundled model by its path
+    messages = set()
+    for probe in (outside / "classifier.safetensors", outside / "missing.safetensors", "/etc/passwd", data / ".." / "outside"):
+        with pytest.raises(ModelNotFoundError, match="--data-dir") as refused:
+            shared.entry(str(probe))
+        messages.add(str(refused.value).replace(str(probe), "PATH"))
+    assert len(messages) == 1  # the same answer whether the file exists or not
+
+
 def test_data_dir_must_exist(tmp_path):
     with pytest.raises(FetalStudioError, match="is not a folder"):
         check_server_options(ServerOptions(data_dirs=(tmp_path / "missing",)))

@@ -35,6 +35,7 @@ from fetalstudio.models.entries import ModelEntry, ModelKind
 from fetalstudio.models.hub import fetch_from_hub
 from fetalstudio.models.inspect import inspect_path, native_image_size
 from fetalstudio.models.loaders import LOADERS, Loader
+from fetalstudio.paths import is_under
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,6 +111,9 @@ class ModelManager:
         self._lock = threading.RLock()
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._catalog: dict[str, ModelEntry] = {}
+        #: Folders a typed model path may lie in; None: anywhere (the user is on this computer). The web
+        #: app sets it when it listens beyond loopback, so a model box cannot probe the server's files.
+        self.user_path_roots: tuple[Path, ...] | None = None
         self.refresh()
 
     # --- catalog -------------------------------------------------------------------------
@@ -162,6 +166,11 @@ class ModelManager:
             if key in self._catalog:
                 return self._catalog[key]
             path = Path(os.path.expanduser(key))
+            if self.user_path_roots is not None and not is_under(path, self.user_path_roots):
+                raise ModelNotFoundError(
+                    f"No model called {key!r} among this app's models. On a shared app, a model given by its path "
+                    "must lie in the checkpoints folder or a folder named with --data-dir; pick one from the list."
+                )
             if path.exists():
                 resolved = path.resolve()
                 for entry in self._catalog.values():  # a known model given by its path
