@@ -380,7 +380,7 @@ def test_head_measurements_on_other_planes_are_flagged_or_skipped(models, tmp_pa
     planes = {name: rows[name]["plane"] for name in ("abdomen", "femur")}
     assert planes["abdomen"] == "abdomen" and planes["femur"] not in HEAD_PLANES  # this femur is called "other"
     for name, plane in planes.items():
-        assert rows[name]["hc_px"] != "" and f"{NOT_HEAD_PLANE} (classified as {plane})" in rows[name]["warning"]
+        assert rows[name]["hc_px"] != "" and f"{NOT_HEAD_PLANE} (classified as {plane}, p " in rows[name]["warning"]
     assert summary.warned == sum(1 for r in rows.values() if r["warning"]) >= 2 and summary.heads_not_measured == 0
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["warned"] == summary.warned
 
@@ -390,7 +390,7 @@ def test_head_measurements_on_other_planes_are_flagged_or_skipped(models, tmp_pa
     assert rows["brain"]["hc_px"] != "" and rows["brain"]["mask"] == "masks/brain.png"
     for name, plane in planes.items():
         assert rows[name]["status"] == "ok" and rows[name]["hc_px"] == "" and rows[name]["mask"] == ""
-        assert rows[name]["warning"] == f"head not measured: not a head plane (classified as {plane})"
+        assert rows[name]["warning"].startswith(f"head not measured: not a head plane (classified as {plane}, p ")
     assert skipping.heads_not_measured == 2 and not (tmp_path / "heads" / "masks" / "abdomen.png").exists()
     assert sorted(p.name for p in (tmp_path / "heads" / "exports" / "png" / "masks").iterdir()) == ["brain.png"]
     with pytest.raises(FetalStudioError, match="needs both plane classification and head segmentation"):
@@ -409,7 +409,7 @@ def test_the_session_says_when_its_hc_is_not_meaningful(models):
     session.segment(predictor, auto=True)
     assert not any(NOT_HEAD_PLANE in w for w in session.warnings())  # not classified: the plane is not known
     assert session.classify(classifier)[0][0] == "abdomen"
-    assert f"{NOT_HEAD_PLANE} (classified as abdomen)" in session.warnings()
+    assert any(w.startswith(f"{NOT_HEAD_PLANE} (classified as abdomen, p ") for w in session.warnings())
     assert session.measurements()["warnings"] == session.warnings()
 
 
@@ -523,19 +523,24 @@ def test_a_row_the_disk_could_not_take_is_not_left_half_written(tmp_path, monkey
 
 @needs_data
 @pytest.mark.usefixtures("one_torch_thread")
-def test_the_poor_fit_warning_spares_good_head_masks_and_flags_bad_ones(models):
-    """106_HC: a good automatic mask (Dice 0.96) whose contour gives the extractor a low quality
-    (0.24); 099_HC: a wrong one (Dice 0.45, quality 0.19). See POOR_FIT_QUALITY's calibration."""
+def test_the_poor_fit_warning_flags_failed_head_masks_and_few_good_ones(models):
+    """Ten HC18 heads of the calibration of POOR_FIT_QUALITY: two failed automatic masks (000_HC, Dice
+    0.23; 100_2HC, 0.42) and eight good ones, among them 081_HC (Dice 0.94, quality 0.26), the good mask
+    the flag is allowed to ask about."""
     from fetalstudio.analysis.head import measurement_warnings, segment_head
     from fetalstudio.analysis.image_input import load_image
 
     _, predictor = models
     rows = {Path(r["image"]).stem: r for r in pairs_rows("hc18_heads")}
-    results = {}
-    for name in ("106_HC", "099_HC"):
+    flagged_good, failed = [], []
+    for name in ("000_HC", "100_2HC", "037_HC", "081_HC", "121_HC", "178_HC", "462_HC", "544_2HC", "783_3HC", "019_HC"):
         row = rows[name]
         truth = fill_outline(np.asarray(Image.open(DATA / "hc18_heads" / row["mask"]).convert("L")))
         result = segment_head(predictor, load_image(DATA / "hc18_heads" / row["image"]).gray, auto=True)
-        results[name] = (dice(result.mask, truth), measurement_warnings("brain", result.measurement))
-    assert results["106_HC"][0] > 0.9 and results["106_HC"][1] == []
-    assert results["099_HC"][0] < 0.6 and results["099_HC"][1] and "poor ellipse fit" in results["099_HC"][1][0]
+        flagged = any("poor ellipse fit" in w or "poor mask" in w for w in measurement_warnings({"brain": 1.0}, result.measurement))
+        if dice(result.mask, truth) < 0.6:
+            failed.append((name, flagged))
+        elif flagged:
+            flagged_good.append(name)
+    assert failed and all(flagged for _, flagged in failed), failed
+    assert len(flagged_good) <= 2, flagged_good

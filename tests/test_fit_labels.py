@@ -16,9 +16,10 @@ HC18 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hc18_he
 
 
 def test_bands_and_wording():
-    assert fit_label(0.57) == "fit 0.57 — fair (57% of the contour on the ellipse; good ≥ 0.9)"
+    assert fit_label(0.57) == "fit 0.57 — fair (57% of the contour on the ellipse; good ≥ 0.6)"
     assert fit_label(0.13).startswith("fit 0.13 — poor") and fit_label(0.95).startswith("fit 0.95 — good")
-    assert fit_label(0.5).startswith("fit 0.50 — fair") and fit_label(0.9).startswith("fit 0.90 — good")
+    assert fit_label(0.45).startswith("fit 0.45 — fair") and fit_label(0.6).startswith("fit 0.60 — good")
+    assert fit_label(0.44).startswith("fit 0.44 — poor")
 
 
 @pytest.mark.skipif(not (HC18 / "pairs.csv").is_file(), reason="shared data not available")

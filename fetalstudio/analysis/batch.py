@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fetalstudio.analysis.head import HEAD_PLANES, HeadResult, measurement_warnings, segment_head
+from fetalstudio.analysis.head import HeadResult, is_head_plane, measurement_warnings, not_head_plane_note, segment_head
 from fetalstudio.analysis.image_input import LoadedImage, load_image, supported_suffixes
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.session import checked_pixel_size
@@ -313,7 +313,7 @@ def _analyse(item: BatchInput, settings: BatchSettings, models: _Models, out: Pa
         raise FetalStudioError(item.error)
     image: LoadedImage = load_image(item.image)
     row: dict = {"name": item.name, "file": str(item.image), "status": "ok", "width": image.size[0], "height": image.size[1]}
-    plane = None
+    plane, probabilities = None, None
     if models.classifier is not None:
         from PIL import Image
 
@@ -322,8 +322,8 @@ def _analyse(item: BatchInput, settings: BatchSettings, models: _Models, out: Pa
         row.update(plane=plane, plane_probability=probabilities[plane], **{f"prob_{c}": probabilities[c] for c in models.classes})
     if models.predictor is None:
         return row
-    if settings.measure_heads_only and plane not in HEAD_PLANES:
-        row["warning"] = f"{HEAD_NOT_MEASURED}: not a head plane (classified as {plane})"
+    if settings.measure_heads_only and is_head_plane(probabilities) is False:
+        row["warning"] = f"{HEAD_NOT_MEASURED}: not a head plane ({not_head_plane_note(probabilities)})"
         return row
     pixel_size, source = item.pixel_size_mm, "csv"
     if pixel_size is None:
@@ -333,7 +333,7 @@ def _analyse(item: BatchInput, settings: BatchSettings, models: _Models, out: Pa
     result: HeadResult = segment_head(models.predictor, image.gray, auto=True, pixel_size_mm=pixel_size)
     measurement = result.measurement
     row.update(box_source=result.box_source, score=result.score, quality=measurement.quality, fit_note=measurement.reason,
-               pixel_size_source=source if pixel_size is not None else "", warning="; ".join(measurement_warnings(plane, measurement)))
+               pixel_size_source=source if pixel_size is not None else "", warning="; ".join(measurement_warnings(probabilities, measurement)))
     row.update(zip(("box_x0", "box_y0", "box_x1", "box_y1"), result.box))
     if measurement.ellipse is not None:
         row.update({k: getattr(measurement.ellipse, k) for k in ("center_x", "center_y", "axis_a", "axis_b", "angle_deg")})

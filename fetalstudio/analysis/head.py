@@ -9,6 +9,7 @@ with a plain ellipse fit, and the refusal is kept as ``reason`` so the user sees
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from fetalstudio.analysis.segment import CachedPredictor, auto_box
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.review.biometry import HeadBiometry, head_biometry
-from fetalstudio.review.extract import extract_ellipse
+from fetalstudio.review.extract import FAIR_FIT_QUALITY, extract_ellipse
 from fetalstudio.segmentation.ellipse import Ellipse, fit_ellipse
 from fetalstudio.segmentation.predictor import BoxPrediction
 
@@ -25,14 +26,19 @@ BOX_SOURCES = ("user", "auto", "none")
 #: FETAL_PLANES_DB's "brain"); on the others a segmented "head" is some other round structure.
 HEAD_PLANES = ("brain",)
 NOT_HEAD_PLANE = "not a head plane: HC not meaningful"
-#: Below this extractor quality (share of the contour on the fitted ellipse, see review.extract)
-#: the ellipse follows the mask poorly. Measured with the bundled segmenter's automatic mode
-#: (2-core EPYC, CPU): on 64 HC18 heads, the 61 good masks (Dice >= 0.9) had quality 0.24-0.97 and
-#: the 3 bad ones (Dice 0.22-0.45) 0.19, 0.30 and 0.35; on FETAL_PLANES_DB images (12 per plane)
-#: brain 0.39-0.85, abdomen 0.28-0.59, thorax 0.30-0.58, femur 0.18-0.42. Quality alone does not
-#: tell a good head from a bad one, so the threshold sits below every good head mask seen (it
-#: catches the worst masks only); the plane check is what flags abdomen, femur and thorax.
-POOR_FIT_QUALITY = 0.2
+#: A plane is called "not a head plane" only when the classifier gives the head planes less than
+#: this probability: the bundled classifier names few HC18 heads "brain" (12 % of 120 are top-1
+#: brain; they are cropped scans from another centre), so its top-1 plane would flag most real heads.
+#: P(brain) < 0.1 (bundled classifier, CPU, 2026-12-01) flags 20 % of 120 HC18 heads, 3 % of 40
+#: es_heads, none of the 73 African/Spanish brain planes, and 45-70 % of Spanish and 28-68 % of
+#: African abdomen/femur/thorax planes. A better classifier (issue 15) makes the flag surer.
+NOT_HEAD_MAX_PROBABILITY = 0.1
+#: Below this extractor quality the ellipse follows the mask poorly (the "poor" band of
+#: review.extract.fit_label). Bundled segmenter, automatic mode, 104 HC18 heads (2-core EPYC, CPU):
+#: every mask with Dice < 0.6 (6) had quality 0.19-0.42, while good masks (Dice >= 0.9) lie at
+#: 0.24-0.97, median about 0.75, with about 6 % under 0.45: the flag catches the failed masks at the
+#: cost of asking to check a few good ones.
+POOR_FIT_QUALITY = FAIR_FIT_QUALITY
 
 
 @dataclass(frozen=True)
@@ -53,15 +59,30 @@ class HeadMeasurement:
         return values
 
 
-def measurement_warnings(plane: str | None, measurement: HeadMeasurement | None) -> list[str]:
+def is_head_plane(planes: Mapping[str, float] | None) -> bool | None:
+    """Whether the classifier's probabilities (plane -> p) allow a head plane (None: not classified)."""
+    if not planes:
+        return None
+    top = max(planes, key=planes.get)
+    return top in HEAD_PLANES or sum(planes.get(p, 0.0) for p in HEAD_PLANES) >= NOT_HEAD_MAX_PROBABILITY
+
+
+def not_head_plane_note(planes: Mapping[str, float]) -> str:
+    """"classified as femur, p 0.83; brain p 0.04": why the plane is not a head plane."""
+    top = max(planes, key=planes.get)
+    heads = ", ".join(f"{p} p {planes.get(p, 0.0):.2f}" for p in HEAD_PLANES)
+    return f"classified as {top}, p {planes[top]:.2f}; {heads}"
+
+
+def measurement_warnings(planes: Mapping[str, float] | None, measurement: HeadMeasurement | None) -> list[str]:
     """Why a head measurement should not be trusted, as short phrases shown beside it (empty: none).
 
-    ``plane`` is the classifier's top plane (None when it was not run); a poor or refused ellipse
-    fit is flagged whatever the plane.
+    ``planes`` are the classifier's probabilities (None when it was not run; see
+    ``NOT_HEAD_MAX_PROBABILITY``); a poor or refused ellipse fit is flagged whatever the plane.
     """
     warnings = []
-    if plane is not None and plane not in HEAD_PLANES:
-        warnings.append(f"{NOT_HEAD_PLANE} (classified as {plane})")
+    if is_head_plane(planes) is False:
+        warnings.append(f"{NOT_HEAD_PLANE} ({not_head_plane_note(planes)})")
     if measurement is not None and measurement.ellipse is not None:
         if measurement.quality is None:
             warnings.append(f"poor mask: {measurement.reason or 'not head-shaped'}; HC doubtful")

@@ -49,7 +49,7 @@ class AnalysisSession:
     box: tuple[float, float, float, float] | None = None
     points: list[tuple[float, float]] = field(default_factory=list)
     point_labels: list[int] = field(default_factory=list)
-    planes: list[tuple[str, float]] | None = None
+    planes: list[tuple[str, float]] | None = None  # every class, most likely first
     result: HeadResult | None = None
     model_ids: dict[str, str] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -106,10 +106,10 @@ class AnalysisSession:
         from PIL import Image
 
         image = self.require_image()
-        ranking = classifier.top_k([Image.fromarray(image.gray)], k)[0]
+        ranking = classifier.top_k([Image.fromarray(image.gray)], len(classifier.classes))[0]
         with self.lock:
-            self.planes = ranking
-        return ranking
+            self.planes = ranking  # every plane: the head-plane check needs the head planes' probability
+        return ranking[:k]
 
     def segment(self, predictor: CachedPredictor, multimask: bool = False, auto: bool = False) -> HeadResult:
         image = self.require_image()
@@ -138,8 +138,7 @@ class AnalysisSession:
         with self.lock:
             if self.result is None:
                 return []
-            plane = self.planes[0][0] if self.planes else None
-            return measurement_warnings(plane, self.result.measurement)
+            return measurement_warnings(dict(self.planes) if self.planes else None, self.result.measurement)
 
     def picture(self, opacity: float = 0.4) -> np.ndarray:
         image = self.require_image()

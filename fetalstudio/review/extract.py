@@ -239,11 +239,12 @@ def _robust_fit(points: np.ndarray) -> Ellipse | None:
     return ellipse
 
 
-#: Quality bands for people: "good" — nearly the whole contour lies on the ellipse (clean masks and
-#: HC18 annotations score 1.0); "fair" — part of it (a bump, a merged blob) is off: check it;
-#: "poor" — most of it is off, the ellipse is doubtful (analysis.head flags HC below 0.5 too).
-GOOD_FIT_QUALITY = 0.9
-FAIR_FIT_QUALITY = 0.5
+#: Quality bands for people, from the bundled segmenter's masks of 104 HC18 heads (see
+#: analysis.head.POOR_FIT_QUALITY): "good" — as most correct head masks (their median is about
+#: 0.75; HC18 annotations score 1.0); "fair" — part of the contour (a bump, a merged blob) is off:
+#: check it; "poor" — where the failed masks lie: the ellipse, and any HC from it, is doubtful.
+GOOD_FIT_QUALITY = 0.6
+FAIR_FIT_QUALITY = 0.45
 
 
 def fit_label(quality: float) -> str:

@@ -92,11 +92,6 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f} {unit}"
 
 
-def top_plane(session: AnalysisSession) -> str | None:
-    """The classifier's first plane for the loaded image (None before it ran)."""
-    return session.planes[0][0] if session.planes else None
-
-
 def measurement_text(session: AnalysisSession) -> str:
     result = session.result
     if session.image is None:
@@ -117,7 +112,7 @@ def measurement_text(session: AnalysisSession) -> str:
     else:
         lines.append(f"**HC {bio.hc_px:.1f} px** · BPD {bio.bpd_px:.1f} px · OFD {bio.ofd_px:.1f} px — "
                      "type the pixel size (mm per pixel) to get millimetres.")
-    warnings = measurement_warnings(top_plane(session), head)
+    warnings = measurement_warnings(dict(session.planes) if session.planes else None, head)
     lines.extend(f"⚠ **{warning}**" for warning in warnings)
     if head.quality is not None and not warnings:
         lines.append(f"Ellipse {fit_label(head.quality)}")
@@ -468,7 +463,7 @@ def render(context: AppContext) -> AnalysisInbox:
     def on_cancel(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
-    batch_cancel.click(on_cancel, None, None, queue=False)
+    batch_cancel.click(on_cancel, None, None, concurrency_limit=None)
 
     return AnalysisInbox(inbox_path, receive, [*load_outputs], encode_and_classify, [classifier, segmenter],
                          [status, planes, measurements])
