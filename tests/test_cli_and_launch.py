@@ -177,4 +177,4 @@ def test_extract_refuses_an_empty_mask_cell_and_a_non_finite_pixel_size(tmp_path
     for value in ("inf", "nan", "-1"):
         (tmp_path / "size.csv").write_text(f"image,mask,pixel_size_mm\nx.png,{mask},{value}\n")
         assert main(["extract", "--csv", str(tmp_path / "size.csv"), "--out", str(tmp_path / "b")]) == 2
-        assert "pixel_size_mm must be a positive number" in capsys.readouterr().err
+        assert f"line 2: pixel_size_mm '{value}' is not a positive number" in capsys.readouterr().err

@@ -293,7 +293,8 @@ def test_device_override_from_environment(monkeypatch):
     monkeypatch.setenv("FETALSTUDIO_DEVICE", "cpu")
     assert devices.pick_device() == torch.device("cpu")
     assert devices.default_placement().dtype is torch.float32
-    assert devices.pick_device("meta") == torch.device("meta")  # an explicit choice beats the variable
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.pick_device("cuda") == torch.device("cuda")  # an explicit choice beats the variable
 
 
 def test_cuda_preferred_when_available(monkeypatch):
