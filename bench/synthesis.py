@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Seconds per image: FetalStudio's synthesis path vs a plain diffusers call on the same pipeline.
 
-The app path is ``ModelManager`` + ``SynthesisEngine.generate(GenerationSettings(...))``: exactly
+The app path is ``ModelManager`` + ``TextToImageRunner.generate(GenerationSettings(...))``: exactly
 what the UI and CLI run, per-run scheduler construction, metadata and hashing included. The plain
 path calls the very same pipeline object (same weights, device and dtype) directly::
 
@@ -65,7 +65,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
-            "Seconds per image of FetalStudio's synthesis path (ModelManager + SynthesisEngine) "
+            "Seconds per image of FetalStudio's synthesis path (ModelManager + TextToImageRunner) "
             "next to a plain diffusers call on the same pipeline object, and their ratio (target <= 1.05)."
         ),
         formatter_class=_HelpFormatter,
@@ -258,7 +258,7 @@ def compare_images(a: list, b: list) -> tuple[bool, int]:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, manager, engine, model_id: str, pipe, base_scheduler_config: dict):
-        from fetalstudio.synthesis.samplers import parse_sampler
+        from fetalstudio.pipelines.samplers import parse_sampler
 
         self.args = args
         self.manager = manager
@@ -270,7 +270,7 @@ class Bench:
         self.base_scheduler_config = base_scheduler_config
 
     def settings(self, batch: int, loras=()):
-        from fetalstudio.synthesis.settings import GenerationSettings
+        from fetalstudio.pipelines.settings import GenerationSettings
 
         a = self.args
         return GenerationSettings(
@@ -423,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     from fetalstudio import paths
     from fetalstudio.models import device as devices
     from fetalstudio.models.manager import ModelManager
-    from fetalstudio.synthesis.engine import SynthesisEngine
-    from fetalstudio.synthesis.settings import LoraSpec
+    from fetalstudio.pipelines.runners import TextToImageRunner
+    from fetalstudio.pipelines.settings import LoraSpec
 
     # "auto" is the app's own choice (incl. $FETALSTUDIO_DEVICE / $FETALSTUDIO_DTYPE where it honours them).
     placement = devices.default_placement(None if args.device == "auto" else args.device)
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {args.model} in {time.perf_counter() - started:.1f} s at {model_arg}", flush=True)
 
         manager = ModelManager(checkpoints_dir=paths.checkpoints_dir(), placement=placement)
-        engine = SynthesisEngine(manager)
+        engine = TextToImageRunner(manager)
         model_id = manager.entry(model_arg).id
         started = time.perf_counter()
         pipe = manager.get(model_id)

@@ -3,7 +3,7 @@
 
 Colour: N images from a generator (default: the bundled fetalstudio-tiny, 256 px, Euler 20 steps,
 guidance 4, the five plane captions and the head caption in turn, seeds 9000...) with the app's
-``SynthesisEngine``. Per image:
+``TextToImageRunner``. Per image:
 
 - mean channel difference: the mean over pixels of max(R, G, B) - min(R, G, B), in grey levels
   (0 for a grayscale image);
@@ -43,9 +43,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fetalstudio.models.manager import ModelManager  # noqa: E402
-from fetalstudio.synthesis.color import to_grayscale  # noqa: E402
-from fetalstudio.synthesis.engine import SynthesisEngine  # noqa: E402
-from fetalstudio.synthesis.settings import GenerationSettings  # noqa: E402
+from fetalstudio.pipelines.color import to_grayscale  # noqa: E402
+from fetalstudio.pipelines.runners import TextToImageRunner  # noqa: E402
+from fetalstudio.pipelines.settings import GenerationSettings  # noqa: E402
 from fetalstudio.vocabulary import prompt_for  # noqa: E402
 
 SUBJECTS = (("abdomen", None), ("brain", None), ("femur", None), ("thorax", None), ("other", None), ("head", "second"))
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    engine = SynthesisEngine(ModelManager(REPO_ROOT / "checkpoints"))
+    engine = TextToImageRunner(ModelManager(REPO_ROOT / "checkpoints"))
     size = engine.manager.native_image_size(args.model) or 512
     before, after = [], []
     started = time.perf_counter()
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def time_reproduction(engine: SynthesisEngine, args: argparse.Namespace, size: int) -> dict:
+def time_reproduction(engine: TextToImageRunner, args: argparse.Namespace, size: int) -> dict:
     import tempfile
 
-    from fetalstudio.synthesis.metadata import reproduction_from_png, save_png
+    from fetalstudio.pipelines.metadata import reproduction_from_png, save_png
 
     settings = GenerationSettings(model=args.model, prompt=prompt_for("brain"), sampler=args.sampler, steps=args.steps,
                                   guidance_scale=args.guidance, width=size, height=size, seed=args.seed,

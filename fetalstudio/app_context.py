@@ -9,13 +9,13 @@ from pathlib import Path
 
 from fetalstudio.models.manager import ModelManager
 from fetalstudio.paths import checkpoints_dir, outputs_dir
-from fetalstudio.synthesis.engine import SynthesisEngine
+from fetalstudio.pipelines.runners import TextToImageRunner
 
 
 @dataclass
 class AppContext:
     manager: ModelManager
-    synthesis: SynthesisEngine
+    synthesis: TextToImageRunner
     outputs_dir: Path
     #: Server folders the batch and import boxes may read; None: any folder (the app listens on loopback only).
     data_dirs: tuple[Path, ...] | None = None
@@ -38,5 +38,5 @@ def build_context(checkpoints: Path | None = None, outputs: Path | None = None,
     manager = ModelManager(checkpoints or checkpoints_dir())
     if data_dirs is not None:  # shared beyond loopback: typed model paths only inside the app's model folders
         manager.user_path_roots = (manager.checkpoints_dir, *manager.extra_folders, *data_dirs)
-    return AppContext(manager=manager, synthesis=SynthesisEngine(manager), outputs_dir=outputs or outputs_dir(),
+    return AppContext(manager=manager, synthesis=TextToImageRunner(manager), outputs_dir=outputs or outputs_dir(),
                       data_dirs=data_dirs)

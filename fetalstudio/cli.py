@@ -64,8 +64,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from fetalstudio.app_context import build_context
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.synthesis.dataset import DatasetRequest, export_dataset
-    from fetalstudio.synthesis.samplers import parse_sampler
-    from fetalstudio.synthesis.settings import LoraSpec
+    from fetalstudio.pipelines.samplers import parse_sampler
+    from fetalstudio.pipelines.settings import LoraSpec
     from fetalstudio.vocabulary import parse_plane
 
     planes = [p.lower() for value in args.plane for p in _comma_list(value)]
@@ -143,7 +143,7 @@ def add_params_parser(commands) -> None:
 
 
 def run_params(args: argparse.Namespace) -> int:
-    from fetalstudio.synthesis.metadata import settings_from_png
+    from fetalstudio.pipelines.metadata import settings_from_png
 
     print(json.dumps(settings_from_png(args.png).to_dict(), indent=2))
     return 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from fetalstudio.models.manager import ModelManager
 from fetalstudio.models.tiny import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.settings import GenerationSettings
+from fetalstudio.pipelines.runners import TextToImageRunner
+from fetalstudio.pipelines.settings import GenerationSettings
 
 MODEL_ID = "tinysd"
 LORA_ID = "loras/fetal_test_lora"
@@ -22,7 +22,7 @@ def build_model_folder(root: Path) -> Path:
 
 def make_engine(models_root: Path, checkpoints: Path) -> SynthesisEngine:
     checkpoints.mkdir(parents=True, exist_ok=True)
-    return SynthesisEngine(ModelManager(checkpoints, extra_folders=(models_root,)))
+    return TextToImageRunner(ModelManager(checkpoints, extra_folders=(models_root,)))
 
 
 def small_settings(**overrides) -> GenerationSettings:

@@ -11,9 +11,9 @@ import pytest
 
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.manager import ModelManager
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.mask_injection import unpack
-from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
+from fetalstudio.pipelines.runners import TextToImageRunner
+from fetalstudio.pipelines.mask_injection import unpack
+from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 TINY = CHECKPOINTS / "bundled" / "fetalstudio-tiny"
@@ -35,7 +35,7 @@ def manager() -> ModelManager:
 
 
 def _generate(manager, prompt: str, seed: int, loras=()) -> np.ndarray:
-    result = SynthesisEngine(manager).generate(GenerationSettings(
+    result = TextToImageRunner(manager).generate(GenerationSettings(
         model="fetalstudio-tiny", prompt=prompt, steps=12, guidance_scale=4.0, width=256, height=256, seed=seed,
         sampler="unipc", loras=tuple(loras)))
     return np.asarray(result.images[0].image.convert("RGB")).astype(np.float32)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.synthesis.dataset import METADATA_COLUMNS, DatasetRequest, export_dataset
-from fetalstudio.synthesis.metadata import settings_from_png
-from fetalstudio.synthesis.settings import LoraSpec
+from fetalstudio.pipelines.metadata import settings_from_png
+from fetalstudio.pipelines.settings import LoraSpec
 from tests.synthesis_support import LORA_ID, MODEL_ID, build_model_folder, make_engine
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetalstudio.synthesis.mask_injection import (
+from fetalstudio.pipelines.mask_injection import (
     channel_order_name,
     fill_outline_opencv,
     filled_mask,

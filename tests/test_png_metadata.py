@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.synthesis.metadata import (
+from fetalstudio.pipelines.metadata import (
     a1111_parameters, parse_a1111_parameters, read_png_text, save_png, settings_from_png,
 )
-from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
+from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
 
 SETTINGS = GenerationSettings(
     model="sd15", prompt="a photo of fetal femur", negative_prompt="text, watermark", sampler="unipc",

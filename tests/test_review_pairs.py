@@ -131,7 +131,7 @@ def test_generated_pairs_land_in_the_session_one_by_one_with_their_settings(tmp_
 
     from fetalstudio.models.device import DevicePlacement
     from fetalstudio.models.manager import ModelManager
-    from fetalstudio.synthesis.engine import SynthesisEngine
+    from fetalstudio.pipelines.runners import TextToImageRunner
 
     manager = ModelManager(CHECKPOINTS, placement=DevicePlacement(torch.device("cpu"), torch.float32))
     session = ReviewSession.create(tmp_path / "session")
@@ -141,7 +141,7 @@ def test_generated_pairs_land_in_the_session_one_by_one_with_their_settings(tmp_
         seen.append(len(session))  # the pair is on disk before progress is reported
         assert total == 2
 
-    items = generate_pairs(SynthesisEngine(manager), session, PairRequest("second", count=2, steps=6, seed=5),
+    items = generate_pairs(TextToImageRunner(manager), session, PairRequest("second", count=2, steps=6, seed=5),
                            on_progress=on_progress).added
     assert seen == [1, 2]
     assert [item.source["seed"] for item in items] == [5, 6]
@@ -153,7 +153,7 @@ def test_generated_pairs_land_in_the_session_one_by_one_with_their_settings(tmp_
         assert item.ellipse is not None or item.reason  # an ellipse, or why not
     cancelled = threading.Event()
     cancelled.set()
-    assert generate_pairs(SynthesisEngine(manager), session, PairRequest("first", count=3, steps=4), cancel=cancelled).added == []
+    assert generate_pairs(TextToImageRunner(manager), session, PairRequest("first", count=3, steps=4), cancel=cancelled).added == []
     assert len(session) == 2
 
 
@@ -164,9 +164,9 @@ def test_generating_again_continues_the_seed_and_skips_pairs_already_in_the_sess
 
     from fetalstudio.models.device import DevicePlacement
     from fetalstudio.models.manager import ModelManager
-    from fetalstudio.synthesis.engine import SynthesisEngine
+    from fetalstudio.pipelines.runners import TextToImageRunner
 
-    engine = SynthesisEngine(ModelManager(CHECKPOINTS, placement=DevicePlacement(torch.device("cpu"), torch.float32)))
+    engine = TextToImageRunner(ModelManager(CHECKPOINTS, placement=DevicePlacement(torch.device("cpu"), torch.float32)))
     session = ReviewSession.create(tmp_path / "session")
     seeds = lambda run: [item.source["seed"] for item in run.added]  # noqa: E731
 

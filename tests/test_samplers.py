@@ -1,7 +1,7 @@
 import diffusers
 import pytest
 
-from fetalstudio.synthesis.samplers import SAMPLERS, make_scheduler, parse_sampler
+from fetalstudio.pipelines.samplers import SAMPLERS, make_scheduler, parse_sampler
 
 SD15_SCHEDULER = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,

@@ -13,12 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.synthesis.color import LUMA_CONVERSION, to_grayscale
+from fetalstudio.pipelines.color import LUMA_CONVERSION, to_grayscale
 from fetalstudio.synthesis.dataset import DatasetRequest, export_dataset
 from fetalstudio.synthesis.gallery import save_generated
-from fetalstudio.synthesis.mask_injection import unpack
-from fetalstudio.synthesis.metadata import JSON_KEY, read_png_text, reproduction_from_png, save_png, settings_from_png
-from fetalstudio.synthesis.settings import LoraSpec
+from fetalstudio.pipelines.mask_injection import unpack
+from fetalstudio.pipelines.metadata import JSON_KEY, read_png_text, reproduction_from_png, save_png, settings_from_png
+from fetalstudio.pipelines.settings import LoraSpec
 from tests.synthesis_support import LORA_ID, MODEL_ID, build_model_folder, make_engine, small_settings
 
 GRAY_ID = "tinysd-gray"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fetalstudio.errors import FetalStudioError, ModelLoadError
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.settings import LoraSpec
+from fetalstudio.pipelines.runners import TextToImageRunner
+from fetalstudio.pipelines.settings import LoraSpec
 from tests.synthesis_support import LORA_ID, MODEL_ID, build_model_folder, make_engine, small_settings
 
 
@@ -73,7 +73,7 @@ def test_kohya_lora_weight_zero_is_exactly_base_and_weight_one_changes_output(en
 def test_a_second_engine_on_the_same_manager_does_not_inherit_an_active_lora(engine):
     base = pixels(engine.generate(small_settings()))
     with_lora = pixels(engine.generate(small_settings(loras=(LoraSpec(LORA_ID, 1.0),))))
-    other_engine = SynthesisEngine(engine.manager)  # e.g. the CLI and a script sharing one manager
+    other_engine = TextToImageRunner(engine.manager)  # e.g. the CLI and a script sharing one manager
     assert np.array_equal(base, pixels(other_engine.generate(small_settings())))
     assert np.array_equal(with_lora, pixels(other_engine.generate(small_settings(loras=(LoraSpec(LORA_ID, 1.0),)))))
 

@@ -17,8 +17,8 @@ from fetalstudio.cli import main
 from fetalstudio.models.entries import ModelFormat, ModelKind
 from fetalstudio.models.inspect import inspect_path
 from fetalstudio.models.manager import ModelManager
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
+from fetalstudio.pipelines.runners import TextToImageRunner
+from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
 from fetalstudio.training.kohya import convert_diffusers_file, peft_to_kohya
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -69,7 +69,7 @@ def trained(tiny_sd_dir, plane_folder, tmp_path_factory) -> Path:
 def _engine(tmp_path: Path) -> SynthesisEngine:
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    return SynthesisEngine(ModelManager(checkpoints))
+    return TextToImageRunner(ModelManager(checkpoints))
 
 
 def _pixels(engine, base: Path, loras=()) -> np.ndarray:

@@ -12,8 +12,8 @@ import pytest
 from fetalstudio.cli import main
 from fetalstudio.models.entries import ModelFormat, ModelKind
 from fetalstudio.models.manager import ModelManager
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.settings import GenerationSettings
+from fetalstudio.pipelines.runners import TextToImageRunner
+from fetalstudio.pipelines.settings import GenerationSettings
 from fetalstudio.training.captions import (
     DOMAIN_PHRASES,
     app_captions,
@@ -99,7 +99,7 @@ def test_loads_with_from_pretrained_and_through_the_model_manager_and_generates(
     manager = ModelManager(checkpoints, extra_folders=(trained.parent,))
     entry = manager.entry("fetal-ldm")  # discovered by folder name
     assert entry.kind is ModelKind.SD_PIPELINE and entry.format is ModelFormat.DIFFUSERS_FOLDER
-    result = SynthesisEngine(manager).generate(GenerationSettings(
+    result = TextToImageRunner(manager).generate(GenerationSettings(
         model="fetal-ldm", prompt="An ultrasound image of a fetal head, second trimester", steps=2, width=64, height=64, seed=1,
         guidance_scale=4.0))
     image = np.asarray(result.images[0].image)

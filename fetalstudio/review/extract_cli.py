@@ -94,7 +94,7 @@ def _check_threshold(threshold: int) -> int:
 
 
 def _check_channel(channel: str | None) -> int | None:
-    from fetalstudio.synthesis.mask_injection import parse_channel_order
+    from fetalstudio.pipelines.mask_injection import parse_channel_order
 
     if channel is None:
         return None

@@ -34,8 +34,8 @@ from fetalstudio.data.tables import SegmentationPair, read_segmentation
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.review.extract import extract_ellipse
 from fetalstudio.review.store import ReviewItem, ReviewSession
-from fetalstudio.synthesis.mask_injection import lora_mask_channel, unpack
-from fetalstudio.synthesis.settings import MAX_SEED
+from fetalstudio.pipelines.mask_injection import lora_mask_channel, unpack
+from fetalstudio.pipelines.settings import MAX_SEED
 from fetalstudio.vocabulary import parse_trimester, prompt_for
 
 #: The paper's generation settings (METHODS section 2).
@@ -153,13 +153,13 @@ def generate_pairs(
     on_progress: PairProgress | None = None,
     cancel: threading.Event | None = None,
 ) -> PairRun:
-    """Generate ``request.count`` pairs with ``engine`` (a SynthesisEngine) into ``session``.
+    """Generate ``request.count`` pairs with ``engine`` (a ``TextToImageRunner``) into ``session``.
 
     Seeds ``seed`` ... ``seed + count - 1`` (``seed`` None: ``next_seed(session)``); a seed whose pair
     the session already holds is skipped, not generated twice.
     """
     from fetalstudio.models.entries import ModelKind
-    from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
+    from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
 
     request = request.validated()
     manager = engine.manager

@@ -1,7 +1,7 @@
-"""Synthesis workflow: prompt-based generation of fetal planes with SD + LoRA (FU-LoRA)."""
+"""The Synthesis workflow (the Synthesis tab and the ``synthesize`` CLI): dataset export
+(``dataset.py``: images per plane x sampler with metadata.csv, resumable) and the gallery of
+interactively generated images (``gallery.py``). Prompts come from ``fetalstudio.vocabulary``.
 
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.samplers import SAMPLERS, parse_sampler
-from fetalstudio.synthesis.settings import GeneratedImage, GenerationResult, GenerationSettings, LoraSpec
-
-__all__ = ["SAMPLERS", "GeneratedImage", "GenerationResult", "GenerationSettings", "LoraSpec", "SynthesisEngine", "parse_sampler"]
+Generation itself (settings, samplers, the prepared pipeline and its runners, PNG metadata) lives in
+``fetalstudio.pipelines``. May import: pipelines, models, imaging, data, vocabulary, errors, paths.
+"""

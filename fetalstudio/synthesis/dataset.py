@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.synthesis.engine import SynthesisEngine
-from fetalstudio.synthesis.metadata import save_png, settings_from_png, read_png_text, JSON_KEY
-from fetalstudio.synthesis.samplers import parse_sampler
-from fetalstudio.synthesis.settings import GeneratedImage, GenerationSettings, LoraSpec
+from fetalstudio.pipelines.metadata import save_png, settings_from_png, read_png_text, JSON_KEY
+from fetalstudio.pipelines.runners import TextToImageRunner
+from fetalstudio.pipelines.samplers import parse_sampler
+from fetalstudio.pipelines.settings import GeneratedImage, GenerationSettings, LoraSpec
 from fetalstudio.vocabulary import HEAD_SUBJECT, prompt_for
 
 METADATA_COLUMNS = [
@@ -191,7 +191,7 @@ def _contiguous_chunks(jobs: list[DatasetJob], size: int) -> Iterator[list[Datas
 
 
 def export_dataset(
-    engine: SynthesisEngine,
+    engine: TextToImageRunner,
     request: DatasetRequest,
     on_progress: DatasetProgress | None = None,
     cancel: threading.Event | None = None,

@@ -6,8 +6,8 @@ import datetime as dt
 import itertools
 from pathlib import Path
 
-from fetalstudio.synthesis.metadata import save_png
-from fetalstudio.synthesis.settings import GeneratedImage
+from fetalstudio.pipelines.metadata import save_png
+from fetalstudio.pipelines.settings import GeneratedImage
 
 
 def save_generated(image: GeneratedImage, outputs_dir: Path) -> Path:

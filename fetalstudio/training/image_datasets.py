@@ -283,7 +283,7 @@ def load_pixels(item: ImageItem, resolution: int, crop: str = "center", mask_cha
             mode = "L" if opened.mode in ("L", "LA", "I", "I;16", "1") else "RGB"  # resize gray images as gray (3x faster)
             return np.asarray(_square(opened.convert(mode), resolution, crop, Image.BICUBIC).convert("RGB"))
         gray = np.asarray(opened.convert("L"))
-    from fetalstudio.synthesis.mask_injection import filled_mask, pack
+    from fetalstudio.pipelines.mask_injection import filled_mask, pack
 
     if item.mask is None:
         raise FetalStudioError(f"{item.image.name} has no mask: --mask-channel needs image/mask pairs.")

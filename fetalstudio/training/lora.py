@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> int | None:
-    from fetalstudio.synthesis.mask_injection import parse_channel_order
+    from fetalstudio.pipelines.mask_injection import parse_channel_order
     from fetalstudio.vocabulary import parse_plane, parse_trimester
 
     if args.rank < 1:
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _channel_order(mask_channel: int | None) -> str | None:
-    from fetalstudio.synthesis.mask_injection import channel_order_name
+    from fetalstudio.pipelines.mask_injection import channel_order_name
 
     return channel_order_name(mask_channel) if mask_channel is not None else None
 
@@ -325,7 +325,7 @@ def _write_reports(out: Path, args, items, metadata: dict, kohya_path: Path, tot
     if metadata["mask_channel"] is not None:
         mask_line = (f"- In-channel mask injection: channel order {metadata['channel_order']} (mask in channel "
                      f"{metadata['mask_channel']}). Unpack generated images with "
-                     f"`fetalstudio.synthesis.mask_injection.unpack(rgb, {metadata['mask_channel']})`.\n")
+                     f"`fetalstudio.pipelines.mask_injection.unpack(rgb, {metadata['mask_channel']})`.\n")
     captions = "; ".join(f"\"{c}\" x {n}" for c, n in metadata["captions"].items())
     card = (
         f"# {kohya_path.stem}: LoRA for {metadata['base_id']}\n\n"

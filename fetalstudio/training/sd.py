@@ -528,7 +528,7 @@ def _mask_injected_pixels(items, args):
     """(mask-injected pixels of the items that have masks, row of each item in them or -1); (None, None) when off."""
     import torch
 
-    from fetalstudio.synthesis.mask_injection import parse_channel_order
+    from fetalstudio.pipelines.mask_injection import parse_channel_order
     from fetalstudio.training.image_datasets import load_all_pixels
 
     if not args.vae_mask_injection:

@@ -27,7 +27,7 @@ from fetalstudio.review.pairs import (PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_ST
                                       import_pairs, next_seed)
 from fetalstudio.review.store import ReviewItem, ReviewSession, atomic_write_bytes
 from fetalstudio.segmentation.ellipse import Ellipse
-from fetalstudio.synthesis.samplers import SAMPLERS
+from fetalstudio.pipelines.samplers import SAMPLERS
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, server_source, user_errors
 from fetalstudio.vocabulary import TRIMESTERS
 

@@ -14,9 +14,9 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.synthesis.dataset import DatasetRequest, export_dataset
 from fetalstudio.synthesis.gallery import save_generated
-from fetalstudio.synthesis.metadata import reproduction_from_png
-from fetalstudio.synthesis.samplers import SAMPLERS, parse_sampler
-from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec
+from fetalstudio.pipelines.metadata import reproduction_from_png
+from fetalstudio.pipelines.samplers import SAMPLERS, parse_sampler
+from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, user_errors
 from fetalstudio.vocabulary import HEAD_SUBJECT, PLANES, TRIMESTERS, prompt_for, subject_choices
 

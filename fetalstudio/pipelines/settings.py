@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass, field, replace
 from PIL import Image
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.synthesis.samplers import DEFAULT_SAMPLER, parse_sampler
+from fetalstudio.pipelines.samplers import DEFAULT_SAMPLER, parse_sampler
 
 MAX_SEED = 2**32 - 1
 LORA_WEIGHT_RANGE = (0.0, 1.5)
 #: Output colour: "auto" follows the model's declaration (``output = "grayscale"`` in
 #: checkpoints/manifest.toml; undeclared models keep the decoder's RGB), or forced either way.
 OUTPUT_COLORS = ("auto", "grayscale", "rgb")
+#: The task of every image made before tasks were recorded, and of A1111 PNGs.
+TEXT_TO_IMAGE = "text-to-image"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class Reproduction:
 
     settings: GenerationSettings  # batch_size = the original batch, seed = the batch's first seed
     index: int = 0
+    #: The recorded task (``metadata["task"]``): its name and inputs such as an image-to-image strength.
+    task: dict = field(default_factory=lambda: {"name": TEXT_TO_IMAGE})
 
 
 @dataclass

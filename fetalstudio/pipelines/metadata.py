@@ -11,8 +11,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.synthesis.samplers import parse_sampler
-from fetalstudio.synthesis.settings import GenerationSettings, LoraSpec, Reproduction
+from fetalstudio.pipelines.samplers import parse_sampler
+from fetalstudio.pipelines.settings import TEXT_TO_IMAGE, GenerationSettings, LoraSpec, Reproduction
 
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "fetalstudio"
@@ -93,7 +93,7 @@ def reproduction_from_png(path_or_image: Path | str | Image.Image) -> Reproducti
     settings = GenerationSettings.from_dict(
         {**data["settings"], "seed": batch["seeds"][0], "batch_size": batch["size"], "batch_count": 1}
     )
-    return Reproduction(settings, int(batch["index"]))
+    return Reproduction(settings, int(batch["index"]), data["task"])
 
 
 def _fetalstudio_chunk(text: str) -> dict:
@@ -101,6 +101,9 @@ def _fetalstudio_chunk(text: str) -> dict:
         data = json.loads(text)
         data["settings"] = dict(data["settings"])
         data["seed"] = int(data["seed"])
+        # PNGs written before the task was recorded were all text-to-image
+        data["task"] = dict(data.get("task") or {"name": TEXT_TO_IMAGE})
+        data["task"]["name"] = str(data["task"]["name"])
     except (ValueError, KeyError, TypeError) as error:
         raise FetalStudioError(
             f"The PNG's fetalstudio metadata is damaged ({type(error).__name__}: {error}); pick the original file."
