@@ -1,4 +1,8 @@
-"""Command line: ``python -m fetalstudio <command> ...`` — the same library calls as the UI."""
+"""Command line: ``python -m fetalstudio <command> ...`` — the same library calls as the UI.
+
+Every command is a :class:`fetalstudio.cli_args.Command` listed once in :func:`commands`; its module
+defines ``COMMAND`` (the ones below: generate, models, params).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from fetalstudio.cli_args import at_least_one, output_folder
+from fetalstudio.cli_args import Command, CommandGroup, at_least_one, output_folder
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.vocabulary import HEAD_SUBJECT, subject_choices
-from fetalstudio.review.extract_cli import add_extract_parser
-from fetalstudio.analysis.analyze_cli import add_analyze_parser
 
 EXIT_USER_ERROR = 2
 
@@ -20,18 +22,7 @@ def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def add_generate_parser(commands) -> None:
-    parser = commands.add_parser(
-        "generate",
-        help="generate fetal-plane images into a dataset folder (resumable)",
-        description=(
-            "Generate N images per plane and sampler into OUT/<plane>/<sampler>/ with metadata.csv. "
-            "Re-running the same command skips the images that already exist, so an interrupted run "
-            "resumes where it stopped. Example: python -m fetalstudio generate --plane brain --n 500 "
-            "--sampler euler,unipc --out datasets/brain"
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plane", action="append", required=True,
                         help=f"plane(s) to generate, repeatable or comma-separated: {', '.join(subject_choices())}; 'head' needs --trimester")
     parser.add_argument("--trimester", choices=["first", "second", "third"], help="trimester for --plane head (prompt 'An ultrasound image of a fetal head, <trimester> trimester')")
@@ -53,7 +44,6 @@ def add_generate_parser(commands) -> None:
                              "e.g. the bundled fetalstudio-tiny; undeclared models keep RGB), grayscale (R=G=B; an image+mask "
                              "LoRA's mask channel is kept) or rgb (the decoder's pixels)")
     parser.add_argument("--json", type=Path, help="also write a JSON summary to this file")
-    parser.set_defaults(handler=run_generate)
 
 
 #: Image size when neither the user nor the model's configs give one (SD 1.x).
@@ -110,18 +100,16 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_models_parser(commands) -> None:
-    parser = commands.add_parser("models", help="list the models FetalStudio knows (manifest + discovered)")
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=run_models)
 
 
 def run_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from fetalstudio.app_context import build_context
+    from fetalstudio.app_context import build_manager
 
-    rows = build_context().manager.status()
+    rows = build_manager().status()
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0
@@ -136,10 +124,8 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_params_parser(commands) -> None:
-    parser = commands.add_parser("params", help="print the generation parameters stored in a PNG")
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("png", type=Path)
-    parser.set_defaults(handler=run_params)
 
 
 def run_params(args: argparse.Namespace) -> int:
@@ -149,41 +135,55 @@ def run_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_command_group(commands, name: str, registry: dict[str, tuple[str, str]], help_text: str) -> None:
-    """``train ...`` / ``eval ...``: one sub-command per module of the registry.
+GENERATE = Command(
+    "generate", "generate fetal-plane images into a dataset folder (resumable)", add_generate_arguments, run_generate,
+    description=(
+        "Generate N images per plane and sampler into OUT/<plane>/<sampler>/ with metadata.csv. "
+        "Re-running the same command skips the images that already exist, so an interrupted run "
+        "resumes where it stopped. Example: python -m fetalstudio generate --plane brain --n 500 "
+        "--sampler euler,unipc --out datasets/brain"
+    ),
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+)
+MODELS = Command("models", "list the models FetalStudio knows (manifest + discovered)", add_models_arguments, run_models,
+                 formatter_class=argparse.HelpFormatter)
+PARAMS = Command("params", "print the generation parameters stored in a PNG", add_params_arguments, run_params,
+                 formatter_class=argparse.HelpFormatter)
 
-    Command modules keep their top-level imports light (heavy libraries are imported in ``run``),
-    so building the parser stays fast.
+
+def commands() -> tuple[Command | CommandGroup, ...]:
+    """Every command, in the order ``--help`` lists them. A new command: its module's ``COMMAND``, one line here.
+
+    Imported here, not at the top, so that importing this module stays light.
     """
-    import importlib
+    from fetalstudio.analysis import analyze_cli
+    from fetalstudio.evaluation import classifier as eval_classifier
+    from fetalstudio.evaluation import segmenter as eval_segmenter
+    from fetalstudio.evaluation.synthesis import command as eval_synthesis
+    from fetalstudio.review import extract_cli
+    from fetalstudio.training import classifier as train_classifier
+    from fetalstudio.training import lora as train_lora
+    from fetalstudio.training import sd as train_sd
+    from fetalstudio.training import segmenter as train_segmenter
 
-    parser = commands.add_parser(name, help=help_text, description=help_text)
-    sub = parser.add_subparsers(dest=f"{name}_command", required=True)
-    for key, (module_name, description) in registry.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # not part of this version
-        command = sub.add_parser(key, help=description, description=(module.__doc__ or description).strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+    return (
+        GENERATE,
+        MODELS,
+        PARAMS,
+        extract_cli.COMMAND,
+        analyze_cli.COMMAND,
+        CommandGroup("train", "train a model (writes a checkpoint the model manager loads)",
+                     (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND)),
+        CommandGroup("eval", "evaluate a model (writes a report folder)",
+                     (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND)),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fetalstudio import evaluation, training
-
     parser = argparse.ArgumentParser(prog="python -m fetalstudio", description="FetalStudio: fetal ultrasound synthesis and annotation.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(commands)
-    add_models_parser(commands)
-    add_params_parser(commands)
-    add_extract_parser(commands)
-    add_analyze_parser(commands)
-    add_command_group(commands, "train", training.COMMANDS, "train a model (writes a checkpoint the model manager loads)")
-    add_command_group(commands, "eval", evaluation.COMMANDS, "evaluate a model (writes a report folder)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in commands():
+        command.register(subparsers)
     return parser
 
 

@@ -1,12 +1,57 @@
-"""Argument types shared by every command, so one kind of bad value gets one message everywhere.
+"""The plumbing every command shares: how a command is registered, and its argument types.
 
-argparse reports a refused value as ``<prog>: error: argument --batch-size: ...`` and exits 2.
+Registering: a command module defines ``COMMAND = Command(name, help, add_arguments, run)`` (``run``
+returns the exit code; a FetalStudioError it raises becomes ``error: ...`` and exit code 2 in
+``fetalstudio.cli.main``), and ``fetalstudio.cli.commands()`` lists it once, at the top level or in
+a :class:`CommandGroup` (``train``, ``eval``). Keep a command module's top-level imports light:
+heavy libraries are imported in ``run``, so ``--help`` stays fast.
+
+Argument types: one kind of bad value gets one message everywhere. argparse reports a refused value
+as ``<prog>: error: argument --batch-size: ...`` and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: ``python -m fetalstudio <name>`` or ``python -m fetalstudio <group> <name>``."""
+
+    name: str
+    help: str  # the one line in the parent's command list
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None  # the text of ``<name> --help`` (usually the module docstring)
+    formatter_class: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter
+
+    def register(self, subparsers) -> argparse.ArgumentParser:
+        """Add this command to ``subparsers`` (from ``add_subparsers``); the parsed namespace's ``handler`` is ``run``."""
+        parser = subparsers.add_parser(self.name, help=self.help, description=self.description,
+                                       formatter_class=self.formatter_class)
+        self.add_arguments(parser)
+        parser.set_defaults(handler=self.run)
+        return parser
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """Commands under one word, e.g. ``train sd`` and ``train lora``."""
+
+    name: str
+    help: str
+    commands: tuple[Command, ...]
+
+    def register(self, subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(self.name, help=self.help, description=self.help)
+        group = parser.add_subparsers(dest=f"{self.name}_command", required=True)
+        for command in self.commands:
+            command.register(group)
+        return parser
 
 
 def at_least_one(text: str) -> int:

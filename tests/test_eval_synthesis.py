@@ -19,16 +19,10 @@ import torch
 
 from fetalstudio.cli import main
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.evaluation import synthesis
-from fetalstudio.evaluation.synthesis import (
-    accuracy_target,
-    frechet_distance,
-    mean_pairwise_ms_ssim,
-    ms_ssim,
-    nearest_distances,
-    read_labelled,
-    subsample,
-)
+from fetalstudio.evaluation.synthesis import command as synthesis_command
+from fetalstudio.evaluation.synthesis.data import read_labelled, subsample
+from fetalstudio.evaluation.synthesis.metrics import frechet_distance, mean_pairwise_ms_ssim, ms_ssim, nearest_distances
+from fetalstudio.evaluation.synthesis.scoring import accuracy_target
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -377,7 +371,7 @@ def test_command_errors(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "r")
     assert main(_eval("--synthetic", str(tmp_path / "nope"), "--out", out)) == 2
     assert "--synthetic" in capsys.readouterr().err
-    monkeypatch.setattr(synthesis, "DEFAULT_REAL", tmp_path / "no-shared-data")
+    monkeypatch.setattr(synthesis_command, "DEFAULT_REAL", tmp_path / "no-shared-data")
     assert main(_eval("--synthetic", str(generated), "--out", out)) == 2
     assert "pass --real" in capsys.readouterr().err.lower()
     broken = _generated_folder(tmp_path / "broken", [("brain", _spanish("brain", 1)[0], "copy")])

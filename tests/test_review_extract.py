@@ -1,4 +1,4 @@
-"""The Ellipse Extractor (fetalstudio.review.extract) and `python -m fetalstudio extract`.
+"""The Ellipse Extractor (fetalstudio.imaging.extract) and `python -m fetalstudio extract`.
 
 Real annotations (every hc18_heads and es_heads outline, including the ones that leave the frame),
 synthetic noisy mask channels with a known ellipse, failure reasons, thresholds and the CLI.
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.biometry import head_biometry
-from fetalstudio.review.extract import Extraction, as_mask_channel, extract_ellipse, extract_from_file
-from fetalstudio.review.extract_cli import ELLIPSE_COLUMNS, add_extract_parser
-from fetalstudio.segmentation.ellipse import Ellipse, fill_holes, fill_outline
+from fetalstudio.imaging.biometry import head_biometry
+from fetalstudio.imaging.ellipse import Ellipse, fill_holes, fill_outline
+from fetalstudio.imaging.extract import Extraction, as_mask_channel, extract_ellipse, extract_from_file
+from fetalstudio.review.extract_cli import COMMAND, ELLIPSE_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -301,7 +301,7 @@ def _small_csv(folder: Path, names=("000_HC", "001_HC", "186_HC", "002_HC", "346
 def _run(argv: list[str]) -> int:
     """The extract handler through its own parser, with FetalStudioError as exit code 2 (as cli.main)."""
     parser = argparse.ArgumentParser()
-    add_extract_parser(parser.add_subparsers(dest="command", required=True))
+    COMMAND.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -28,20 +28,14 @@ import json
 import sys
 from pathlib import Path
 
-from fetalstudio.cli_args import at_least_one, device_name, output_folder
+from fetalstudio.cli_args import Command, at_least_one, device_name, output_folder
 
 
 def _formats(text: str) -> tuple[str, ...]:
     return tuple(part.strip().lower() for part in text.split(",") if part.strip())
 
 
-def add_analyze_parser(commands) -> None:
-    parser = commands.add_parser(
-        "analyze",
-        help="classify planes and measure heads in a folder or CSV of images (report CSV, masks, overlays)",
-        description=__doc__.strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="source", type=Path, required=True, help="folder of images, or a CSV with an 'image' column")
     parser.add_argument("--out", type=output_folder, required=True, help="report folder (created; the same command resumes an interrupted run)")
     parser.add_argument("--classify", action="store_true", help="predict the plane of every image (default: both when neither is given)")
@@ -61,7 +55,6 @@ def add_analyze_parser(commands) -> None:
                         help="refuse images declaring more pixel values than this (rows x columns x samples; checked before "
                              "decoding, against decompression bombs). Default: 50000000 or $FETALSTUDIO_MAX_PIXELS")
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
-    parser.set_defaults(handler=run_analyze)
 
 
 def _progress(done: int, total: int, name: str) -> None:
@@ -70,12 +63,10 @@ def _progress(done: int, total: int, name: str) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from fetalstudio.analysis.batch import read_batch_inputs, run_batch
-    from fetalstudio.analysis.image_input import set_max_pixels
     from fetalstudio.analysis.models import batch_models
     from fetalstudio.analysis.session import checked_pixel_size
-    from fetalstudio.models.device import default_placement
-    from fetalstudio.models.manager import ModelManager
-    from fetalstudio.paths import checkpoints_dir
+    from fetalstudio.app_context import build_manager
+    from fetalstudio.imaging.image_input import set_max_pixels
 
     classify, segment = args.classify, args.segment
     if not (classify or segment):
@@ -84,7 +75,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.max_pixels is not None:
         set_max_pixels(args.max_pixels)
     inputs = read_batch_inputs(args.source, exclude=[args.out])[: args.limit]  # --out inside --in: not its own input
-    manager = ModelManager(checkpoints_dir(), placement=default_placement(args.device))
+    manager = build_manager(device=args.device)
     settings, classifier, predictor = batch_models(manager, classify=classify, segment=segment, classifiers=args.classifier,
                                                    segmenter=args.segmenter, pixel_size_mm=pixel_size,
                                                    overlays=not args.no_overlays, formats=args.export,
@@ -96,3 +87,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+COMMAND = Command("analyze", "classify planes and measure heads in a folder or CSV of images (report CSV, masks, overlays)",
+                  add_arguments, run_analyze, description=__doc__.strip())

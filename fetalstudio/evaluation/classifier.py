@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fetalstudio.cli_args import at_least_one, device_name, output_folder
+from fetalstudio.cli_args import Command, at_least_one, device_name, output_folder
 from fetalstudio.errors import FetalStudioError
 
 HEADLINE = ("accuracy", "recall", "precision", "f1", "auc", "n")
@@ -150,18 +150,16 @@ def headline(metrics: dict) -> dict:
 
 # --- running ---------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    from fetalstudio.app_context import build_manager
     from fetalstudio.classification.predict import PlaneClassifier
     from fetalstudio.data.tables import read_classification
-    from fetalstudio.models.device import default_placement
     from fetalstudio.models.entries import ModelKind
-    from fetalstudio.models.manager import ModelManager
-    from fetalstudio.paths import checkpoints_dir
 
     items = read_classification(args.data)
     missing = [str(item.path) for item in items if not item.path.is_file()]
     if missing:
         raise FetalStudioError(f"{len(missing)} image(s) listed in {args.data} do not exist, e.g. {missing[0]}. Fix the paths (relative to the CSV).")
-    manager = ModelManager(checkpoints_dir(), placement=default_placement(args.device))
+    manager = build_manager(device=args.device)
     model_id = args.model or manager.default_id(ModelKind.CLASSIFIER)
     entry = manager.entry(model_id)
     if entry.kind is not ModelKind.CLASSIFIER:
@@ -400,3 +398,6 @@ def draw_roc(path: Path, curves: dict[str, list[tuple[float, float]]], aucs: dic
         _text(draw, (left + size + 46, y), f"{name} (AUC {_fmt(aucs.get(name))})", small, anchor="lm")
     image.save(path)
     return path
+
+
+COMMAND = Command("classifier", "accuracy, recall, precision, F-score, AUC, confusion matrix", add_arguments, run, description=__doc__.strip())

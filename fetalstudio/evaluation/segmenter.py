@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fetalstudio.cli_args import output_folder
+from fetalstudio.cli_args import Command, output_folder
 from fetalstudio.errors import FetalStudioError
 
 BOX_MODES = ("exact", "jitter")
@@ -86,7 +86,7 @@ def load_example(item: EvalItem):
     import numpy as np
     from PIL import Image
 
-    from fetalstudio.segmentation.ellipse import fill_outline
+    from fetalstudio.imaging.ellipse import fill_outline
 
     try:
         with Image.open(item.image) as handle:
@@ -108,7 +108,7 @@ def prompt_box(item: EvalItem, mask, mode: str, jitter_px: float, seed: int):
     (the same image gets the same box whichever CSV lists it)."""
     import numpy as np
 
-    from fetalstudio.segmentation.ellipse import bounding_box, jitter_box
+    from fetalstudio.imaging.ellipse import bounding_box, jitter_box
 
     box = bounding_box(mask)
     if mode == "exact":
@@ -123,7 +123,7 @@ def evaluate_items(predictor, items: list[EvalItem], modes=("jitter",), jitter_p
 
     ``cache`` (a dict) keeps loaded examples between calls (training validates repeatedly).
     """
-    from fetalstudio.segmentation.ellipse import box_ellipse, dice, fit_ellipse, head_circumference_mm
+    from fetalstudio.imaging.ellipse import box_ellipse, dice, fit_ellipse, head_circumference_mm
 
     rows = []
     for index, item in enumerate(items):
@@ -200,7 +200,7 @@ def comparison_rows(summary: dict) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from fetalstudio.app_context import build_context
+    from fetalstudio.app_context import build_manager
     from fetalstudio.errors import ModelNotFoundError
     from fetalstudio.evaluation.report import write_json, write_report
     from fetalstudio.models.entries import ModelKind
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     items = [item for csv_path in args.csv for item in read_items(csv_path, args.limit)]
     if not items:
         raise FetalStudioError(f"{', '.join(map(str, args.csv))} list no image/mask pairs to evaluate.")
-    manager = build_context().manager
+    manager = build_manager()
     try:
         model_id = args.model or manager.default_id(ModelKind.SEGMENTER)
     except ModelNotFoundError:
@@ -261,3 +261,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"Dice {summary['dice_mean']:.4f} +- {summary['dice_std']:.4f}, HC MAE {summary['hc_mae_mm']:.2f} mm over {summary['n']} images "
           f"(box-ellipse baseline: Dice {summary['baseline_dice_mean']:.4f}, HC MAE {summary['baseline_hc_mae_mm']:.2f} mm); report in {args.out}", flush=True)
     return 0
+
+
+COMMAND = Command("segmenter", "Dice per image and HC error in mm", add_arguments, run, description=__doc__.strip())

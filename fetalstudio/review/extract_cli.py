@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fetalstudio.cli_args import output_folder
+from fetalstudio.cli_args import Command, output_folder
 from fetalstudio.errors import FetalStudioError
 
 #: The columns of ellipses.csv, in order.
@@ -34,20 +34,13 @@ ELLIPSE_COLUMNS = (
 _FAILURES_IN_SUMMARY = 20
 
 
-def add_extract_parser(commands) -> None:
-    parser = commands.add_parser(
-        "extract",
-        help="extract and fill the head ellipse of every mask in a segmentation CSV",
-        description=__doc__.strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, required=True, help="segmentation CSV with image and mask columns (paths relative to its folder)")
     parser.add_argument("--out", type=output_folder, required=True, help="output folder: masks/ and ellipses.csv (created)")
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
     parser.add_argument("--threshold", type=int, default=127, help="mask pixels above this value (0-254) count (default: 127)")
     parser.add_argument("--channel", help="for colour masks: the mask channel, 0/1/2 or r/g/b (default: the maximum over the channels)")
     parser.add_argument("--limit", type=int, help="only the first N rows of the CSV")
-    parser.set_defaults(handler=run_extract)
 
 
 @dataclass(frozen=True)
@@ -85,7 +78,7 @@ def read_extract_items(csv_path: Path, limit: int | None = None) -> list[Extract
 
 
 def _check_threshold(threshold: int) -> int:
-    from fetalstudio.review.extract import check_threshold
+    from fetalstudio.imaging.extract import check_threshold
 
     try:
         return check_threshold(threshold)
@@ -106,7 +99,7 @@ def _check_channel(channel: str | None) -> int | None:
 
 def extract_item(item: ExtractItem, threshold: int, channel: int | None):
     """The Extraction of one listed mask; an unreadable file is a FetalStudioError."""
-    from fetalstudio.review.extract import extract_from_file
+    from fetalstudio.imaging.extract import extract_from_file
 
     try:
         return extract_from_file(item.mask_path, threshold, channel)
@@ -134,7 +127,7 @@ def _unique_name(stem: str, used: set[str]) -> str:
 
 def result_row(item: ExtractItem, extraction, written: str) -> dict:
     """One ellipses.csv row (None for values that do not apply)."""
-    from fetalstudio.review.biometry import head_biometry
+    from fetalstudio.imaging.biometry import head_biometry
 
     row = dict.fromkeys(ELLIPSE_COLUMNS)
     row.update(file=item.file, image=item.image, mask=written, ok=int(extraction.ok), reason=extraction.reason,
@@ -209,3 +202,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0
+
+
+COMMAND = Command("extract", "extract and fill the head ellipse of every mask in a segmentation CSV", add_arguments, run_extract,
+                  description=__doc__.strip())

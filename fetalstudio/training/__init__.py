@@ -1,12 +1,8 @@
 """Training commands: `python -m fetalstudio train sd|lora|classifier|segmenter`.
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and builds on
-``fetalstudio.training.common`` (accelerate, seeding, loss/time log, resumable checkpoints).
+Each command module defines ``COMMAND`` (a ``fetalstudio.cli_args.Command``: ``add_arguments(parser)``
+and ``run(args) -> int``), listed once in ``fetalstudio.cli.commands``, and builds on
+``fetalstudio.training.common`` (accelerate, seeding, loss/time log, resumable checkpoints). Models
+come through ``fetalstudio.app_context.build_manager``. Layer 2: imports the workflows and everything
+below them, never ``ui``/``cli`` nor its sibling ``evaluation``.
 """
-
-COMMANDS = {
-    "sd": ("fetalstudio.training.sd", "a compact Stable-Diffusion-architecture pipeline from scratch"),
-    "lora": ("fetalstudio.training.lora", "LoRA fine-tuning of an SD-architecture pipeline (peft; kohya + diffusers output)"),
-    "classifier": ("fetalstudio.training.classifier", "a timm plane classifier (5 planes)"),
-    "segmenter": ("fetalstudio.training.segmenter", "a box-prompted fetal-head segmenter (segment-anything classes)"),
-}

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.common import add_common_arguments, check_resume_settings
 
@@ -508,3 +509,6 @@ def model_card(summary: dict) -> str:
     lines += ["", "Load it with `ModelManager(...).get(path)` and predict with "
               "`fetalstudio.classification.predict.PlaneClassifier(model).predict(images)`.", ""]
     return "\n".join(lines)
+
+
+COMMAND = Command("classifier", "a timm plane classifier (5 planes)", add_arguments, run, description=__doc__.strip())

@@ -34,6 +34,7 @@ import math
 import time
 from pathlib import Path
 
+from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.captions import DEFAULT_UNKNOWN_TRIMESTER, UNKNOWN_TRIMESTER_CHOICES
 from fetalstudio.training.common import add_common_arguments
@@ -97,13 +98,12 @@ def load_base_pipeline(base: str):
     """The base SD pipeline (fp32, CPU) through FetalStudio's model manager; a clear error for anything else."""
     import torch
 
+    from fetalstudio.app_context import build_manager
     from fetalstudio.models.device import DevicePlacement
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.models.loaders import load_sd_pipeline
-    from fetalstudio.models.manager import ModelManager
-    from fetalstudio.paths import checkpoints_dir
 
-    manager = ModelManager(checkpoints_dir(), placement=DevicePlacement(torch.device("cpu"), torch.float32))
+    manager = build_manager(placement=DevicePlacement(torch.device("cpu"), torch.float32))
     entry = manager.entry(base)
     if entry.kind is not ModelKind.SD_PIPELINE:
         raise FetalStudioError(
@@ -343,3 +343,6 @@ def _write_reports(out: Path, args, items, metadata: dict, kohya_path: Path, tot
         f"- Never trained on African images. A research model, not a medical device.\n"
     )
     (out / "model_card.md").write_text(card, encoding="utf-8")
+
+
+COMMAND = Command("lora", "LoRA fine-tuning of an SD-architecture pipeline (peft; kohya + diffusers output)", add_arguments, run, description=__doc__.strip())

@@ -34,6 +34,7 @@ import math
 import time
 from pathlib import Path
 
+from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.captions import DEFAULT_UNKNOWN_TRIMESTER, FIRST_SECOND_HC_MM, SECOND_THIRD_HC_MM, UNKNOWN_TRIMESTER_CHOICES
 from fetalstudio.training.common import add_common_arguments
@@ -869,3 +870,6 @@ def write_model_card(out: Path) -> None:
         "",
     ]
     (out / "model_card.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+COMMAND = Command("sd", "a compact Stable-Diffusion-architecture pipeline from scratch", add_arguments, run, description=__doc__.strip())

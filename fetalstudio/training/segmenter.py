@@ -48,6 +48,7 @@ import math
 import time
 from pathlib import Path
 
+from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.common import add_common_arguments, check_resume_settings
 
@@ -188,7 +189,7 @@ def make_batch(cache: dict, step: int, seed: int, batch_size: int, jitter_px: fl
     """Step ``step``'s batch: uint8 images B x S x S, valid sizes, boxes (model frame), targets."""
     import numpy as np
 
-    from fetalstudio.segmentation.ellipse import bounding_box, jitter_box
+    from fetalstudio.imaging.ellipse import bounding_box, jitter_box
 
     rng = np.random.default_rng([seed, step])
     count = len(cache["sizes"])
@@ -505,3 +506,6 @@ def model_card(metrics: dict) -> str:
               "Research software, not a medical device. Trained on trans-thalamic head planes; it needs a box around the head "
               "(no automatic detection yet). Check the licences of the training data before redistributing the weights.", ""]
     return "\n".join(lines)
+
+
+COMMAND = Command("segmenter", "a box-prompted fetal-head segmenter (segment-anything classes)", add_arguments, run, description=__doc__.strip())
