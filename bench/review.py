@@ -41,10 +41,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fetalstudio.review.extract import extract_ellipse  # noqa: E402
+from fetalstudio.imaging.ellipse import Ellipse  # noqa: E402
+from fetalstudio.imaging.extract import extract_ellipse  # noqa: E402
 from fetalstudio.review.store import ReviewSession  # noqa: E402
 from fetalstudio.review.view import item_pictures  # noqa: E402
-from fetalstudio.segmentation.ellipse import Ellipse  # noqa: E402
 
 HC18 = REPO_ROOT.parent / "shared" / "data" / "hc18_heads"
 

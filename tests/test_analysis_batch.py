@@ -16,7 +16,7 @@ from fetalstudio.analysis.head import measure_head
 from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.segmentation.ellipse import Ellipse, bounding_box, dice, fill_outline, ramanujan_perimeter
+from fetalstudio.imaging.ellipse import Ellipse, bounding_box, dice, fill_outline, ramanujan_perimeter
 
 try:
     from tests.data_support import DATA, needs_data, pairs_rows, write_pairs_csv
@@ -528,7 +528,7 @@ def test_the_poor_fit_warning_flags_failed_head_masks_and_few_good_ones(models):
     0.23; 100_2HC, 0.42) and eight good ones, among them 081_HC (Dice 0.94, quality 0.26), the good mask
     the flag is allowed to ask about."""
     from fetalstudio.analysis.head import measurement_warnings, segment_head
-    from fetalstudio.analysis.image_input import load_image
+    from fetalstudio.imaging.image_input import load_image
 
     _, predictor = models
     rows = {Path(r["image"]).stem: r for r in pairs_rows("hc18_heads")}

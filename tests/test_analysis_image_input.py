@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetalstudio.analysis.image_input import (
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.imaging.image_input import (
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_ENV,
     load_image,
@@ -19,7 +20,6 @@ from fetalstudio.analysis.image_input import (
     set_max_pixels,
     to_uint8,
 )
-from fetalstudio.errors import FetalStudioError
 
 try:
     from tests.bomb_support import write_huge_jpeg_header, write_png_bomb, write_tiff_bomb

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetalstudio.analysis.image_input import load_image
 from fetalstudio.analysis.mask_export import MASK_FORMATS, MaskRecord, export_masks
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.store import LOCK_FILE
-from fetalstudio.segmentation.ellipse import dice, fill_outline, fit_outline
+from fetalstudio.imaging.ellipse import dice, fill_outline, fit_outline
+from fetalstudio.imaging.files import LOCK_FILE
+from fetalstudio.imaging.image_input import load_image
 
 try:
     from tests.data_support import DATA, OUT_OF_FRAME, needs_data, pairs_rows

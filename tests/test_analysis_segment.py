@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from fetalstudio.analysis.segment import CachedPredictor, image_key
-from fetalstudio.review.biometry import head_biometry
-from fetalstudio.review.extract import extract_ellipse
-from fetalstudio.segmentation.ellipse import bounding_box, dice, fill_outline
+from fetalstudio.imaging.biometry import head_biometry
+from fetalstudio.imaging.ellipse import bounding_box, dice, fill_outline
+from fetalstudio.imaging.extract import extract_ellipse
 
 try:
     from tests.data_support import DATA, needs_data, pairs_rows

@@ -27,7 +27,7 @@ except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path, the 
     from data_support import DATA, needs_data, pairs_rows, write_pairs_csv
 
 from fetalstudio.analysis.head import NOT_HEAD_PLANE
-from fetalstudio.segmentation.ellipse import bounding_box, dice, fill_outline
+from fetalstudio.imaging.ellipse import bounding_box, dice, fill_outline
 
 pytestmark = [pytest.mark.browser, needs_data]
 browser_fixtures.skip_module_without_browser()

@@ -22,7 +22,7 @@ except ImportError:  # run as plain `pytest`: tests/ itself is on sys.path, the 
     import browser_fixtures
     from browser_support import set_number, wait_for_text
 
-from fetalstudio.segmentation.ellipse import Ellipse, dice
+from fetalstudio.imaging.ellipse import Ellipse, dice
 
 pytestmark = pytest.mark.browser
 browser_fixtures.skip_module_without_browser()

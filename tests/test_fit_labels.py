@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetalstudio.review.extract import extract_ellipse, fit_label
+from fetalstudio.imaging.extract import extract_ellipse, fit_label
 
 HC18 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hc18_heads"
 

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetalstudio.analysis.image_input import MAX_PIXELS_ENV, load_image, set_max_pixels
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.imaging.image_input import MAX_PIXELS_ENV, load_image, set_max_pixels
 
 try:
     from tests.bomb_support import write_huge_bmp_header, write_huge_jpeg_header, write_png_bomb, write_tiff_bomb
@@ -239,7 +239,7 @@ def test_a_fresh_process_reading_the_bombs_stays_small(files):
     bombs = [str(files / name) for name in BAD if name.startswith("bomb")]
     script = (
         "import json, sys\n"
-        "from fetalstudio.analysis.image_input import load_image\n"
+        "from fetalstudio.imaging.image_input import load_image\n"
         "from fetalstudio.errors import FetalStudioError\n"
         "refused = 0\n"
         "for path in sys.argv[1:]:\n"

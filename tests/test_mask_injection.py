@@ -102,8 +102,8 @@ def test_outline_leaving_the_frame_gets_a_fitted_ellipse(name):
 
 def test_filled_mask_uses_the_segmentation_helper_when_installed(monkeypatch):
     calls = []
-    fake = types.ModuleType("fetalstudio.segmentation.ellipse")
+    fake = types.ModuleType("fetalstudio.imaging.ellipse")
     fake.fill_outline = lambda mask: calls.append(mask.shape) or np.ones(mask.shape, bool)
-    monkeypatch.setitem(sys.modules, "fetalstudio.segmentation.ellipse", fake)
+    monkeypatch.setitem(sys.modules, "fetalstudio.imaging.ellipse", fake)
     result = filled_mask(np.zeros((5, 6), np.uint8))
     assert calls == [(5, 6)] and result.dtype == np.uint8 and (result == 255).all()

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.imaging.ellipse import Ellipse, dice, fill_outline
+from fetalstudio.imaging.masks import apply_editor_strokes, editor_background, overlay
 from fetalstudio.review import navigation
 from fetalstudio.review.export import export_session
-from fetalstudio.review.overlay import apply_editor_strokes, editor_background, overlay
 from fetalstudio.review.pairs import PairRequest, find_pairs, generate_pairs, import_pairs, lora_mask_channel, next_seed
 from fetalstudio.review.store import ReviewSession
-from fetalstudio.segmentation.ellipse import Ellipse, dice, fill_outline
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "checkpoints"
@@ -300,10 +300,10 @@ def test_ellipse_and_threshold_corrections_and_their_refusals(tmp_path):
 def test_the_segmenter_correction_segments_a_real_head_from_the_ellipse_box(tmp_path):
     import torch
 
+    from fetalstudio.analysis.segment import CachedPredictor
     from fetalstudio.models.device import DevicePlacement
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.models.manager import ModelManager
-    from fetalstudio.analysis.segment import CachedPredictor
     from fetalstudio.review import corrections
     from fetalstudio.segmentation.predictor import BoxPromptPredictor
 

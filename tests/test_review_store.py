@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from fetalstudio.errors import DiskFullError, FetalStudioError
+from fetalstudio.imaging.ellipse import Ellipse, fill_outline, fit_ellipse
 from fetalstudio.review.export import export_session
 from fetalstudio.review.store import DECISIONS, UNDO_LIMIT, ReviewItem, ReviewSession
-from fetalstudio.segmentation.ellipse import Ellipse, fill_outline, fit_ellipse
 
 ROOT = Path(__file__).resolve().parents[1]
 HC18 = ROOT.parent / "shared" / "data" / "hc18_heads"
@@ -273,7 +273,8 @@ def _die_at_write(monkeypatch, number: int) -> None:
         return wrapper
 
     monkeypatch.setattr(store, "atomic_write_bytes", counted(store.atomic_write_bytes))
-    monkeypatch.setattr(store, "_append_line", counted(store._append_line))
+    monkeypatch.setattr(store, "atomic_write_json", counted(store.atomic_write_json))
+    monkeypatch.setattr(store, "append_line", counted(store.append_line))
 
 
 def _write_actions(session: ReviewSession, item: ReviewItem) -> dict:
@@ -324,8 +325,8 @@ def test_every_crash_point_leaves_the_old_or_the_new_state(session, monkeypatch)
 CRASH_CHILD = textwrap.dedent("""
     import json, random, sys
     import numpy as np
+    from fetalstudio.imaging.ellipse import Ellipse
     from fetalstudio.review.store import ReviewSession
-    from fetalstudio.segmentation.ellipse import Ellipse
 
     session = ReviewSession.open(sys.argv[1])
     rng = random.Random(int(sys.argv[2]))
@@ -608,10 +609,10 @@ class _FullDisk:
     def __init__(self, monkeypatch, at: int):
         import builtins
 
-        import fetalstudio.review.store as store
+        import fetalstudio.imaging.files as files
 
         self.at, self.count, self._open, self._write = at, 0, builtins.open, os.write
-        monkeypatch.setattr(store, "open", self.open, raising=False)  # the atomic writer's open(), nobody else's
+        monkeypatch.setattr(files, "open", self.open, raising=False)  # the atomic writer's open(), nobody else's
         monkeypatch.setattr(os, "write", self.write)
 
     def _full(self) -> bool:

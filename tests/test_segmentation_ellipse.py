@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fetalstudio.segmentation.ellipse import (
+from fetalstudio.imaging.ellipse import (
     Ellipse,
     bounding_box,
     box_ellipse,

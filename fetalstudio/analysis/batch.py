@@ -35,14 +35,13 @@ import cv2
 import numpy as np
 
 from fetalstudio.analysis.head import HeadResult, is_head_plane, measurement_warnings, not_head_plane_note, segment_head
-from fetalstudio.analysis.image_input import LoadedImage, load_image, supported_suffixes
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.session import checked_pixel_size
 from fetalstudio.data.tables import read_csv_rows
 from fetalstudio.errors import DiskFullError, FetalStudioError, disk_full_error, is_disk_full
-from fetalstudio.review.export import write_png
-from fetalstudio.review.store import LOCK_FILE, atomic_write_bytes, folder_lock
-from fetalstudio.segmentation.ellipse import dice, fill_outline
+from fetalstudio.imaging.ellipse import dice, fill_outline
+from fetalstudio.imaging.files import LOCK_FILE, atomic_write_bytes, folder_lock, write_png
+from fetalstudio.imaging.image_input import LoadedImage, load_image, supported_suffixes
 
 SETTINGS_FILE, REPORT_FILE, SUMMARY_FILE = "batch.json", "report.csv", "summary.json"
 BASE_COLUMNS = ("name", "file", "status", "error", "warning", "width", "height", "plane", "plane_probability")
@@ -484,7 +483,7 @@ def _summarise(summary: BatchSummary, rows: list[dict]) -> None:
 
 def _export(rows: list[dict], inputs: Sequence[BatchInput], out: Path, formats: Sequence[str]) -> dict[str, Path]:
     from fetalstudio.analysis.mask_export import MaskRecord, export_masks
-    from fetalstudio.segmentation.ellipse import Ellipse
+    from fetalstudio.imaging.ellipse import Ellipse
 
     by_name = {item.name: item for item in inputs}
     records = []

@@ -16,9 +16,9 @@ import numpy as np
 
 from fetalstudio.analysis.segment import CachedPredictor, auto_box
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.biometry import HeadBiometry, head_biometry
-from fetalstudio.review.extract import FAIR_FIT_QUALITY, extract_ellipse
-from fetalstudio.segmentation.ellipse import Ellipse, fit_ellipse
+from fetalstudio.imaging.biometry import HeadBiometry, head_biometry
+from fetalstudio.imaging.ellipse import Ellipse, fit_ellipse
+from fetalstudio.imaging.extract import FAIR_FIT_QUALITY, extract_ellipse
 from fetalstudio.segmentation.predictor import BoxPrediction
 
 BOX_SOURCES = ("user", "auto", "none")
@@ -34,7 +34,7 @@ NOT_HEAD_PLANE = "not a head plane: HC not meaningful"
 #: African abdomen/femur/thorax planes. A better classifier (issue 15) makes the flag surer.
 NOT_HEAD_MAX_PROBABILITY = 0.1
 #: Below this extractor quality the ellipse follows the mask poorly (the "poor" band of
-#: review.extract.fit_label). Bundled segmenter, automatic mode, 104 HC18 heads (2-core EPYC, CPU):
+#: imaging.extract.fit_label). Bundled segmenter, automatic mode, 104 HC18 heads (2-core EPYC, CPU):
 #: every mask with Dice < 0.6 (6) had quality 0.19-0.42, while good masks (Dice >= 0.9) lie at
 #: 0.24-0.97, median about 0.75, with about 6 % under 0.45: the flag catches the failed masks at the
 #: cost of asking to check a few good ones.

@@ -43,14 +43,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fetalstudio.analysis.image_input import load_image
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.export import (
-    COCO_CATEGORY, NnunetCase, check_choices, coco_annotation, copy_file, mask_polygons, move_into_place,
-    nnunet_dataset_name, write_json, write_nnunet_dataset, write_png,
+from fetalstudio.imaging.ellipse import Ellipse, fit_ellipse
+from fetalstudio.imaging.files import atomic_write_bytes, atomic_write_json, copy_file, folder_lock, move_into_place, write_png
+from fetalstudio.imaging.image_input import load_image
+from fetalstudio.imaging.mask_datasets import (
+    COCO_CATEGORY, NnunetCase, check_choices, coco_annotation, mask_polygons, nnunet_dataset_name, write_nnunet_dataset,
 )
-from fetalstudio.review.store import atomic_write_bytes, binary_mask, folder_lock
-from fetalstudio.segmentation.ellipse import Ellipse, fit_ellipse
+from fetalstudio.imaging.masks import binary_mask
 
 MASK_FORMATS = ("png", "coco", "yolo", "nnunet")
 MANIFEST = "mask_export.json"
@@ -202,7 +202,7 @@ def _check_out(out: Path, formats: tuple[str, ...]) -> None:
 
 def _write_manifest(out: Path, formats: tuple[str, ...], count: int) -> None:
     previous = _read_manifest(out)
-    write_json(out / MANIFEST, {
+    atomic_write_json(out / MANIFEST, {
         "formats": sorted(set(previous.get("formats", [])) | set(formats)),
         "last_export": {
             "formats": list(formats), "records": count,
@@ -278,8 +278,8 @@ def _write_coco(staged: list[_Staged], root: Path, dataset_name: str, step: Call
         "info": {"description": f"FetalStudio batch analysis {dataset_name}: predicted head masks"},
         "licenses": [], "images": images, "categories": [COCO_CATEGORY],
     }
-    write_json(coco / "annotations_polygons.json", {**header, "annotations": polygons})
-    write_json(coco / "annotations_rle.json", {**header, "annotations": rles})
+    atomic_write_json(coco / "annotations_polygons.json", {**header, "annotations": polygons})
+    atomic_write_json(coco / "annotations_rle.json", {**header, "annotations": rles})
     return {"coco": coco, "coco_polygons": coco / "annotations_polygons.json", "coco_rle": coco / "annotations_rle.json"}
 
 

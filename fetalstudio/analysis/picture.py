@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from fetalstudio.review.overlay import overlay
-from fetalstudio.segmentation.ellipse import Ellipse
+from fetalstudio.imaging.ellipse import Ellipse
+from fetalstudio.imaging.masks import overlay
 
 BOX_COLOUR = (0, 200, 255)
 POSITIVE_COLOUR, NEGATIVE_COLOUR = (40, 220, 40), (230, 40, 230)

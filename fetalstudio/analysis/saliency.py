@@ -86,7 +86,7 @@ def _as_pil(image: np.ndarray | Image.Image) -> Image.Image:
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise FetalStudioError(
             f"Saliency needs a uint8 grayscale or RGB image, not a {array.dtype} array of shape {array.shape} "
-            "(load it with fetalstudio.analysis.image_input.load_image)."
+            "(load it with fetalstudio.imaging.image_input.load_image)."
         )
     return Image.fromarray(array)
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fetalstudio.analysis.image_input import check_image_side
+from fetalstudio.imaging.image_input import check_image_side
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
 
 
@@ -129,7 +129,7 @@ def auto_box(predictor: CachedPredictor) -> tuple[tuple[float, float, float, flo
     Raises FetalStudioError when no prompt gives a mask.
     """
     from fetalstudio.errors import FetalStudioError
-    from fetalstudio.segmentation.ellipse import bounding_box
+    from fetalstudio.imaging.ellipse import bounding_box
 
     decoder = _BatchDecoder(predictor.predictor)
     rows, cols = decoder.original_size
@@ -242,7 +242,7 @@ def _shape_evidence(mask: np.ndarray) -> tuple[float, float, float] | None:
 
     import cv2
 
-    from fetalstudio.segmentation.ellipse import ramanujan_perimeter
+    from fetalstudio.imaging.ellipse import ramanujan_perimeter
 
     rows, cols = mask.shape
     ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))

@@ -16,12 +16,11 @@ import numpy as np
 
 import fetalstudio
 from fetalstudio.analysis.head import HeadResult, measurement_warnings, segment_head
-from fetalstudio.analysis.image_input import LoadedImage, load_image
 from fetalstudio.analysis.picture import analysis_picture
 from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.export import write_png
-from fetalstudio.review.store import atomic_write_bytes
+from fetalstudio.imaging.files import atomic_write_bytes, write_png
+from fetalstudio.imaging.image_input import LoadedImage, load_image
 from fetalstudio.segmentation.predictor import checked_box, checked_points
 
 

@@ -119,13 +119,13 @@ def unpack(rgb: np.ndarray, mask_channel: int = 0) -> tuple[np.ndarray, np.ndarr
 def filled_mask(outline: np.ndarray) -> np.ndarray:
     """A filled head mask (uint8 0/255) from an ellipse outline such as HC18's annotations.
 
-    Uses ``fetalstudio.segmentation.ellipse.fill_outline`` when that module is installed; otherwise
+    Uses ``fetalstudio.imaging.ellipse.fill_outline`` when that module is installed; otherwise
     fills the holes of the outline with OpenCV and, where the outline runs out of the frame (so
     hole filling gives no region), fits an ellipse to the outline pixels and fills that.
     An already filled mask comes back unchanged (as 0/255).
     """
     try:
-        from fetalstudio.segmentation.ellipse import fill_outline
+        from fetalstudio.imaging.ellipse import fill_outline
     except ImportError:
         fill_outline = None
     if fill_outline is not None:

@@ -12,10 +12,10 @@ from dataclasses import astuple
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.extract import extract_ellipse
-from fetalstudio.review.overlay import apply_editor_strokes
+from fetalstudio.imaging.ellipse import Ellipse, bounding_box, fit_ellipse
+from fetalstudio.imaging.extract import extract_ellipse
+from fetalstudio.imaging.masks import apply_editor_strokes
 from fetalstudio.review.store import ReviewItem, ReviewSession
-from fetalstudio.segmentation.ellipse import Ellipse, bounding_box, fit_ellipse
 
 REVIEWER = "reviewer"
 

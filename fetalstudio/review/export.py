@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,8 +41,9 @@ import cv2
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
-from fetalstudio.review.store import DECISIONS, ELLIPSE_FIELDS, ReviewItem, ReviewSession, atomic_write_bytes
-from fetalstudio.segmentation.ellipse import Ellipse, dice
+from fetalstudio.imaging.files import atomic_write_bytes, atomic_write_json, copy_file, move_into_place, write_png
+from fetalstudio.imaging.mask_datasets import COCO_CATEGORY, NnunetCase, check_choices, coco_annotation, write_nnunet_dataset
+from fetalstudio.review.store import DECISIONS, ELLIPSE_FIELDS, ReviewItem, ReviewSession
 
 FORMATS = ("folder", "nnunet", "coco")
 EXPORT_MARKER = "export.json"
@@ -53,10 +53,6 @@ METADATA_COLUMNS = (
     "hc_px", "bpd_px", "ofd_px", "pixel_size_mm", "hc_mm", "subject_group",
 )
 SOURCE_COLUMNS = ("prompt", "seed", "trimester", "sampler", "steps", "model", "lora", "lora_weight")
-COCO_CATEGORY = {"id": 1, "name": "fetal_head", "supercategory": "anatomy"}
-#: The ellipse stands for the mask in COCO only when they agree at least this well (Dice).
-ELLIPSE_MATCH_DICE = 0.95
-ELLIPSE_POLYGON_POINTS = 90
 
 Progress = Callable[[int, int], None]
 
@@ -126,7 +122,7 @@ def export_session(
         if "coco" in formats:
             paths.update(_write_coco(pairs, building, session.name, step))
         counts = {decision: sum(p.item.decision == decision for p in pairs) for decision in decisions}
-        write_json(building / EXPORT_MARKER, {
+        atomic_write_json(building / EXPORT_MARKER, {
             "session": session.name, "session_folder": session.folder.name, "exported_at": _now(),
             "formats": list(formats), "decisions": list(decisions), "counts": counts, "items": [p.item.id for p in pairs],
             "skipped": [list(s) for s in skipped],
@@ -146,14 +142,6 @@ def export_session(
 
 
 # --- checks and selection -----------------------------------------------------------------------
-def check_choices(values: Sequence[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
-    values = (values,) if isinstance(values, str) else tuple(values)
-    unknown = [v for v in values if v not in allowed]
-    if unknown or not values:
-        raise FetalStudioError(f"Unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; choose from: {', '.join(allowed)}.")
-    return tuple(dict.fromkeys(values))
-
-
 def _check_out(session: ReviewSession, out: Path) -> None:
     target, folder = out.resolve(), session.folder.resolve()
     if target == folder or target.is_relative_to(folder):
@@ -227,50 +215,12 @@ def _cell(value: Any) -> str:
 
 
 # --- nnU-Net -----------------------------------------------------------------------------------
-def nnunet_dataset_name(dataset_id: int, name: str) -> str:
-    """DatasetXXX_Name as nnU-Net v2 wants it (3-digit id, name of letters, digits, _ and -)."""
-    if not 1 <= int(dataset_id) <= 999:
-        raise FetalStudioError(f"The nnU-Net dataset id must be 1-999, not {dataset_id}.")
-    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "FetalHeads"
-    return f"Dataset{int(dataset_id):03d}_{safe}"
-
-
 def _write_nnunet(pairs: list[_Pair], root: Path, dataset_id: int, name: str, step: Callable[[], None]) -> dict[str, Path]:
     cases = [NnunetCase(f"head_{pair.item.id}", pair.image, pair.mask) for pair in pairs]
     return write_nnunet_dataset(
         root, dataset_id, name, cases, step, label="head",
         description="Fetal head masks reviewed in FetalStudio (accepted or corrected).",
     )
-
-
-@dataclass(frozen=True)
-class NnunetCase:
-    case: str  # nnU-Net case identifier: imagesTr/<case>_0000.png, labelsTr/<case>.png
-    image: Path  # a grayscale PNG, copied as is
-    mask: Callable[[], np.ndarray]  # the boolean mask, read when written (an empty one gives an all-zero label)
-
-
-def write_nnunet_dataset(
-    root: Path, dataset_id: int, name: str, cases: Sequence[NnunetCase], step: Callable[[], None], *,
-    label: str, description: str,
-) -> dict[str, Path]:
-    """nnU-Net v2 raw layout ``root/nnunet/DatasetXXX_Name/`` (labels 0 = background, 1 = ``label``)."""
-    dataset = root / "nnunet" / nnunet_dataset_name(dataset_id, name)
-    (dataset / "imagesTr").mkdir(parents=True)
-    (dataset / "labelsTr").mkdir()
-    for case in cases:
-        copy_file(case.image, dataset / "imagesTr" / f"{case.case}_0000.png")
-        write_png(dataset / "labelsTr" / f"{case.case}.png", case.mask().astype(np.uint8))
-        step()
-    write_json(dataset / "dataset.json", {
-        "channel_names": {"0": "ultrasound"},
-        "labels": {"background": 0, label: 1},
-        "numTraining": len(cases),
-        "file_ending": ".png",
-        "name": dataset.name,
-        "description": description,
-    })
-    return {"nnunet": dataset, "nnunet_dataset_json": dataset / "dataset.json"}
 
 
 # --- COCO --------------------------------------------------------------------------------------
@@ -286,7 +236,7 @@ def _write_coco(pairs: list[_Pair], root: Path, session_name: str, step: Callabl
         images.append({"id": number, "file_name": file_name, "width": width, "height": height, "review_id": pair.item.id})
         annotations.append(coco_annotation(mask, pair.item.ellipse, annotation_id=number, image_id=number))
         step()
-    write_json(coco / "annotations.json", {
+    atomic_write_json(coco / "annotations.json", {
         "info": {"description": f"FetalStudio review session {session_name}", "date_created": _now()},
         "licenses": [],
         "images": images,
@@ -296,69 +246,7 @@ def _write_coco(pairs: list[_Pair], root: Path, session_name: str, step: Callabl
     return {"coco": coco, "coco_annotations": coco / "annotations.json"}
 
 
-def coco_annotation(mask: np.ndarray, ellipse: Ellipse | None, annotation_id: int, image_id: int) -> dict[str, Any]:
-    """A COCO instance annotation of a boolean mask (area = mask pixels, bbox = the mask's box)."""
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-    return {
-        "id": annotation_id,
-        "image_id": image_id,
-        "category_id": COCO_CATEGORY["id"],
-        "segmentation": mask_polygons(mask, ellipse),
-        "area": float(mask.sum()),
-        "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
-        "iscrowd": 0,
-    }
-
-
-def mask_polygons(mask: np.ndarray, ellipse: Ellipse | None) -> list[list[float]]:
-    """The ellipse polygon when it describes the mask, else the mask's outer contours."""
-    if ellipse is not None and _ellipse_describes(mask, ellipse):
-        return [_flat(ellipse_polygon(ellipse))]
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [_flat(c.reshape(-1, 2).astype(np.float64)) for c in contours if len(c) >= 3]
-
-
-def ellipse_polygon(ellipse: Ellipse, points: int = ELLIPSE_POLYGON_POINTS) -> np.ndarray:
-    """(points x 2) x, y in pixel-index coordinates (OpenCV's angle: clockwise in the image)."""
-    t = np.linspace(0.0, 2.0 * np.pi, points, endpoint=False)
-    theta = math.radians(ellipse.angle_deg)
-    a, b = ellipse.axis_a * np.cos(t), ellipse.axis_b * np.sin(t)
-    x = ellipse.center_x + a * math.cos(theta) - b * math.sin(theta)
-    y = ellipse.center_y + a * math.sin(theta) + b * math.cos(theta)
-    return np.stack([x, y], axis=1)
-
-
-def _ellipse_describes(mask: np.ndarray, ellipse: Ellipse) -> bool:
-    height, width = mask.shape
-    polygon = ellipse_polygon(ellipse)
-    inside = (polygon[:, 0] >= 0).all() and (polygon[:, 1] >= 0).all() and (polygon[:, 0] <= width - 1).all() and (polygon[:, 1] <= height - 1).all()
-    return bool(inside) and dice(ellipse.to_mask(mask.shape), mask) >= ELLIPSE_MATCH_DICE
-
-
-def _flat(points: np.ndarray) -> list[float]:
-    """COCO's [x1, y1, x2, y2, ...], shifted from pixel indices to pixel-centre coordinates."""
-    return [round(float(v) + 0.5, 3) for v in points.reshape(-1)]
-
-
 # --- files -------------------------------------------------------------------------------------
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Encode ``array`` as PNG and write it atomically."""
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise FetalStudioError(f"Could not encode {path.name} as PNG (array {array.shape}, {array.dtype}).")
-    atomic_write_bytes(path, encoded.tobytes())
-
-
-def copy_file(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` atomically."""
-    atomic_write_bytes(target, Path(source).read_bytes())
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -380,14 +268,3 @@ def zip_export(out: Path) -> Path:
     return target
 
 
-def move_into_place(building: Path, out: Path) -> None:
-    """Rename the finished export to ``out``; a previous export there is swapped out first."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        building.rename(out)
-        return
-    previous = out.parent / f".{out.name}.previous-{uuid.uuid4().hex[:8]}"
-    out.rename(previous)
-    building.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)

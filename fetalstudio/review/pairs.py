@@ -32,10 +32,10 @@ import numpy as np
 
 from fetalstudio.data.tables import SegmentationPair, read_segmentation
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.review.extract import extract_ellipse
-from fetalstudio.review.store import ReviewItem, ReviewSession
+from fetalstudio.imaging.extract import extract_ellipse
 from fetalstudio.pipelines.mask_injection import lora_mask_channel, unpack
 from fetalstudio.pipelines.settings import MAX_SEED
+from fetalstudio.review.store import ReviewItem, ReviewSession
 from fetalstudio.vocabulary import parse_trimester, prompt_for
 
 #: The paper's generation settings (METHODS section 2).
@@ -268,7 +268,7 @@ def _pairs_from_folder(folder: Path) -> list[SegmentationPair]:
 
 def _read_gray(path: Path) -> np.ndarray:
     """Any image the analysis workflow reads (8/16-bit raster, RGBA over black, DICOM) as grayscale uint8."""
-    from fetalstudio.analysis.image_input import load_image
+    from fetalstudio.imaging.image_input import load_image
 
     return load_image(path).gray
 

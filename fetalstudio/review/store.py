@@ -11,10 +11,10 @@ Layout (paths relative to the session folder)::
     log.jsonl               append-only action log, one JSON object per line
     .lock                   inter-process lock file (fcntl.flock)
 
-Crash safety: every file is written to a temporary file in the same folder, flushed, fsynced and
-renamed over its target (os.replace), then the folder is fsynced. A mask file that an item (or
-its undo/redo history) refers to is never overwritten: each revision gets a new file (revisions
-only grow), written *before* the item JSON that points to it, so a crash at any
+Crash safety: every file is written atomically (``fetalstudio.imaging.files``: a temporary file in
+the same folder, flushed, fsynced and renamed over its target, then the folder fsynced). A mask
+file that an item (or its undo/redo history) refers to is never overwritten: each revision gets a
+new file (revisions only grow), written *before* the item JSON that points to it, so a crash at any
 point leaves each item JSON either in its old or its new state, always pointing at complete files.
 Files no item points to (a crash between the two writes, undo states past the undo limit) and
 temporary files are removed when the session is opened. The log is appended after the item JSON
@@ -27,12 +27,8 @@ Concurrency: every read-modify-write holds a per-folder re-entrant thread lock (
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -40,12 +36,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
-from fetalstudio.review.biometry import head_biometry
-from fetalstudio.segmentation.ellipse import Ellipse
+from fetalstudio.imaging.biometry import head_biometry
+from fetalstudio.imaging.ellipse import Ellipse
+from fetalstudio.imaging.files import (
+    LOCK_FILE, TEMP_SUFFIX, append_line, atomic_write_bytes, atomic_write_json, folder_lock, json_text, png_bytes,
+    read_gray_png, read_json,
+)
+from fetalstudio.imaging.masks import binary_mask, size_text
 
 SESSION_FORMAT = "fetalstudio-review-session"
 SCHEMA_VERSION = 1
@@ -58,17 +58,17 @@ DEFAULT_USER = "reviewer"
 SESSION_FILE = "session.json"
 CURSOR_FILE = "cursor.json"
 LOG_FILE = "log.jsonl"
-LOCK_FILE = ".lock"
 IMAGES_DIR = "images"
 RAW_MASKS_DIR = "raw_masks"
 MASKS_DIR = "masks"
 ITEMS_DIR = "items"
 DATA_DIRS = (IMAGES_DIR, RAW_MASKS_DIR, MASKS_DIR)
-TEMP_SUFFIX = ".tmp"
 #: The item fields an undo/redo step restores.
 STATE_FIELDS = ("mask", "ellipse", "quality", "reason", "threshold", "decision", "decided_by", "decided_at", "how")
 _ITEM_ID = re.compile(r"\d{1,12}")
 ELLIPSE_FIELDS = ("center_x", "center_y", "axis_a", "axis_b", "angle_deg")
+#: What a file error adds: session files are only written by this module.
+EDITED_BY_HAND = "; the review session may have been changed by hand"
 
 
 # --- items ----------------------------------------------------------------------------------
@@ -168,11 +168,7 @@ def _id_key(item_id: str) -> tuple[int, str]:
     return len(item_id), item_id
 
 
-# --- arrays and files -----------------------------------------------------------------------
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return f"{shape[1]}x{shape[0]}" if len(shape) == 2 else f"shape {shape}"
-
-
+# --- arrays ---------------------------------------------------------------------------------
 def _check_image(gray: np.ndarray) -> np.ndarray:
     array = np.asarray(gray)
     if array.ndim != 2 or array.dtype != np.uint8 or array.size == 0:
@@ -190,73 +186,8 @@ def _check_raw_mask(raw_mask: np.ndarray | None, shape: tuple[int, int]) -> np.n
     if array.ndim != 2 or array.dtype != np.uint8:
         raise FetalStudioError(f"The raw mask must be a 2-D uint8 array, not {array.dtype} with shape {array.shape}.")
     if array.shape != shape:
-        raise FetalStudioError(f"The raw mask is {_shape_text(array.shape)} pixels but the image is {_shape_text(shape)}; they must match.")
+        raise FetalStudioError(f"The raw mask is {size_text(array.shape)} pixels but the image is {size_text(shape)}; they must match.")
     return array
-
-
-def binary_mask(mask: np.ndarray, shape: tuple[int, int], what: str = "mask") -> np.ndarray:
-    """``mask`` (bool, 0/1 or 0/255, any numeric dtype) as a uint8 0/255 array of ``shape``.
-
-    Anything else is refused rather than thresholded: a browser editor that resamples or saves
-    lossily (JPEG, anti-aliased brush edges) would otherwise change a mask without anyone noticing.
-    """
-    array = np.asarray(mask)
-    if array.shape != tuple(shape):
-        raise FetalStudioError(
-            f"The {what} is {_shape_text(array.shape)} pixels but its image is {_shape_text(tuple(shape))}: a mask must have "
-            "exactly the image's size (was it resized by the editor?)."
-        )
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise FetalStudioError(f"The {what} must be a boolean or numeric array, not {array.dtype}.")
-    zero = array == 0
-    if not (zero | (array == 1)).all() and not (zero | (array == 255)).all():
-        values = np.unique(array)
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
-        raise FetalStudioError(
-            f"The {what} is not binary: it has {len(values)} distinct values ({shown}); a mask must hold only 0/1 or 0/255. "
-            "An editor that resamples, blurs brush edges or saves lossily (JPEG) makes such values; threshold it (e.g. mask > 127) first."
-        )
-    return (~zero).astype(np.uint8) * 255
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise FetalStudioError("OpenCV could not encode an array as PNG.")
-    return encoded.tobytes()
-
-
-def _read_png(path: Path) -> np.ndarray:
-    array = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if array is None:
-        raise FetalStudioError(f"{path} is missing or not a readable PNG; the review session may have been changed by hand.")
-    return array
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable (power loss), not only visible."""
-    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it is either its old or its new content, whenever the process dies."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
 
 
 def _optional_float(value: float | None) -> float | None:
@@ -277,109 +208,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (float, np.floating)) and not np.isfinite(value):
         return None
     return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _json_text(data: Any, indent: int | None = 1) -> str:
-    try:
-        return json.dumps(data, indent=indent, ensure_ascii=False, default=_json_default, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise FetalStudioError(f"Could not store {str(data)[:120]} as JSON ({error}); use str/number/bool/None/list/dict values.") from error
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (_json_text(data) + "\n").encode("utf-8"))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FetalStudioError(f"{path} could not be read as JSON ({error}); the review session may have been changed by hand.") from error
-
-
-def _append_line(path: Path, line: str) -> None:
-    """Append one line and fsync. A line cut short by an earlier crash is closed first, so that
-    it cannot swallow this one."""
-    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(descriptor).st_size
-        data = line.encode("utf-8")
-        if size and os.pread(descriptor, 1, size - 1) != b"\n":
-            data = b"\n" + data
-        while data:
-            data = data[os.write(descriptor, data):]
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-# --- locking --------------------------------------------------------------------------------
-class _FolderLock:
-    """Re-entrant per-folder lock: a thread lock for this process plus ``flock`` for other processes.
-
-    flock locks belong to an open file, so the lock file is opened once per outermost hold and
-    closed after; a process that dies holding it releases it (the kernel closes its files).
-    """
-
-    def __init__(self, path: Path):
-        self._path = path
-        self._thread_lock = threading.RLock()
-        self._depth = 0
-        self._descriptor: int | None = None
-
-    @contextmanager
-    def hold(self, blocking: bool = True) -> Iterator[None]:
-        """Hold the lock; with ``blocking=False`` raise ``BlockingIOError`` at once if another
-        thread or process holds it (e.g. to refuse a second run rather than wait for the first)."""
-        if not self._thread_lock.acquire(blocking):
-            raise BlockingIOError(f"{self._path.parent} is in use")
-        try:
-            if self._depth == 0:
-                self._descriptor = self._lock_file(blocking)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    descriptor, self._descriptor = self._descriptor, None
-                    fcntl.flock(descriptor, fcntl.LOCK_UN)
-                    os.close(descriptor)
-        finally:
-            self._thread_lock.release()
-
-    def _lock_file(self, blocking: bool = True) -> int:
-        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(descriptor)
-            raise
-        return descriptor
-
-
-_LOCKS: dict[str, _FolderLock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def folder_lock(folder: Path) -> _FolderLock:
-    """The lock of ``folder`` (its ``.lock`` file): one per folder in this process, shared with
-    other processes through flock. Batch analysis runs hold their output folder's with it."""
-    key = str(folder.resolve())
-    with _LOCKS_GUARD:
-        if key not in _LOCKS:
-            _LOCKS[key] = _FolderLock(Path(key) / LOCK_FILE)
-        return _LOCKS[key]
 
 
 # --- the session ----------------------------------------------------------------------------
@@ -477,7 +305,7 @@ class ReviewSession:
     def settings(self) -> dict[str, Any]:
         """A copy of the session settings as stored (reads session.json, so other writers' updates show)."""
         self._meta = _read_session_meta(self._folder)
-        return json.loads(_json_text(self._meta.get("settings", {})))
+        return json.loads(json_text(self._meta.get("settings", {})))
 
     def update_settings(self, values: dict[str, Any]) -> dict[str, Any]:
         """Merge ``values`` into the settings and save them; returns the new settings."""
@@ -517,13 +345,13 @@ class ReviewSession:
         item_id = item_id.id if isinstance(item_id, ReviewItem) else str(item_id)
         if item_id not in self:
             raise FetalStudioError(f"There is no item {item_id!r} in the review session {self._folder}.")
-        return ReviewItem.from_json(_read_json(self._item_path(item_id)))
+        return ReviewItem.from_json(read_json(self._item_path(item_id), EDITED_BY_HAND))
 
     def items(self, decision: str | None = None) -> list[ReviewItem]:
         """All items sorted by id, or those with one decision."""
         if decision is not None:
             _check_decision(decision, DECISIONS)
-        items = [ReviewItem.from_json(_read_json(self._item_path(item_id))) for item_id in self._item_ids()]
+        items = [ReviewItem.from_json(read_json(self._item_path(item_id), EDITED_BY_HAND)) for item_id in self._item_ids()]
         return items if decision is None else [item for item in items if item.decision == decision]
 
     def counts(self) -> dict[str, int]:
@@ -546,17 +374,17 @@ class ReviewSession:
 
     def load_image(self, item: str | ReviewItem) -> np.ndarray:
         """The grayscale uint8 image."""
-        return _read_png(self.image_path(item))
+        return read_gray_png(self.image_path(item), EDITED_BY_HAND)
 
     def load_raw_mask(self, item: str | ReviewItem) -> np.ndarray | None:
         """The raw mask channel / imported annotation (uint8), None when the item has none."""
         item = self._as_item(item)
-        return None if item.raw_mask is None else _read_png(self.file_path(item.raw_mask))
+        return None if item.raw_mask is None else read_gray_png(self.file_path(item.raw_mask), EDITED_BY_HAND)
 
     def load_mask(self, item: str | ReviewItem) -> np.ndarray | None:
         """The current filled mask as a boolean array, None when the item has no mask."""
         path = self.mask_path(item)
-        return None if path is None else _read_png(path) > 127
+        return None if path is None else read_gray_png(path, EDITED_BY_HAND) > 127
 
     def _as_item(self, item: str | ReviewItem) -> ReviewItem:
         return item if isinstance(item, ReviewItem) else self.get(item)
@@ -587,9 +415,9 @@ class ReviewSession:
         image = _check_image(gray)
         raw = _check_raw_mask(raw_mask, image.shape)
         filled = None if mask is None else binary_mask(mask, image.shape)
-        source = json.loads(_json_text(_finite(dict(source or {}))))  # JSON-ready now, not half-way through the writes
+        source = json.loads(json_text(_finite(dict(source or {}))))  # JSON-ready now, not half-way through the writes
         ellipse = _ellipse_from_json(ellipse)
-        encoded = {name: None if array is None else _png_bytes(array) for name, array in (("image", image), ("raw", raw), ("mask", filled))}
+        encoded = {name: None if array is None else png_bytes(array) for name, array in (("image", image), ("raw", raw), ("mask", filled))}
         with self._lock.hold(), self._disk_full_guard("This new pair was not added."):
             item_id = self._next_id()
             item = ReviewItem(
@@ -658,7 +486,7 @@ class ReviewSession:
         if not how or not isinstance(how, str):
             raise FetalStudioError("set_mask needs how= (e.g. 'ellipse', 'threshold', 'brush', 'segmenter').")
         shape = self.get(item_id).shape
-        encoded = _png_bytes(binary_mask(mask, shape))
+        encoded = png_bytes(binary_mask(mask, shape))
         ellipse = _ellipse_from_json(ellipse)
         with self._lock.hold(), self._disk_full_guard(f"This {how} correction of item {item_id} was not saved."):
             item = self.get(item_id)
@@ -755,12 +583,12 @@ class ReviewSession:
         path = self._folder / CURSOR_FILE
         if not path.is_file():
             return None, None
-        data = _read_json(path)
+        data = read_json(path, EDITED_BY_HAND)
         return data.get("item"), data.get("filter")
 
     def _log(self, action: str, item_id: str | None, user: str, before: Any, after: Any) -> None:
         entry = {"time": _now(), "user": user, "item": item_id, "action": action, "before": before, "after": after}
-        _append_line(self._folder / LOG_FILE, _json_text(entry, indent=None) + "\n")
+        append_line(self._folder / LOG_FILE, json_text(entry, indent=None) + "\n")
 
     def log_entries(self) -> list[dict[str, Any]]:
         """The action log, oldest first; a line cut short by a crash is skipped."""
@@ -827,7 +655,7 @@ def _read_session_meta(folder: Path) -> dict[str, Any]:
         raise FetalStudioError(
             f"{folder} is not a review session (it has no {SESSION_FILE}). Pick the folder of a session, or create a new session in an empty folder."
         )
-    meta = _read_json(path)
+    meta = read_json(path, EDITED_BY_HAND)
     if not isinstance(meta, dict) or meta.get("format") != SESSION_FORMAT:
         raise FetalStudioError(f"{path} is not a FetalStudio review session file. Pick the folder of a session.")
     if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:

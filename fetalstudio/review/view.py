@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fetalstudio.review.overlay import editor_background, overlay
+from fetalstudio.imaging.masks import editor_background, overlay
 from fetalstudio.review.store import ReviewItem, ReviewSession
 
 VIEW_FOLDER = ".view"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.segmentation.ellipse import largest_component
+from fetalstudio.imaging.ellipse import largest_component
 
 
 @dataclass(frozen=True)

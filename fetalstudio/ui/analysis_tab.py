@@ -22,7 +22,6 @@ from gradio_image_annotation import image_annotator
 
 from fetalstudio.analysis.batch import BatchInput, inputs_from_files, read_batch_inputs, run_batch, zip_folder
 from fetalstudio.analysis.head import HeadResult, measurement_warnings
-from fetalstudio.analysis.image_input import model_view, supported_suffixes
 from fetalstudio.analysis.mask_export import MASK_FORMATS
 from fetalstudio.analysis.models import (batch_models, classifier_choices, classifier_ids, load_plane_classifier,
                                          segmenter_choices, segmenter_id)
@@ -30,9 +29,10 @@ from fetalstudio.analysis.segment import CachedPredictor
 from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
 from fetalstudio.app_context import AppContext
 from fetalstudio.errors import FetalStudioError, ModelNotFoundError
+from fetalstudio.imaging.extract import fit_label
+from fetalstudio.imaging.files import atomic_write_bytes
+from fetalstudio.imaging.image_input import model_view, supported_suffixes
 from fetalstudio.paths import app_file
-from fetalstudio.review.extract import fit_label
-from fetalstudio.review.store import atomic_write_bytes
 from fetalstudio.segmentation.predictor import BoxPromptPredictor
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
 

@@ -17,17 +17,18 @@ import gradio as gr
 
 from fetalstudio.app_context import AppContext
 from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
+from fetalstudio.imaging.ellipse import Ellipse
+from fetalstudio.imaging.extract import fit_label
+from fetalstudio.imaging.files import atomic_write_bytes
+from fetalstudio.imaging.masks import ADD_COLOUR, REMOVE_COLOUR
 from fetalstudio.models.entries import ModelKind
+from fetalstudio.pipelines.samplers import SAMPLERS
 from fetalstudio.review import corrections, navigation
 from fetalstudio.review.export import export_session, zip_export
-from fetalstudio.review.extract import fit_label
-from fetalstudio.review.overlay import ADD_COLOUR, REMOVE_COLOUR
-from fetalstudio.review.view import item_pictures
 from fetalstudio.review.pairs import (PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_STEPS, PairRequest, find_pairs, generate_pairs,
                                       import_pairs, next_seed)
-from fetalstudio.review.store import ReviewItem, ReviewSession, atomic_write_bytes
-from fetalstudio.segmentation.ellipse import Ellipse
-from fetalstudio.pipelines.samplers import SAMPLERS
+from fetalstudio.review.store import ReviewItem, ReviewSession
+from fetalstudio.review.view import item_pictures
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, server_source, user_errors
 from fetalstudio.vocabulary import TRIMESTERS
 

@@ -13,7 +13,7 @@ Head-contour rule
    notches; it keeps a thin ring a ring.
 3. Every external contour of that is either an **outline** (a thin ring or arc: hole filling at
    least doubles it, or its widest point is under 5 % of its extent, the test of
-   ``segmentation.ellipse.is_outline``) or a **filled region**.
+   ``imaging.ellipse.is_outline``) or a **filled region**.
 
    - Outline: the ellipse is fitted to all its thresholded pixels, i.e. to the ring's centre line
      as ``fill_outline`` does (HC error 0.009 mm on HC18), with the inlier refit below (no change
@@ -50,7 +50,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fetalstudio.segmentation.ellipse import Ellipse, _fit_points, _is_thin
+from fetalstudio.imaging.ellipse import Ellipse, _fit_points, _is_thin
 
 DEFAULT_THRESHOLD = 127
 #: A head must cover at least this share of the frame (0.5 %: ~2,200 px on 800x540, ~330 px on 256x256).
@@ -280,7 +280,7 @@ class _Region:
         return slice(self.y, self.y + rows), slice(self.x, self.x + cols)
 
     def is_outline(self) -> bool:
-        """A thin ring or arc, as ``segmentation.ellipse.is_outline`` decides it."""
+        """A thin ring or arc, as ``imaging.ellipse.is_outline`` decides it."""
         count = int(self.pixels.sum())
         return count >= 5 and (int(self.enclosed.sum()) >= 2 * count or _is_thin(self.pixels))
 
@@ -468,7 +468,7 @@ def read_mask_file(path: str | Path) -> np.ndarray:
     Raises FileNotFoundError when there is no such file and ValueError when it is not an image;
     FetalStudioError when it declares more pixels than the readers' limit (checked before decoding).
     """
-    from fetalstudio.analysis.image_input import check_image_file
+    from fetalstudio.imaging.image_input import check_image_file
 
     path = Path(path)
     if not path.is_file():

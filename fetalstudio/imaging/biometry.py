@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from fetalstudio.segmentation.ellipse import Ellipse, ramanujan_perimeter
+from fetalstudio.imaging.ellipse import Ellipse, ramanujan_perimeter
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Pictures for the reviewer, and masks coming back from a browser editor.
+"""Binary masks, the pictures drawn from them, and masks coming back from a browser editor.
 
+``binary_mask`` accepts a mask only when it is exactly binary and of its image's size.
 ``overlay`` draws the filled mask (translucent) and the ellipse outline over the grayscale image.
 ``apply_editor_strokes`` turns the strokes painted in a browser editor into the corrected binary
 mask and refuses anything that is not the image's size or not lossless: Gradio's ImageEditor
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.segmentation.ellipse import Ellipse
+from fetalstudio.imaging.ellipse import Ellipse
 
 MASK_COLOUR = (255, 64, 64)
 ELLIPSE_COLOUR = (255, 215, 0)
@@ -27,6 +28,38 @@ EDITOR_MASK_OPACITY = 0.35
 #: Brush colours: paint with ADD to extend the mask, with REMOVE to cut it away.
 ADD_COLOUR, REMOVE_COLOUR = "#ff3030", "#2080ff"
 LOSSLESS_SUFFIXES = (".png",)
+
+
+def size_text(shape: tuple[int, ...]) -> str:
+    """'<columns>x<rows>' of a 2-D shape, the shape itself otherwise (for messages)."""
+    return f"{shape[1]}x{shape[0]}" if len(shape) == 2 else f"shape {shape}"
+
+
+def binary_mask(mask: np.ndarray, shape: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """``mask`` (bool, 0/1 or 0/255, any numeric dtype) as a uint8 0/255 array of ``shape``.
+
+    Anything else is refused rather than thresholded: a browser editor that resamples or saves
+    lossily (JPEG, anti-aliased brush edges) would otherwise change a mask without anyone noticing.
+    """
+    array = np.asarray(mask)
+    if array.shape != tuple(shape):
+        raise FetalStudioError(
+            f"The {what} is {size_text(array.shape)} pixels but its image is {size_text(tuple(shape))}: a mask must have "
+            "exactly the image's size (was it resized by the editor?)."
+        )
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise FetalStudioError(f"The {what} must be a boolean or numeric array, not {array.dtype}.")
+    zero = array == 0
+    if not (zero | (array == 1)).all() and not (zero | (array == 255)).all():
+        values = np.unique(array)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise FetalStudioError(
+            f"The {what} is not binary: it has {len(values)} distinct values ({shown}); a mask must hold only 0/1 or 0/255. "
+            "An editor that resamples, blurs brush edges or saves lossily (JPEG) makes such values; threshold it (e.g. mask > 127) first."
+        )
+    return (~zero).astype(np.uint8) * 255
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray | None, ellipse: Ellipse | None, *, opacity: float = 0.4,
