@@ -182,7 +182,7 @@ def build_sd15_random(folder: Path, dtype: torch.dtype, device: torch.device, se
 def prepare_model(name: str, workdir: Path, dtype: torch.dtype, device: torch.device) -> str:
     """The --model value the manager should see (a catalog id or a path)."""
     if name == "tiny":
-        from fetalstudio.models.tiny import save_tiny_sd_pipeline
+        from tests.tiny_models import save_tiny_sd_pipeline  # the tests' tiny model (REPO_ROOT is on sys.path)
 
         return str(save_tiny_sd_pipeline(workdir / "tiny-sd"))
     if name == "sd15-random":
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             base_rows[batch] = row
 
         if args.lora_rank > 0:
-            from fetalstudio.models.tiny import write_random_kohya_lora
+            from tests.tiny_models import write_random_kohya_lora
 
             lora_path = write_random_kohya_lora(pipe, workdir / "loras" / f"bench_lora_r{args.lora_rank}.safetensors",
                                                 rank=args.lora_rank, alpha=float(args.lora_rank))

@@ -24,7 +24,7 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
     Copy it (shutil.copytree) before changing anything inside it.
     """
-    from fetalstudio.models.tiny import save_tiny_sd_pipeline
+    from tests.tiny_models import save_tiny_sd_pipeline
 
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tinysd")
 
@@ -36,7 +36,7 @@ def tiny_kohya_lora(tiny_sd_dir, tmp_path_factory) -> Path:
 
     from diffusers import UNet2DConditionModel
 
-    from fetalstudio.models.tiny import write_random_kohya_lora
+    from tests.tiny_models import write_random_kohya_lora
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sd_dir / "unet"))
     path = tmp_path_factory.mktemp("loras") / "tiny_kohya_lora.safetensors"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fetalstudio.models.manager import ModelManager
-from fetalstudio.models.tiny import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
 from fetalstudio.pipelines.runners import TextToImageRunner
 from fetalstudio.pipelines.settings import GenerationSettings
+from tests.tiny_models import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
 
 MODEL_ID = "tinysd"
 LORA_ID = "loras/fetal_test_lora"
@@ -20,7 +20,7 @@ def build_model_folder(root: Path) -> Path:
     return root
 
 
-def make_engine(models_root: Path, checkpoints: Path) -> SynthesisEngine:
+def make_engine(models_root: Path, checkpoints: Path) -> TextToImageRunner:
     checkpoints.mkdir(parents=True, exist_ok=True)
     return TextToImageRunner(ModelManager(checkpoints, extra_folders=(models_root,)))
 

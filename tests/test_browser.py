@@ -46,7 +46,7 @@ GENERATION_TIMEOUT_S = 120
 
 def prepare_app(folders: dict[str, Path]) -> dict[str, str]:
     """The app over a tiny SD model (id "tinysd") and a kohya LoRA (id "tiny_lora"); no bundled models."""
-    from fetalstudio.models.tiny import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
+    from tests.tiny_models import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
 
     save_tiny_sd_pipeline(folders["models"] / MODEL_ID)
     write_random_kohya_lora(build_tiny_sd_pipeline(), folders["models"] / f"{LORA_ID}.safetensors")

@@ -28,7 +28,7 @@ LAPTOP = {"width": 1366, "height": 768}
 
 def prepare_app(folders: dict[str, Path]) -> dict[str, str]:
     """A tiny SD model declared grayscale (manifest ``output = "grayscale"``, the default generator) and a LoRA."""
-    from fetalstudio.models.tiny import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
+    from tests.tiny_models import build_tiny_sd_pipeline, save_tiny_sd_pipeline, write_random_kohya_lora
 
     save_tiny_sd_pipeline(folders["root"] / "declared" / MODEL_ID)
     write_random_kohya_lora(build_tiny_sd_pipeline(), folders["models"] / "tiny_lora.safetensors")

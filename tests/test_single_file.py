@@ -73,7 +73,7 @@ def tiny(tmp_path_factory):
     from diffusers import PNDMScheduler
     from transformers import CLIPTokenizer
 
-    from fetalstudio.models.tiny import build_tiny_sd_pipeline
+    from tests.tiny_models import build_tiny_sd_pipeline
 
     pipe = build_tiny_sd_pipeline(
         tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer", local_files_only=True),

@@ -108,12 +108,6 @@ EOS = "<|endoftext|>"
 MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    from fetalstudio.models.tiny import _bytes_to_unicode
-
-    return _bytes_to_unicode()
-
-
 def _clip_pipeline(tokenizer) -> None:
     """Normaliser and pre-tokeniser exactly as transformers' CLIPTokenizer sets them."""
     from tokenizers import Regex, normalizers, pre_tokenizers
@@ -169,7 +163,9 @@ def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]]) -> Path:
     Vocabulary order as OpenAI's: 256 byte symbols, the same with "</w>", one entry per merge,
     then <|startoftext|> and <|endoftext|>. Every byte is a token, so no text is ever <unk>.
     """
-    byte_chars = list(_bytes_to_unicode().values())
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's reversible byte -> character map
+
+    byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars]
     known = set(vocab)
     kept = []

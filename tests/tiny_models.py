@@ -1,8 +1,9 @@
 """Tiny Stable-Diffusion-architecture pipelines with random weights, built from config.
 
-Used by the tests and benchmarks: the same classes as SD 1.5 (UNet2DConditionModel, AutoencoderKL
-with 8x downsampling, CLIPTextModel, CLIPTokenizer), small enough to run in a fraction of a second
-on a CPU, saved as a normal diffusers folder and loaded back through the model manager.
+Used by the tests and by bench/synthesis.py (``--model tiny`` imports this file from tests/): the
+same classes as SD 1.5 (UNet2DConditionModel, AutoencoderKL with 8x downsampling, CLIPTextModel,
+CLIPTokenizer), small enough to run in a fraction of a second on a CPU, saved as a normal diffusers
+folder and loaded back through the model manager. Test-only: the library never imports it.
 """
 
 from __future__ import annotations
@@ -13,23 +14,12 @@ from pathlib import Path
 import torch
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character map."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
 def write_byte_level_clip_tokenizer(folder: Path) -> None:
     """A CLIPTokenizer with no merges: every byte is a token. 514 ids, no download needed."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's reversible byte -> character map
+
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
