@@ -139,7 +139,8 @@ def test_a_dicom_pixel_spacing_gives_mm_and_no_identifying_field_is_exported(mod
 def test_multimask_gives_three_ranked_candidates_for_a_sam_and_one_for_a_single_output_model():
     import torch
 
-    from fetalstudio.segmentation.model import build_segmenter, small_config
+    from fetalstudio.models.segmenter import build_segmenter
+    from fetalstudio.segmentation.model import small_config
     from fetalstudio.segmentation.predictor import BoxPromptPredictor
 
     torch.manual_seed(0)

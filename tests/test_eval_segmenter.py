@@ -20,7 +20,8 @@ needs_data = pytest.mark.skipif(not (DATA / "hc18_heads" / "pairs.csv").is_file(
 def _tiny_segmenter(path: Path) -> Path:
     import torch
 
-    from fetalstudio.segmentation.model import build_segmenter, save_segmenter, small_config
+    from fetalstudio.models.segmenter import build_segmenter
+    from fetalstudio.segmentation.model import save_segmenter, small_config
 
     torch.manual_seed(0)
     return save_segmenter(build_segmenter(small_config(64)), path, extra_metadata={"note": "random weights for tests"})
@@ -94,7 +95,8 @@ def test_predictor_argument_errors():
     import torch
 
     from fetalstudio.errors import FetalStudioError
-    from fetalstudio.segmentation.model import build_segmenter, small_config
+    from fetalstudio.models.segmenter import build_segmenter
+    from fetalstudio.segmentation.model import small_config
     from fetalstudio.segmentation.predictor import BoxPromptPredictor
 
     torch.manual_seed(0)

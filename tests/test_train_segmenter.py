@@ -110,7 +110,8 @@ def test_sam_checkpoint_trains_only_the_mask_decoder(pairs_csv, tmp_path):
 
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.models.inspect import inspect_path
-    from fetalstudio.segmentation.model import VIT_DEFAULTS, build_segmenter, load_segmenter_file, save_sam_pth, small_config
+    from fetalstudio.models.segmenter import VIT_DEFAULTS, build_segmenter, load_segmenter_file
+    from fetalstudio.segmentation.model import save_sam_pth, small_config
 
     config = small_config(64, "vit", 32)
     config["encoder"] = {**VIT_DEFAULTS, "embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 2, "global_attn_indexes": [1]}

@@ -98,7 +98,7 @@ def load_timm_classifier(entry: ModelEntry, path: Path, dtype: torch.dtype):
 def load_segmenter(entry: ModelEntry, path: Path, dtype: torch.dtype):
     """A FetalStudio box-prompted segmenter (.safetensors, architecture in its metadata) or a
     SAM-layout .pth listed as a segmenter; a segment-anything ``Sam`` either way."""
-    from fetalstudio.segmentation.model import load_segmenter_file
+    from fetalstudio.models.segmenter import load_segmenter_file
 
     return load_segmenter_file(path).to(dtype=dtype).eval()
 

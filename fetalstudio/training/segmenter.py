@@ -307,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fetalstudio.evaluation.report import write_csv
-    from fetalstudio.segmentation.model import build_segmenter, count_parameters, load_sam_checkpoint, model_config, save_segmenter, small_config
+    from fetalstudio.models.segmenter import build_segmenter, load_sam_checkpoint
+    from fetalstudio.segmentation.model import count_parameters, model_config, save_segmenter, small_config
     from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
 
     if args.threads:
