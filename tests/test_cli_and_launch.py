@@ -178,3 +178,59 @@ def test_extract_refuses_an_empty_mask_cell_and_a_non_finite_pixel_size(tmp_path
         (tmp_path / "size.csv").write_text(f"image,mask,pixel_size_mm\nx.png,{mask},{value}\n")
         assert main(["extract", "--csv", str(tmp_path / "size.csv"), "--out", str(tmp_path / "b")]) == 2
         assert f"line 2: pixel_size_mm '{value}' is not a positive number" in capsys.readouterr().err
+
+
+# --- one way to register a command (issue 12) ---------------------------------------------------
+
+def _subcommand_parsers(parser) -> dict[str, object]:
+    """Every leaf command's parser by its words ("generate", "train sd", ...)."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                inner = _subcommand_parsers(sub)
+                found.update({f"{name} {key}": value for key, value in inner.items()} if inner else {name: sub})
+    return found
+
+
+def test_every_command_is_a_command_listed_once_and_runs_its_own_run():
+    from fetalstudio.cli import build_parser, commands
+    from fetalstudio.cli_args import Command, CommandGroup
+
+    listed = {}
+    for entry in commands():
+        for command in entry.commands if isinstance(entry, CommandGroup) else (entry,):
+            assert isinstance(command, Command)
+            listed[f"{entry.name} {command.name}" if isinstance(entry, CommandGroup) else command.name] = command
+    parsers = _subcommand_parsers(build_parser())
+    assert set(parsers) == set(listed) == {"generate", "models", "params", "extract", "analyze", "train sd", "train lora",
+                                           "train classifier", "train segmenter", "eval classifier", "eval segmenter",
+                                           "eval synthesis"}
+    for words, parser in parsers.items():
+        assert parser.get_default("handler") is listed[words].run, words
+    assert parsers["eval synthesis"].description.startswith("Evaluate generated images against real ones")
+
+
+def test_commands_are_registered_only_through_cli_args():
+    """No command module builds its own sub-parser: ``add_parser`` is called in cli_args.py alone."""
+    library = REPO / "fetalstudio"
+    callers = sorted(str(path.relative_to(REPO)) for path in library.rglob("*.py") if ".add_parser(" in path.read_text(encoding="utf-8"))
+    assert callers == ["fetalstudio/cli_args.py"]
+
+
+def test_a_command_registers_its_help_options_and_handler():
+    import argparse
+
+    from fetalstudio.cli_args import Command, CommandGroup
+
+    ran = []
+    hello = Command("hello", "say hello", lambda parser: parser.add_argument("--name", default="you"),
+                    lambda args: ran.append(args.name) or 3, description="Says hello.")
+    parser = argparse.ArgumentParser(prog="x")
+    CommandGroup("greet", "greetings", (hello,)).register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["greet", "hello", "--name", "Ada"])
+    assert args.greet_command == "hello" and args.handler(args) == 3 and ran == ["Ada"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["greet"])  # a group needs one of its commands

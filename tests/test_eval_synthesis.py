@@ -392,3 +392,22 @@ def test_eval_synthesis_is_listed_in_the_cli(capsys):
     for option in ("--synthetic", "--real", "--african", "--train-real", "--classifier", "--inception-weights", "--max-pairs",
                    "--max-images-per-plane", "--json", "--out", "--seed", "--device", "--batch-size"):
         assert option in help_text
+
+
+def test_the_synthesis_evaluation_is_split_by_concern():
+    """Issue 12: metrics are pure numbers; only the command module knows argparse and the model manager."""
+    import ast
+
+    imports = {}
+    for path in Path(synthesis_command.__file__).parent.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        imports[path.stem] = names
+    assert {"command", "data", "features", "metrics", "plots", "report", "scoring"} <= set(imports)
+    assert not any(name.startswith("fetalstudio") for name in imports["metrics"])
+    assert [stem for stem, names in imports.items() if names & {"argparse", "fetalstudio.app_context", "fetalstudio.cli_args"}] == ["command"]
+    assert not any("fetalstudio.evaluation.synthesis.command" in names for names in imports.values())

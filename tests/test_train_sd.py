@@ -237,3 +237,18 @@ def test_help(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and "--resume" not in text and ("--stage" in text if command == "sd" else "--mask-channel" in text)
+
+
+def test_the_test_models_live_with_the_tests_and_share_the_byte_vocabulary(tmp_path):
+    """Issue 12: the tiny builders left the library; their byte-level tokenizer and the trained one start alike."""
+    import importlib.util
+
+    from tests.tiny_models import write_byte_level_clip_tokenizer
+
+    assert importlib.util.find_spec("fetalstudio.models.tiny") is None
+    write_byte_level_clip_tokenizer(tmp_path / "bytes")
+    trained = train_clip_tokenizer(tmp_path / "trained", ["fetal head"], max_vocab_size=600)
+    by_id = lambda folder: sorted(json.loads((folder / "vocab.json").read_text(encoding="utf-8")).items(), key=lambda kv: kv[1])  # noqa: E731
+    byte_vocab, trained_vocab = by_id(tmp_path / "bytes"), by_id(trained)
+    assert len(byte_vocab) == 514 and byte_vocab[:512] == trained_vocab[:512]
+    assert byte_vocab[ord("a") - ord("!")] == ("a", ord("a") - ord("!")) and byte_vocab[256 + ord("a") - ord("!")][0] == "a</w>"
