@@ -9,6 +9,9 @@
 
 Training: ``python -m fetalstudio train classifier``; evaluation: ``python -m fetalstudio eval
 classifier``. Imports here stay light; torch and timm are imported by the sub-modules.
+
+Layer 6, beside ``segmentation`` (they never import each other): may import models, imaging, data,
+vocabulary, paths, errors.
 """
 
 CHECKPOINT_NAME = "model.safetensors"

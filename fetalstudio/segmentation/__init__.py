@@ -1,10 +1,12 @@
 """Box-prompted fetal-head segmentation built from segment-anything's classes.
 
-- ``ellipse``: outline rings -> filled head masks, ellipse fitting, head circumference (HC), Dice.
-- ``model``: a small segment-anything ``Sam`` (timm ResNet or ViT image encoder), its
-  ``.safetensors`` format, and SAM ``.pth`` checkpoints (official vit_b/l/h or any size).
 - ``predictor``: ``BoxPromptPredictor``: set an image once, then predict a full-resolution
   mask from a box (and optional points); the same code serves the small model and real SAM.
+- ``model``: the small segment-anything ``Sam``'s configs (timm CNN or ViT image encoder), its
+  ``.safetensors`` writer, SAM ``.pth`` files and the training-time forward pass. Building a model
+  and reading checkpoints back is in ``fetalstudio.models.segmenter`` (the model manager loads them).
 
-Importing this package is cheap: torch is imported by ``model``/``predictor`` only.
+Layer 6, beside ``classification`` (they never import each other): may import models, imaging,
+data, vocabulary, paths, errors. Importing this package is cheap: torch is imported by
+``model``/``predictor`` only. Head ellipses and biometry are in ``fetalstudio.imaging``.
 """

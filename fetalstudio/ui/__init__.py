@@ -1,1 +1,5 @@
-"""Thin Gradio shell: one module per tab, every action a call into the fetalstudio library."""
+"""Thin Gradio shell: one module per tab, every action a call into the fetalstudio library.
+
+Layer 1 (with ``cli``, which it never imports): may import every library layer below it; nothing in
+the library imports ``ui``. ``app.py`` only builds and launches it.
+"""
