@@ -13,7 +13,7 @@ import torch
 
 from fetalstudio.cli import main
 from fetalstudio.classification.predict import PLANE_CLASSES
-from fetalstudio.evaluation.classifier import classification_metrics, roc_auc
+from fetalstudio.classification.metrics import classification_metrics, roc_auc
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 AFRICAN = SHARED_DATA / "african" / "train"

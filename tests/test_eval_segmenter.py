@@ -113,7 +113,7 @@ def test_predictor_argument_errors():
 
 
 def test_report_writer(tmp_path):
-    from fetalstudio.evaluation.report import markdown_table, write_report
+    from fetalstudio.data.reports import markdown_table, write_report
 
     rows = [{"image": "a|b.png", "dice": 0.91234567, "hc": None}, {"image": "c.png", "dice": math.nan, "extra": 3}]
     table = markdown_table(rows)

@@ -527,7 +527,7 @@ def test_export_all_formats_round_trip(tmp_path, session):
     assert rows[reviewed["small_brush"].id]["center_x"] == "" and rows[reviewed["small_brush"].id]["hc_px"] == ""
 
     # the segmenter's training reads it (grouped by id) and loads every pair
-    from fetalstudio.evaluation.segmenter import load_example
+    from fetalstudio.segmentation.scoring import load_example
     from fetalstudio.training.segmenter import split_items
 
     train, val, held_out = split_items([out / "metadata.csv"], 0.25, 0, None)

@@ -448,7 +448,7 @@ class _Validator:
 
     def evaluate(self, model, step: int) -> dict:
         from fetalstudio.classification.predict import PlaneClassifier
-        from fetalstudio.evaluation.classifier import classification_metrics, headline
+        from fetalstudio.classification.metrics import classification_metrics, headline
         from fetalstudio.training.common import write_json
 
         classifier = PlaneClassifier(model, self.preprocessing, self.classes, batch_size=64, hflip_tta=self.hflip)

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def split_items(csv_paths: list[Path], val_fraction: float, seed: int, limit: int | None):
     """Per CSV: group-aware train/validation split. Returns (train, val, held-out groups per source)."""
     from fetalstudio.data.tables import group_split
-    from fetalstudio.evaluation.segmenter import read_items
+    from fetalstudio.segmentation.scoring import read_items
 
     if not 0 <= val_fraction < 1:
         raise FetalStudioError("--val-fraction must be at least 0 and below 1 (e.g. 0.1).")
@@ -126,7 +126,7 @@ def build_cache(items, image_size: int, folder: Path, log=print) -> dict:
     import numpy as np
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from fetalstudio.evaluation.segmenter import load_example
+    from fetalstudio.segmentation.scoring import load_example
 
     path = folder / f"train_{image_size}px_{_cache_key(items, image_size)}.npz"
     if path.is_file():
@@ -284,7 +284,7 @@ def segmentation_loss(low_res_logits, iou_prediction, targets):
 # --- validation ---------------------------------------------------------------------------------
 def validate(model, items, cache: dict, jitter_px: float) -> tuple[dict, list[dict]]:
     """Full-resolution Dice/HC with exact and jittered boxes, model and baseline, overall and per source."""
-    from fetalstudio.evaluation.segmenter import evaluate_items, summarize, summarize_by_source
+    from fetalstudio.segmentation.scoring import evaluate_items, summarize, summarize_by_source
     from fetalstudio.segmentation.predictor import BoxPromptPredictor
 
     was_training = model.training
@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fetalstudio.evaluation.report import write_csv
+    from fetalstudio.data.reports import write_csv
     from fetalstudio.models.segmenter import build_segmenter, load_sam_checkpoint
     from fetalstudio.segmentation.model import count_parameters, model_config, save_segmenter, small_config
     from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
@@ -467,7 +467,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 def model_card(metrics: dict) -> str:
     """A markdown model card from metrics.json."""
-    from fetalstudio.evaluation.report import markdown_table
+    from fetalstudio.data.reports import markdown_table
     from fetalstudio.segmentation.model import describe_architecture
 
     config = metrics["model"]["config"]

@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     from fetalstudio.app_context import build_manager
     from fetalstudio.classification.predict import PlaneClassifier
     from fetalstudio.errors import ModelNotFoundError
-    from fetalstudio.evaluation.report import write_json
+    from fetalstudio.data.reports import write_json
     from fetalstudio.models.device import default_placement
     from fetalstudio.models.entries import ModelKind
 

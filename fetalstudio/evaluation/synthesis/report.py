@@ -27,7 +27,7 @@ PER_IMAGE_COLUMNS = ["file", "plane", "target", "predicted", "probability", "p_t
 
 
 def write_reports(out: Path, result: dict, setup: dict, fid_label: str | None) -> Path:
-    from fetalstudio.evaluation.report import markdown_table, write_report
+    from fetalstudio.data.reports import markdown_table, write_report
 
     h = result["headline"]
     fid_text = (f"{_fmt(h['fid'], 2)}" if fid_label else "not computed")

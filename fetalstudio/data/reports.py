@@ -1,4 +1,4 @@
-"""A small report writer shared by the evaluation commands: markdown, CSV and JSON.
+"""A small report writer shared by the evaluation commands and training's validation reports: markdown, CSV and JSON.
 
 API (everything takes plain Python data; no heavy imports):
 
