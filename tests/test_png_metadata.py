@@ -8,7 +8,7 @@ from PIL import Image
 
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.pipelines.metadata import (
-    a1111_parameters, parse_a1111_parameters, read_png_text, save_png, settings_from_png,
+    a1111_parameters, parse_a1111_parameters, read_png_text, reproduction_from_png, save_png, settings_from_png,
 )
 from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
 
@@ -84,3 +84,20 @@ def test_parse_a1111_round_trips_our_own_text():
 def test_lora_spec_parsing(text, expected):
     spec = LoraSpec.parse(text)
     assert (spec.source, spec.weight) == expected
+
+
+@pytest.mark.parametrize("task, expected", [
+    (None, {"name": "text-to-image"}),  # PNGs from before the task was recorded
+    ({"name": "image-to-image", "strength": 0.5}, {"name": "image-to-image", "strength": 0.5}),
+])
+def test_reproduction_reads_the_recorded_task(tmp_path, task, expected):
+    metadata = {**METADATA, **({"task": task} if task else {})}
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "img.png", SETTINGS, 42, metadata)
+    assert reproduction_from_png(path).task == expected
+
+
+@pytest.mark.parametrize("task", ["image-to-image", ["name"], {"strength": 0.5}])
+def test_a_damaged_task_record_is_explained(tmp_path, task):
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "img.png", SETTINGS, 42, {**METADATA, "task": task})
+    with pytest.raises(FetalStudioError, match="metadata is damaged"):
+        reproduction_from_png(path)
