@@ -188,3 +188,21 @@ def test_image_to_image_refuses_a_strength_that_cannot_run_before_loading(manage
     with pytest.raises(FetalStudioError, match=message):
         ImageToImageRunner(manager).generate(small_settings(steps=steps), Image.new("L", (64, 64), 128), strength=strength)
     assert manager.loads == 0
+
+
+def test_a_controlnet_pipeline_derives_with_its_extra_component(manager):
+    """The ControlNet seam: from_pipe adds the controlnet, the rest is the loaded model with its LoRA."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    with prepare_pipeline(manager, small_settings(loras=(LoraSpec(LORA_ID, 1.0),))) as prepared:
+        controlnet = ControlNetModel.from_unet(prepared.pipeline.unet, load_weights_from_unet=False)
+        derived = prepared.derived(StableDiffusionControlNetPipeline, controlnet=controlnet)
+        assert derived.controlnet is controlnet and derived.unet is prepared.pipeline.unet
+        assert derived.get_active_adapters() == [prepared.loras[0].adapter_name]
+        assert prepared.derived(StableDiffusionControlNetPipeline, controlnet=controlnet) is derived
+        other = ControlNetModel.from_unet(prepared.pipeline.unet, load_weights_from_unet=False)
+        assert prepared.derived(StableDiffusionControlNetPipeline, controlnet=other).controlnet is other
+        image = derived(prompt="a photo of fetal brain", image=Image.new("RGB", (64, 64)), num_inference_steps=2,
+                        generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+        assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    assert manager.loads == 1

@@ -87,7 +87,7 @@ class PipelineState:
     adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> file
     active_adapters: tuple[tuple[str, float], ...] | None = None  # None: never set
     sampler: str | None = None
-    derived: dict[type, Any] = field(default_factory=dict)  # pipeline class -> pipeline sharing the components
+    derived: dict[tuple, Any] = field(default_factory=dict)  # (class, extra components) -> pipeline sharing the rest
 
 
 # Shared by every runner: the state describes the pipeline object (which adapters it holds), and two
@@ -136,17 +136,19 @@ class PreparedPipeline:
     loras: list[ResolvedLora]
     started: float  # perf_counter at preparation; GenerationResult.seconds counts from here
 
-    def derived(self, pipeline_class: type) -> Any:
+    def derived(self, pipeline_class: type, **components: Any) -> Any:
         """``pipeline_class`` (e.g. ``StableDiffusionImg2ImgPipeline``) over this pipeline's loaded components.
 
-        Built once per loaded model with diffusers' ``from_pipe``: no second load, and the same LoRA
-        adapters and weights (they live in the shared UNet and text encoder). It gets this run's scheduler.
+        Built once per loaded model (and per set of extra ``components``, e.g. ``controlnet=...``) with
+        diffusers' ``from_pipe``: no second load, and the same LoRA adapters and weights (they live in
+        the shared UNet and text encoder). It gets this run's scheduler.
         """
-        pipeline = self.state.derived.get(pipeline_class)
+        key = (pipeline_class, *sorted((name, id(component)) for name, component in components.items()))
+        pipeline = self.state.derived.get(key)
         if pipeline is None:
-            pipeline = pipeline_class.from_pipe(self.pipeline)
+            pipeline = pipeline_class.from_pipe(self.pipeline, **components)
             pipeline.set_progress_bar_config(disable=True)
-            self.state.derived[pipeline_class] = pipeline
+            self.state.derived[key] = pipeline  # holds the components, so their ids stay theirs
         if pipeline.scheduler is not self.pipeline.scheduler:
             pipeline.scheduler = self.pipeline.scheduler
         return pipeline

@@ -106,7 +106,7 @@ class PipelineRunner:
         with prepare_pipeline(self.manager, settings) as prepared:
             return prepared.run(task, on_progress, cancel, on_image)
 
-    def _reproduce(self, reproduction: Reproduction, task: PipelineTask, cancel: threading.Event | None) -> GeneratedImage:
+    def reproduce_task(self, reproduction: Reproduction, task: PipelineTask, cancel: threading.Event | None) -> GeneratedImage:
         """The recorded image again, pixel for pixel: its whole batch is re-run and that one image returned."""
         if reproduction.task.get("name") != task.name:
             raise FetalStudioError(
@@ -141,7 +141,7 @@ class TextToImageRunner(PipelineRunner):
 
     def reproduce(self, reproduction: Reproduction, cancel: threading.Event | None = None) -> GeneratedImage:
         """The recorded image again, pixel for pixel: its whole batch is re-run and that one image returned."""
-        return self._reproduce(reproduction, TextToImage(), cancel)
+        return self.reproduce_task(reproduction, TextToImage(), cancel)
 
 
 class ImageToImageRunner(PipelineRunner):
@@ -168,4 +168,4 @@ class ImageToImageRunner(PipelineRunner):
                 "pick the original source file."
             )
         strength = float(reproduction.task.get("strength", 0.6))
-        return self._reproduce(reproduction, ImageToImage(source, strength), cancel)
+        return self.reproduce_task(reproduction, ImageToImage(source, strength), cancel)
