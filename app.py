@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     from fetalstudio.app_context import build_context
     from fetalstudio.paths import upload_cache_dir
     from fetalstudio.ui.server import CacheBudget, CachePruner, quiet_custom_component_requests, server_middleware
-    from fetalstudio.ui.shell import CSS, JS, THEME, build_ui
+    from fetalstudio.ui.shell import CSS, THEME, build_ui
 
     context = build_context(data_dirs=readable_data_dirs(options))
     context.outputs_dir.mkdir(parents=True, exist_ok=True)
     pruner = CachePruner(upload_cache_dir(), CacheBudget())
     pruner.start()
     quiet_custom_component_requests()
-    blocks = build_ui(context)
+    page = build_ui(context)
+    blocks = page.blocks
     blocks.queue(default_concurrency_limit=4).launch(
         server_name=options.host,
         server_port=options.port,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         app_kwargs={"middleware": server_middleware()},
         theme=THEME,
         css=CSS,
-        js=JS,
+        js=page.js,
         ssr_mode=False,
         pwa=False,
         mcp_server=False,

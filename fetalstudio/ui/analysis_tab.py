@@ -35,6 +35,10 @@ from fetalstudio.imaging.image_input import model_view, supported_suffixes
 from fetalstudio.paths import app_file
 from fetalstudio.segmentation.predictor import BoxPromptPredictor
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
+from fetalstudio.ui.tab import Handler, Receiver, TabLinks
+
+TITLE = "Analysis"
+ID = "analysis"
 
 ANALYSIS_FOLDER = "analysis"
 #: The longest side of the pictures sent to the browser; coordinates are scaled back to the file's pixels.
@@ -74,18 +78,6 @@ class UserAnalyses:
             while len(self._users) > self.capacity:
                 self._users.popitem(last=False)
             return user
-
-
-@dataclass
-class AnalysisInbox:
-    """What other tabs use to send an image here: put its path in ``path`` and call ``receive``."""
-
-    path: gr.State  # server-side: the browser can't name the path
-    receive: object
-    outputs: list
-    follow_up: object
-    follow_up_inputs: list
-    follow_up_outputs: list
 
 
 def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
@@ -147,11 +139,64 @@ def default_models(manager) -> tuple[list[str], str | None]:
     return classifiers, segmenter
 
 
-def render(context: AppContext) -> AnalysisInbox:
+@dataclass
+class AnalysisComponents:
+    upload: gr.File
+    inbox_path: gr.State
+    image_info: gr.Markdown
+    frame: gr.Number
+    annotator: image_annotator
+    picture: gr.Image
+    point_kind: gr.Radio
+    clear: gr.Button
+    status: gr.Markdown
+    planes: gr.Label
+    classifier: gr.Dropdown
+    segmenter: gr.Dropdown
+    saliency_button: gr.Button
+    saliency: gr.Image
+    auto: gr.Button
+    multimask: gr.Checkbox
+    candidate: gr.Radio
+    box_x0: gr.Number
+    box_y0: gr.Number
+    box_x1: gr.Number
+    box_y1: gr.Number
+    coords: gr.Button
+    pixel_size: gr.Number
+    measurements: gr.Markdown
+    downloads: gr.File
+    batch_source: gr.Textbox
+    batch_files: gr.File
+    batch_name: gr.Textbox
+    batch_tasks: gr.CheckboxGroup
+    batch_pixel: gr.Number
+    batch_formats: gr.CheckboxGroup
+    batch_heads_only: gr.Checkbox
+    batch_run: gr.Button
+    batch_cancel: gr.Button
+    batch_status: gr.Markdown
+    batch_table: gr.Dataframe
+    batch_downloads: gr.File
+
+    @property
+    def box_fields(self) -> list:
+        return [self.box_x0, self.box_y0, self.box_x1, self.box_y1]
+
+    @property
+    def result_components(self) -> list:
+        """What a new segmentation result sets."""
+        return [self.picture, self.measurements, self.downloads, self.candidate, *self.box_fields]
+
+    @property
+    def load_outputs(self) -> list:
+        """What loading an image sets (and clearing the upload empties)."""
+        return [self.annotator, self.image_info, self.frame, self.pixel_size, self.status, self.planes, self.saliency,
+                *self.result_components]
+
+
+def build(context: AppContext) -> AnalysisComponents:
     manager = context.manager
-    users = UserAnalyses()
-    cancel_flags = CancelFlags()
-    root = context.outputs_dir / ANALYSIS_FOLDER
     default_classifiers, default_segmenter = default_models(manager)
     gr.Markdown("Which standard plane is this, where is the fetal head, how big is it. "
                 "Research use only — not for diagnosis.")
@@ -215,6 +260,18 @@ def render(context: AppContext) -> AnalysisInbox:
         batch_table = gr.Dataframe(label="Report", interactive=False, elem_id="analysis-batch-table", max_height=320)
         batch_downloads = gr.File(label="Report CSV, overlays and exports (zip)", file_count="multiple", interactive=False,
                                   elem_id="analysis-batch-downloads")
+    return AnalysisComponents(
+        upload, inbox_path, image_info, frame, annotator, picture, point_kind, clear, status, planes, classifier,
+        segmenter, saliency_button, saliency, auto, multimask, candidate, box_x0, box_y0, box_x1, box_y1, coords,
+        pixel_size, measurements, downloads, batch_source, batch_files, batch_name, batch_tasks, batch_pixel,
+        batch_formats, batch_heads_only, batch_run, batch_cancel, batch_status, batch_table, batch_downloads)
+
+
+def wire(context: AppContext, c: AnalysisComponents) -> TabLinks:
+    manager = context.manager
+    users = UserAnalyses()
+    cancel_flags = CancelFlags()
+    root = context.outputs_dir / ANALYSIS_FOLDER
 
     # --- helpers ---------------------------------------------------------------------------
     def predictor_for(user: UserAnalysis, chosen: str | None) -> CachedPredictor:
@@ -225,21 +282,8 @@ def render(context: AppContext) -> AnalysisInbox:
         user.session.model_ids["segmenter"] = model_id
         return user.predictor
 
-    def display_file(rgb_or_gray: np.ndarray, kind: str) -> tuple[str, float]:
-        """A PNG of the picture at display size under outputs/analysis/.view (served to the browser),
-        and the factor from its pixels back to the picture's."""
-        view, factor = model_view(rgb_or_gray, DISPLAY_SIDE)
-        folder = root / ".view"
-        folder.mkdir(parents=True, exist_ok=True)
-        image = cv2.cvtColor(view, cv2.COLOR_RGB2BGR) if view.ndim == 3 else view
-        ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        data = encoded.tobytes()
-        path = folder / f"{kind}-{hashlib.blake2b(data, digest_size=10).hexdigest()}.png"
-        if not path.exists():
-            atomic_write_bytes(path, data)
-        return str(path), factor
-
-    def result_outputs(user: UserAnalysis, request: gr.Request | None) -> list:
+    def result_outputs(user: UserAnalysis, request: gr.Request | None) -> dict:
+        """The result panel (picture, measurements, files, candidates, box) for the user's session."""
         session = user.session
         result: HeadResult | None = session.result
         files = None
@@ -247,41 +291,39 @@ def render(context: AppContext) -> AnalysisInbox:
             key = (getattr(request, "session_hash", None) or "default")[:12]
             files = [str(p) for p in session.save_outputs(root / "results" / re.sub(r"[^A-Za-z0-9_-]", "_", key))]
         box = session.box or (None, None, None, None)
-        choices = [] if result is None else [f"{i + 1}: IoU {c.score:.3f}" for i, c in enumerate(result.candidates)]
+        choices = [] if result is None else [f"{i + 1}: IoU {c_.score:.3f}" for i, c_ in enumerate(result.candidates)]
         candidate_update = gr.update(choices=choices, value=choices[result.selected] if choices else None, visible=len(choices) > 1)
-        return [display_file(session.picture(), "result")[0], measurement_text(session), files, candidate_update,
-                *[None if v is None else round(v, 1) for v in box]]
-
-    result_components = [picture, measurements, downloads, candidate, box_x0, box_y0, box_x1, box_y1]
+        return {c.picture: display_file(root, session.picture(), "result")[0], c.measurements: measurement_text(session),
+                c.downloads: files, c.candidate: candidate_update,
+                **{field: None if v is None else round(v, 1) for field, v in zip(c.box_fields, box)}}
 
     # --- loading ---------------------------------------------------------------------------
     @user_errors
-    def load(path: str | None, frame_number, request: gr.Request):
+    def load(path: str | None, frame_number, request: gr.Request) -> dict:
         if not path:
             raise FetalStudioError("Choose an image file to analyse.")
         user = users.get(request)
         image = user.session.load(app_file(path), int(frame_number or 0))
-        view_path, user.display_factor = display_file(image.gray, "image")
-        return [{"image": view_path, "boxes": []}, image_text(user.session),
-                gr.update(visible=image.frame_count > 1, maximum=image.frame_count - 1, value=image.frame),
-                image.pixel_size_mm or 0, "⏳ Encoding the image…", None, gr.update(visible=False),
-                *result_outputs(user, request)]
+        view_path, user.display_factor = display_file(root, image.gray, "image")
+        return {c.annotator: {"image": view_path, "boxes": []}, c.image_info: image_text(user.session),
+                c.frame: gr.update(visible=image.frame_count > 1, maximum=image.frame_count - 1, value=image.frame),
+                c.pixel_size: image.pixel_size_mm or 0, c.status: "⏳ Encoding the image…", c.planes: None,
+                c.saliency: gr.update(visible=False), **result_outputs(user, request)}
 
-    load_outputs = [annotator, image_info, frame, pixel_size, status, planes, saliency, *result_components]
-
-    def on_upload_cleared(request: gr.Request):
+    def on_upload_cleared(request: gr.Request) -> dict:
         """The upload's ✕: forget the image and everything computed from it, and say so."""
-        user = users.get(request)
-        user.session = AnalysisSession()
-        return [None, "", gr.update(visible=False, value=0), 0, NO_IMAGE, None, gr.update(value=None, visible=False),
-                None, "", None, gr.update(choices=[], value=None, visible=False), None, None, None, None]
+        users.get(request).session = AnalysisSession()
+        return {c.annotator: None, c.image_info: "", c.frame: gr.update(visible=False, value=0), c.pixel_size: 0,
+                c.status: NO_IMAGE, c.planes: None, c.saliency: gr.update(value=None, visible=False), c.picture: None,
+                c.measurements: "", c.downloads: None, c.candidate: gr.update(choices=[], value=None, visible=False),
+                **dict.fromkeys(c.box_fields)}
 
     @user_errors
-    def encode_and_classify(chosen_classifiers, chosen_segmenter, request: gr.Request):
+    def encode_and_classify(chosen_classifiers, chosen_segmenter, request: gr.Request) -> dict:
         user = users.get(request)
         session = user.session
         if session.image is None:
-            return NO_IMAGE, None, ""
+            return {c.status: NO_IMAGE, c.planes: None, c.measurements: ""}
         started = time.perf_counter()
         encoded = session.encode(predictor_for(user, chosen_segmenter))
         encode_seconds = time.perf_counter() - started
@@ -289,21 +331,13 @@ def render(context: AppContext) -> AnalysisInbox:
         session.model_ids["classifier"] = ",".join(ids)
         ranking = session.classify(load_plane_classifier(manager, ids), k=5)
         if user.session is not session:  # the upload was cleared meanwhile
-            return NO_IMAGE, None, ""
+            return {c.status: NO_IMAGE, c.planes: None, c.measurements: ""}
         note = f"encoded in {encode_seconds:.2f} s" if encoded else "embedding reused from the cache"
         # the measurement's warnings depend on the plane (a head measured before a classifier change)
-        return (f"✔ Ready ({note}): draw a box around the head, click on it, or find it automatically.", dict(ranking),
-                measurement_text(session))
+        return {c.status: f"✔ Ready ({note}): draw a box around the head, click on it, or find it automatically.",
+                c.planes: dict(ranking), c.measurements: measurement_text(session)}
 
-    load_event = dict(fn=encode_and_classify, inputs=[classifier, segmenter], outputs=[status, planes, measurements],
-                      concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    upload.upload(load, [upload, frame], load_outputs).success(**load_event)
-    upload.clear(on_upload_cleared, None, load_outputs)
-    frame.submit(load, [upload, frame], load_outputs).success(**load_event)
-    classifier.change(**load_event)
-    segmenter.change(**load_event)  # encode the image for the newly chosen segmenter
-
-    def receive(path: str, request: gr.Request):
+    def receive(path: str, request: gr.Request) -> dict:
         return load(path, 0, request)
 
     # --- prompts ---------------------------------------------------------------------------
@@ -315,10 +349,10 @@ def render(context: AppContext) -> AnalysisInbox:
         user = users.get(request)
         boxes = (value or {}).get("boxes") or []
         if user.session.image is None or not boxes:
-            return [gr.skip()] * len(result_components)
+            return gr.skip()
         box = boxes[-1]
         if min(box["xmax"] - box["xmin"], box["ymax"] - box["ymin"]) < MIN_DRAWN_BOX_PX:
-            return [gr.skip()] * len(result_components)  # a box being started, not drawn yet
+            return gr.skip()  # a box being started, not drawn yet
         factor = user.display_factor
         user.session.set_box([box["xmin"] * factor, box["ymin"] * factor, box["xmax"] * factor, box["ymax"] * factor])
         segment(user, chosen_segmenter, multimask_on)
@@ -353,7 +387,7 @@ def render(context: AppContext) -> AnalysisInbox:
     def on_multimask(chosen_segmenter, multimask_on, request: gr.Request):
         user = users.get(request)
         if user.session.result is None:
-            return [gr.skip()] * len(result_components)
+            return gr.skip()
         if multimask_on and not predictor_for(user, chosen_segmenter).predictor.multimask_trained:
             gr.Info("This segmenter was trained with one mask output: it gives one candidate. SAM checkpoints give three.")
         segment(user, chosen_segmenter, multimask_on, auto_mode=user.session.result.box_source == "auto" and not user.session.points)
@@ -363,7 +397,7 @@ def render(context: AppContext) -> AnalysisInbox:
     def on_candidate(choice: str | None, request: gr.Request):
         user = users.get(request)
         if not choice or user.session.result is None:
-            return [gr.skip()] * len(result_components)
+            return gr.skip()
         user.session.choose_candidate(int(choice.split(":")[0]) - 1)
         return result_outputs(user, request)
 
@@ -372,7 +406,7 @@ def render(context: AppContext) -> AnalysisInbox:
         user = users.get(request)
         user.session.clear_prompts()
         if user.session.image is None:
-            return [gr.skip()] * len(result_components)
+            return gr.skip()
         return result_outputs(user, request)
 
     @user_errors
@@ -380,8 +414,8 @@ def render(context: AppContext) -> AnalysisInbox:
         user = users.get(request)
         user.session.set_pixel_size(value)
         if user.session.image is None:
-            return [gr.skip()] * (len(result_components) + 1)
-        return [image_text(user.session), *result_outputs(user, request)]
+            return gr.skip()
+        return {c.image_info: image_text(user.session), **result_outputs(user, request)}
 
     @user_errors
     def on_saliency(chosen_classifiers, request: gr.Request):
@@ -391,19 +425,8 @@ def render(context: AppContext) -> AnalysisInbox:
         image = user.session.require_image()
         classifier_model = load_plane_classifier(manager, classifier_ids(manager, chosen_classifiers or []))
         cam = grad_cam(classifier_model, image.gray)
-        path, _ = display_file(saliency_overlay(image.gray, cam.heatmap), "saliency")
+        path, _ = display_file(root, saliency_overlay(image.gray, cam.heatmap), "saliency")
         return gr.update(value=path, visible=True, label=f"Saliency for {cam.plane} ({cam.probability:.2f})")
-
-    gpu = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    annotator.change(on_box, [annotator, segmenter, multimask], result_components, **gpu)
-    picture.select(on_click, [point_kind, segmenter, multimask], result_components, **gpu)
-    auto.click(on_auto, [segmenter, multimask], result_components, **gpu)
-    coords.click(on_coords, [box_x0, box_y0, box_x1, box_y1, segmenter, multimask], result_components, **gpu)
-    multimask.change(on_multimask, [segmenter, multimask], result_components, **gpu)
-    candidate.input(on_candidate, [candidate], result_components)
-    clear.click(on_clear, None, result_components)
-    pixel_size.input(on_pixel_size, [pixel_size], [image_info, *result_components])
-    saliency_button.click(on_saliency, [classifier], [saliency], **gpu)
 
     # --- batch -----------------------------------------------------------------------------
     def batch_inputs(source: str, files: list[str] | None) -> list[BatchInput]:
@@ -414,19 +437,13 @@ def render(context: AppContext) -> AnalysisInbox:
         return read_batch_inputs(server_source(context, source, "a folder or CSV of images", listed=lambda path: [
             file for item in read_batch_inputs(path) for file in (item.image, item.mask) if file is not None]))
 
-    def batch_folder(name: str) -> Path:
-        cleaned = (name or "").strip()
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", cleaned):
-            raise FetalStudioError("A run name must be a plain name (letters, digits, '.', '-' or '_'), e.g. clinic-2026-11.")
-        return root / "batches" / cleaned
-
     @user_errors
     def on_batch(source, files, name, tasks, pixel, formats, heads_only, chosen_classifiers, chosen_segmenter,
-                 request: gr.Request, progress=gr.Progress()):
+                 request: gr.Request, progress=gr.Progress()) -> dict:
         import pandas as pd
 
         inputs = batch_inputs(source, files)
-        out = batch_folder(name)
+        out = _batch_folder(root, name)
         tasks = tasks or []
         settings, classifier_model, predictor = batch_models(
             manager, classify="classify" in tasks, segment="segment" in tasks, classifiers=chosen_classifiers or [],
@@ -440,30 +457,75 @@ def render(context: AppContext) -> AnalysisInbox:
 
         summary = run_batch(inputs, out, settings, classifier_model, predictor, progress=step, cancel=flag)
         table = pd.read_csv(out / "report.csv", keep_default_na=False)
-        shown = [c for c in ("name", "status", "plane", "plane_probability", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "warning",
-                             "score", "dice", "hc_error_mm", "error") if c in table.columns]
+        shown = [column for column in BATCH_COLUMNS if column in table.columns]
         files_out = [str(out / "report.csv")]
         if any((out / "overlays").iterdir()):
             files_out.append(str(zip_folder(out / "overlays", out / "overlays.zip")))
         if summary.exports:
             files_out.append(str(zip_folder(out / "exports", out / "exports.zip")))
-        lines = [f"{'Cancelled' if summary.cancelled else 'Done'}: {summary.done} analysed, {summary.skipped} from an earlier run, "
-                 f"{summary.errors} unreadable, of {summary.images} · `{out}`"]
-        if summary.warned:
-            skipped = f", {summary.heads_not_measured} of them not measured (not a head plane)" if summary.heads_not_measured else ""
-            lines.append(f"⚠ {summary.warned} with a warning in the report's warning column{skipped}")
-        if summary.mean_dice is not None:
-            lines.append(f"Mean Dice vs the given masks {summary.mean_dice:.3f} (median {summary.median_dice:.3f}, n={summary.dice_count})")
-        if summary.hc_mae_mm is not None:
-            lines.append(f"HC mean absolute error {summary.hc_mae_mm:.2f} mm (n={summary.hc_count})")
-        return "\n\n".join(lines), table[shown], files_out
+        return {c.batch_status: _batch_summary(summary, out), c.batch_table: table[shown], c.batch_downloads: files_out}
 
-    batch_run.click(on_batch, [batch_source, batch_files, batch_name, batch_tasks, batch_pixel, batch_formats, batch_heads_only,
-                               classifier, segmenter], [batch_status, batch_table, batch_downloads], **gpu)
     def on_cancel(request: gr.Request) -> None:
         cancel_flags.get(request).set()
 
-    batch_cancel.click(on_cancel, None, None, concurrency_limit=None)
+    gpu = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    results = c.result_components
+    load_outputs = c.load_outputs
+    follow_up = Handler(encode_and_classify, [c.classifier, c.segmenter], [c.status, c.planes, c.measurements], gpu=True)
+    c.upload.upload(load, [c.upload, c.frame], load_outputs).success(**follow_up.listener())
+    c.upload.clear(on_upload_cleared, None, load_outputs)
+    c.frame.submit(load, [c.upload, c.frame], load_outputs).success(**follow_up.listener())
+    c.classifier.change(**follow_up.listener())
+    c.segmenter.change(**follow_up.listener())  # encode the image for the newly chosen segmenter
+    c.annotator.change(on_box, [c.annotator, c.segmenter, c.multimask], results, **gpu)
+    c.picture.select(on_click, [c.point_kind, c.segmenter, c.multimask], results, **gpu)
+    c.auto.click(on_auto, [c.segmenter, c.multimask], results, **gpu)
+    c.coords.click(on_coords, [*c.box_fields, c.segmenter, c.multimask], results, **gpu)
+    c.multimask.change(on_multimask, [c.segmenter, c.multimask], results, **gpu)
+    c.candidate.input(on_candidate, [c.candidate], results)
+    c.clear.click(on_clear, None, results)
+    c.pixel_size.input(on_pixel_size, [c.pixel_size], [c.image_info, *results])
+    c.saliency_button.click(on_saliency, [c.classifier], [c.saliency], **gpu)
+    c.batch_run.click(on_batch, [c.batch_source, c.batch_files, c.batch_name, c.batch_tasks, c.batch_pixel, c.batch_formats,
+                                 c.batch_heads_only, c.classifier, c.segmenter], [c.batch_status, c.batch_table, c.batch_downloads], **gpu)
+    c.batch_cancel.click(on_cancel, None, None, concurrency_limit=None)
+    return TabLinks(receiver=Receiver(c.inbox_path, receive, load_outputs, follow_up=follow_up))
 
-    return AnalysisInbox(inbox_path, receive, [*load_outputs], encode_and_classify, [classifier, segmenter],
-                         [status, planes, measurements])
+
+BATCH_COLUMNS = ("name", "status", "plane", "plane_probability", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "warning",
+                 "score", "dice", "hc_error_mm", "error")
+
+
+def display_file(root: Path, rgb_or_gray: np.ndarray, kind: str) -> tuple[str, float]:
+    """A PNG of the picture at display size under outputs/analysis/.view (served to the browser),
+    and the factor from its pixels back to the picture's."""
+    view, factor = model_view(rgb_or_gray, DISPLAY_SIDE)
+    folder = root / ".view"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = cv2.cvtColor(view, cv2.COLOR_RGB2BGR) if view.ndim == 3 else view
+    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    data = encoded.tobytes()
+    path = folder / f"{kind}-{hashlib.blake2b(data, digest_size=10).hexdigest()}.png"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return str(path), factor
+
+
+def _batch_folder(root: Path, name: str) -> Path:
+    cleaned = (name or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", cleaned):
+        raise FetalStudioError("A run name must be a plain name (letters, digits, '.', '-' or '_'), e.g. clinic-2026-11.")
+    return root / "batches" / cleaned
+
+
+def _batch_summary(summary, out: Path) -> str:
+    lines = [f"{'Cancelled' if summary.cancelled else 'Done'}: {summary.done} analysed, {summary.skipped} from an earlier run, "
+             f"{summary.errors} unreadable, of {summary.images} · `{out}`"]
+    if summary.warned:
+        skipped = f", {summary.heads_not_measured} of them not measured (not a head plane)" if summary.heads_not_measured else ""
+        lines.append(f"⚠ {summary.warned} with a warning in the report's warning column{skipped}")
+    if summary.mean_dice is not None:
+        lines.append(f"Mean Dice vs the given masks {summary.mean_dice:.3f} (median {summary.median_dice:.3f}, n={summary.dice_count})")
+    if summary.hc_mae_mm is not None:
+        lines.append(f"HC mean absolute error {summary.hc_mae_mm:.2f} mm (n={summary.hc_count})")
+    return "\n\n".join(lines)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 
@@ -60,15 +59,6 @@ class CancelFlags:
         flag = self.get(request)
         flag.clear()
         return flag
-
-
-@dataclass
-class SendToAnalysis:
-    """A tab's "Send to Analysis" button: ``pick(*inputs)`` returns the image path to analyse."""
-
-    button: gr.Button
-    pick: Callable[..., str]
-    inputs: list
 
 
 def server_source(context: AppContext, text: str | None, what: str,

@@ -9,12 +9,14 @@ panel's message line, and leaves every widget working.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 
 from fetalstudio.app_context import AppContext
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.ui.common import GPU_QUEUE
+from fetalstudio.ui.tab import Handler, TabLinks
 
 COLUMNS = ["id", "kind", "format", "loaded", "device", "size MB", "source", "licence", "notes"]
 #: Without widths the browser sizes columns by their content: the mostly empty loaded/device/size
@@ -27,8 +29,22 @@ def _table(context: AppContext) -> list[list]:
             for r in context.manager.status()]
 
 
-def render(context: AppContext, page: gr.Tab | None = None) -> None:
-    """The panel; ``page`` is the tab it sits in, so that opening the tab shows the current state."""
+TITLE = "Models"
+ID = "models"
+
+
+@dataclass
+class ModelsComponents:
+    summary: gr.Markdown
+    message: gr.Markdown
+    table: gr.Dataframe
+    choice: gr.Dropdown
+    load: gr.Button
+    unload: gr.Button
+    refresh: gr.Button
+
+
+def build(context: AppContext) -> ModelsComponents:
     manager = context.manager
     summary = gr.Markdown(manager.describe(), elem_id="models-summary")
     message = gr.Markdown("", elem_id="models-message")
@@ -45,18 +61,24 @@ def render(context: AppContext, page: gr.Tab | None = None) -> None:
         "folders named by `$FETALSTUDIO_MODELS`. Nothing is downloaded unless a manifest entry names a Hugging Face "
         "repository and the machine is online."
     )
+    return ModelsComponents(summary, message, table, choice, load, unload, refresh)
 
-    def current() -> list:
-        return [manager.describe(), _table(context), gr.update(choices=manager.ids())]
 
-    def reported(action: Callable[[str], str], model_id: str | None) -> list:
+def wire(context: AppContext, c: ModelsComponents) -> TabLinks:
+    """Load/Unload/Refresh report in the message line; opening the tab shows the manager's current state."""
+    manager = context.manager
+
+    def current() -> dict:
+        return {c.summary: manager.describe(), c.table: _table(context), c.choice: gr.update(choices=manager.ids())}
+
+    def reported(action: Callable[[str], str], model_id: str | None) -> dict:
         """The action's outcome in the message line, then the panel's state: a library error is a
         message here, not an exception (which Gradio would also paint over every output as "Error")."""
         try:
             text = action((model_id or "").strip())
         except FetalStudioError as error:
             text = f"⚠ {error}"
-        return [text, *current()]
+        return {c.message: text, **current()}
 
     def loaded(model_id: str) -> str:
         if not model_id:
@@ -73,18 +95,17 @@ def render(context: AppContext, page: gr.Tab | None = None) -> None:
         manager.refresh()
         return f"✔ Rescanned: {len(manager.ids())} models known."
 
-    def do_load(model_id: str | None, progress=gr.Progress(track_tqdm=True)) -> list:
+    def do_load(model_id: str | None, progress=gr.Progress(track_tqdm=True)) -> dict:
         return reported(loaded, model_id)
 
-    def do_unload(model_id: str | None) -> list:
+    def do_unload(model_id: str | None) -> dict:
         return reported(unloaded, model_id)
 
-    def do_refresh() -> list:
+    def do_refresh() -> dict:
         return reported(rescanned, None)
 
-    outputs = [message, summary, table, choice]
-    load.click(do_load, choice, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    unload.click(do_unload, choice, outputs)
-    refresh.click(do_refresh, None, outputs)
-    if page is not None:
-        page.select(current, None, [summary, table, choice])
+    outputs = [c.message, c.summary, c.table, c.choice]
+    c.load.click(do_load, c.choice, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    c.unload.click(do_unload, c.choice, outputs)
+    c.refresh.click(do_refresh, None, outputs)
+    return TabLinks(on_show=[Handler(current, [], [c.summary, c.table, c.choice])])

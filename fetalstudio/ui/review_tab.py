@@ -29,8 +29,12 @@ from fetalstudio.review.pairs import (PAPER_LORA_WEIGHT, PAPER_SAMPLER, PAPER_ST
                                       import_pairs, next_seed)
 from fetalstudio.review.store import ReviewItem, ReviewSession
 from fetalstudio.review.view import item_pictures
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, server_source, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
+from fetalstudio.ui.tab import Handler, Sender, TabLinks
 from fetalstudio.vocabulary import TRIMESTERS
+
+TITLE = "Mask review"
+ID = "review"
 
 SESSIONS_FOLDER = "review"
 EXPORTS_FOLDER = "review-exports"
@@ -38,6 +42,7 @@ LAST_SESSION_FILE = ".last_session"
 BUNDLED_LORA = "bundled LoRA of the trimester"
 EXPORT_FORMATS = [("images + masks + metadata.csv", "folder"), ("nnU-Net v2", "nnunet"), ("COCO JSON", "coco")]
 REVIEWER = "reviewer"
+NO_SESSION = "No session open: generate pairs (a session is created) or open one."
 
 #: Keyboard shortcuts of the review view (ignored while typing in a field, and when the tab is hidden), and
 #: the ellipse fields' saving: Enter in a number box, or letting go of a slider (mouse or arrow keys), presses
@@ -166,15 +171,81 @@ def _item_line(session: ReviewSession, item: ReviewItem, view: View) -> str:
     return " · ".join(details) + f"\n\n{_counts_line(session)} · total {len(session)}"
 
 
-def render(context: AppContext) -> None:
-    cancel_flags = CancelFlags()
-    manager = context.manager
+@dataclass
+class ReviewComponents:
+    session_name: gr.Dropdown
+    open_session: gr.Button
+    banner: gr.Markdown
+    trimester: gr.Radio
+    count: gr.Number
+    sampler: gr.Dropdown
+    steps: gr.Slider
+    seed: gr.Number
+    lora: gr.Dropdown
+    lora_weight: gr.Slider
+    threshold_generate: gr.Slider
+    generate: gr.Button
+    cancel: gr.Button
+    import_source: gr.Textbox
+    import_button: gr.Button
+    decision_filter: gr.Radio
+    item_info: gr.Markdown
+    picture: gr.Image
+    show_mask: gr.Checkbox
+    show_ellipse: gr.Checkbox
+    opacity: gr.Slider
+    raw_mask: gr.Image
+    previous: gr.Button
+    accept: gr.Button
+    reject: gr.Button
+    following: gr.Button
+    undo: gr.Button
+    redo: gr.Button
+    send: gr.Button
+    ellipse_tab: gr.Tab
+    center_x: gr.Slider
+    center_y: gr.Slider
+    axis_a: gr.Slider
+    axis_b: gr.Slider
+    angle: gr.Slider
+    save_ellipse: gr.Button
+    reextract_tab: gr.Tab
+    threshold: gr.Slider
+    reextract: gr.Button
+    brush_tab: gr.Tab
+    editor: gr.ImageEditor
+    save_brush: gr.Button
+    segmenter_tab: gr.Tab
+    segment: gr.Button
+    export_tab: gr.Tab
+    formats: gr.CheckboxGroup
+    export: gr.Button
+    export_status: gr.Markdown
+    export_file: gr.File
+    view_state: gr.State
 
+    @property
+    def looks(self) -> list:
+        """How the item is drawn: every re-render reads these (opacity, mask on, ellipse on)."""
+        return [self.opacity, self.show_mask, self.show_ellipse]
+
+    @property
+    def ellipse_fields(self) -> list:
+        return [self.center_x, self.center_y, self.axis_a, self.axis_b, self.angle]
+
+    @property
+    def display(self) -> list:
+        """Everything a re-render of the shown item sets."""
+        return [self.view_state, self.banner, self.session_name, self.item_info, self.picture, self.raw_mask,
+                *self.ellipse_fields, self.threshold, self.editor, self.decision_filter]
+
+
+def build(context: AppContext) -> ReviewComponents:
     with gr.Row():
         session_name = gr.Dropdown(session_names(context), value=None, allow_custom_value=True, label="Review session",
                                    info="Pick one, or type a new name (created under outputs/review/)", elem_id="review-session", scale=3)
         open_session = gr.Button("Open / create", elem_id="review-open", scale=1)
-    banner = gr.Markdown("No session open: generate pairs (a session is created) or open one.", elem_id="review-banner")
+    banner = gr.Markdown(NO_SESSION, elem_id="review-banner")
     with gr.Accordion("Generate image+mask pairs", open=True, elem_id="review-generate-panel"):
         with gr.Row():
             trimester = gr.Radio([t.value for t in TRIMESTERS], value="second", label="Trimester", elem_id="review-trimester")
@@ -184,7 +255,7 @@ def render(context: AppContext) -> None:
         with gr.Row():
             seed = gr.Number(None, label="Seed (pair i uses seed+i)", precision=0, minimum=0, elem_id="review-seed",
                              info="Filled with the seed after this session's last pair; a pair already in the session is skipped")
-            lora = gr.Dropdown([BUNDLED_LORA, *manager.ids(ModelKind.LORA)], value=BUNDLED_LORA, allow_custom_value=True,
+            lora = gr.Dropdown([BUNDLED_LORA, *context.manager.ids(ModelKind.LORA)], value=BUNDLED_LORA, allow_custom_value=True,
                                label="Image+mask LoRA", elem_id="review-lora")
             lora_weight = gr.Slider(0, 1.5, value=PAPER_LORA_WEIGHT, step=0.05, label="LoRA weight")
             threshold_generate = gr.Slider(0, 255, value=127, step=1, label="Extractor threshold")
@@ -247,97 +318,105 @@ def render(context: AppContext) -> None:
             export_status = gr.Markdown("", elem_id="review-export-status")
             export_file = gr.File(label="Download (zip)", elem_id="review-export-file")
     view_state = gr.State(View())
-    other_tabs = (ellipse_tab, reextract_tab, segmenter_tab, export_tab)
+    return ReviewComponents(
+        session_name, open_session, banner, trimester, count, sampler, steps, seed, lora, lora_weight, threshold_generate,
+        generate, cancel, import_source, import_button, decision_filter, item_info, picture, show_mask, show_ellipse, opacity,
+        raw_mask, previous, accept, reject, following, undo, redo, send, ellipse_tab, center_x, center_y, axis_a, axis_b, angle,
+        save_ellipse, reextract_tab, threshold, reextract, brush_tab, editor, save_brush, segmenter_tab, segment, export_tab,
+        formats, export, export_status, export_file, view_state)
 
-    display = [view_state, banner, session_name, item_info, picture, raw_mask, center_x, center_y, axis_a, axis_b, angle,
-               threshold, editor, decision_filter]
-    looks = [opacity, show_mask, show_ellipse]
 
-    ellipse_fields = slice(display.index(center_x), display.index(angle) + 1)
+Looks = tuple[float, bool, bool]  # the values of ReviewComponents.looks
 
-    def show(view: View, opacity_: float, mask_on: bool, ellipse_on: bool, saved: str | None = None,
-             ellipse_values: bool = True) -> list:
-        """Every display output for ``view`` (the item is re-read from disk: what you see is what is saved).
 
-        ``ellipse_values=False`` leaves the ellipse fields as they are on the page: after saving them (they
-        hold what was saved) and after a change of looks, a value typed meanwhile must not be overwritten.
-        """
-        outputs = _show(view, opacity_, mask_on, ellipse_on, saved)
-        if not ellipse_values:
-            outputs[ellipse_fields] = [gr.update()] * (ellipse_fields.stop - ellipse_fields.start)
-        return outputs
+def show(c: ReviewComponents, view: View, looks: Looks, saved: str | None = None, ellipse_values: bool = True,
+         session: ReviewSession | None = None) -> dict:
+    """Every display output for ``view`` (the item is re-read from disk: what you see is what is saved).
 
-    def _show(view: View, opacity_: float, mask_on: bool, ellipse_on: bool, saved: str | None) -> list:
-        if not view.folder:
-            return [view, "No session open: generate pairs (a session is created) or open one.", *[gr.update()] * (len(display) - 2)]
-        session = _session(view)
-        if view.item is None or view.item not in {i.id for i in session.items()}:
-            view.item = navigation.neighbour(session, None, view.filter, 1) or navigation.neighbour(session, None, navigation.ALL, 1)
-        banner_text = f"Session **{Path(view.folder).name}** — `{view.folder}`"
-        if saved:
-            banner_text += f" — ✔ saved {time.strftime('%H:%M:%S')}: {saved}"
-        if view.item is None:
-            return [view, banner_text + " — empty: generate or import pairs.", Path(view.folder).name, "No items yet.", None, None,
-                    *[gr.update()] * 4, 0, 127, None, view.filter]
-        item = session.get(view.item)
-        pictures = item_pictures(session, item, opacity=float(opacity_), show_mask=bool(mask_on), show_ellipse=bool(ellipse_on),
-                                 editor=view.brush_open)
-        ellipse = item.ellipse
-        rows, cols = item.height, item.width
-        return [
-            view, banner_text, Path(view.folder).name, _item_line(session, item, view),
-            str(pictures.overlay), str(pictures.raw_mask),
-            *(gr.update(value=round(value, 1), maximum=limit) for value, limit in (
-                (ellipse.center_x if ellipse else cols / 2, cols), (ellipse.center_y if ellipse else rows / 2, rows),
-                (ellipse.axis_a if ellipse else cols / 4, max(rows, cols)), (ellipse.axis_b if ellipse else rows / 4, max(rows, cols)))),
-            round((ellipse.angle_deg if ellipse else 0.0) % 180, 1), int(item.threshold if item.threshold is not None else 127),
-            _editor_value(pictures), view.filter,
-        ]
+    ``session``: the shown session when the handler has it open already (opened once per click).
+    ``ellipse_values=False`` leaves the ellipse fields as they are on the page: after saving them (they
+    hold what was saved) and after a change of looks, a value typed meanwhile must not be overwritten.
+    """
+    if not view.folder:
+        return {c.view_state: view, c.banner: NO_SESSION}
+    session = session or _session(view)
+    if view.item is None or view.item not in session:
+        view.item = navigation.neighbour(session, None, view.filter, 1) or navigation.neighbour(session, None, navigation.ALL, 1)
+    banner_text = f"Session **{Path(view.folder).name}** — `{view.folder}`"
+    if saved:
+        banner_text += f" — ✔ saved {time.strftime('%H:%M:%S')}: {saved}"
+    if view.item is None:
+        empty = {c.view_state: view, c.banner: banner_text + " — empty: generate or import pairs.",
+                 c.session_name: Path(view.folder).name, c.item_info: "No items yet.", c.picture: None, c.raw_mask: None,
+                 c.threshold: 127, c.editor: None, c.decision_filter: view.filter}
+        return {**empty, c.angle: 0} if ellipse_values else empty
+    item = session.get(view.item)
+    opacity_, mask_on, ellipse_on = looks
+    pictures = item_pictures(session, item, opacity=float(opacity_), show_mask=bool(mask_on), show_ellipse=bool(ellipse_on),
+                             editor=view.brush_open)
+    shown = {c.view_state: view, c.banner: banner_text, c.session_name: Path(view.folder).name,
+             c.item_info: _item_line(session, item, view), c.picture: str(pictures.overlay), c.raw_mask: str(pictures.raw_mask),
+             c.threshold: int(item.threshold if item.threshold is not None else 127), c.decision_filter: view.filter}
+    if ellipse_values:
+        shown.update(_ellipse_values(c, item))
+    if pictures.editor_background is not None:
+        shown[c.editor] = _editor_value(pictures)
+    return shown
 
-    def _editor_value(pictures):
-        if pictures.editor_background is None:
-            return gr.update()
-        return {"background": str(pictures.editor_background), "layers": [], "composite": None}
 
-    def opened(view: View, folder: Path) -> View:
+def _ellipse_values(c: ReviewComponents, item: ReviewItem) -> dict:
+    """The ellipse fields for ``item`` (a box-sized guess without an ellipse); the sliders' ranges follow the image."""
+    ellipse = item.ellipse
+    rows, cols = item.height, item.width
+    fields = {
+        c.center_x: (ellipse.center_x if ellipse else cols / 2, cols), c.center_y: (ellipse.center_y if ellipse else rows / 2, rows),
+        c.axis_a: (ellipse.axis_a if ellipse else cols / 4, max(rows, cols)), c.axis_b: (ellipse.axis_b if ellipse else rows / 4, max(rows, cols)),
+    }
+    values = {field: gr.update(value=round(value, 1), maximum=limit) for field, (value, limit) in fields.items()}
+    values[c.angle] = round((ellipse.angle_deg if ellipse else 0.0) % 180, 1)
+    return values
+
+
+def _editor_value(pictures) -> dict:
+    return {"background": str(pictures.editor_background), "layers": [], "composite": None}
+
+
+def wire(context: AppContext, c: ReviewComponents) -> TabLinks:
+    cancel_flags = CancelFlags()
+    manager = context.manager
+    segmenter = SharedSegmenter()
+
+    def opened(folder: Path, session: ReviewSession) -> View:
         remember_session(context, folder)
-        cursor_item, cursor_filter = ReviewSession.open(folder).cursor()
+        cursor_item, cursor_filter = session.cursor()
         return View(str(folder), cursor_item, cursor_filter or navigation.ALL)
 
-    def move_to(view: View, item_id: str | None) -> View:
-        view.item = item_id
-        if view.folder and item_id:
-            _session(view).set_cursor(item_id, None if view.filter == navigation.ALL else view.filter)
-        return view
+    def with_session_list(shown: dict, view: View, session: ReviewSession | None) -> dict:
+        """After opening a session: the list of sessions refreshed, and the seed its next run uses."""
+        shown[c.session_name] = gr.update(choices=session_names(context), value=Path(view.folder).name if view.folder else None)
+        shown[c.seed] = _seed_to_use(session)
+        return shown
 
     @user_errors
-    def on_load(view: View, opacity_, mask_on, ellipse_on):
+    def on_load(view: View, *looks):
         name = last_session(context)
+        session = None
         if name:
-            view = opened(view, sessions_root(context) / name)
-        result = show(view, opacity_, mask_on, ellipse_on)
-        result[2] = gr.update(choices=session_names(context), value=Path(view.folder).name if view.folder else None)
-        return [*result, seed_to_use(view)]
+            session = ReviewSession.open(sessions_root(context) / name)
+            view = opened(session.folder, session)
+        return with_session_list(show(c, view, looks, session=session), view, session)
 
     @user_errors
-    def on_open(name: str, view: View, opacity_, mask_on, ellipse_on):
+    def on_open(name: str, view: View, *looks):
         folder = session_folder(context, name)
         if (folder / "session.json").is_file():
-            ReviewSession.open(folder)
-            note = "opened"
+            session, note = ReviewSession.open(folder), "opened"
         else:
-            ReviewSession.create(folder, name=folder.name)
-            note = "new session created"
-        view = opened(view, folder)
-        result = show(view, opacity_, mask_on, ellipse_on, saved=note)
-        result[2] = gr.update(choices=session_names(context), value=folder.name)
-        return [*result, seed_to_use(view)]
+            session, note = ReviewSession.create(folder, name=folder.name), "new session created"
+        view = opened(folder, session)
+        return with_session_list(show(c, view, looks, saved=note, session=session), view, session)
 
-    def seed_to_use(view: View):
-        """The Seed box: where the shown session's next run starts (empty without a session)."""
-        return gr.update(value=next_seed(_session(view)) if view.folder else None)
-
-    def _session_for_new_pairs(view: View, name: str) -> ReviewSession:
+    def session_for_new_pairs(view: View, name: str) -> ReviewSession:
         if view.folder:
             return _session(view)
         folder = session_folder(context, (name or "").strip() or default_session_name())
@@ -349,7 +428,7 @@ def render(context: AppContext) -> None:
     @user_errors
     def on_generate(trimester_, count_, sampler_, steps_, seed_, lora_, weight_, threshold_, name, view: View,
                     opacity_, mask_on, ellipse_on, request: gr.Request, progress=gr.Progress()):
-        session = _session_for_new_pairs(view, name)
+        session = session_for_new_pairs(view, name)
         pair_request = PairRequest(
             trimester=trimester_, count=int(count_ or 0), lora=None if lora_ in (None, "", BUNDLED_LORA) else lora_,
             lora_weight=float(weight_), sampler=sampler_, steps=int(steps_), seed=None if seed_ in (None, "") else int(seed_),
@@ -359,11 +438,12 @@ def render(context: AppContext) -> None:
         run = generate_pairs(context.synthesis, session, pair_request, cancel=cancel_flags.fresh(request),
                              on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
         if run.added:
-            move_to(view, run.added[0].id)
+            _move_to(view, run.added[0].id, session)
         failed = sum(1 for item in run.added if not item.ellipse)
         note = (f"{len(run.added)} new pair(s) stored" + (f", {failed} without an ellipse (see the reason)" if failed else "")
                 + (f"; {run.skipped_note()}" if run.skipped else ""))
-        return [*show(view, opacity_, mask_on, ellipse_on, saved=note), seed_to_use(view)]
+        shown = show(c, view, (opacity_, mask_on, ellipse_on), saved=note, session=session)
+        return {**shown, c.seed: _seed_to_use(session)}
 
     @user_errors
     def on_import(source: str, threshold_, name, view: View, opacity_, mask_on, ellipse_on, request: gr.Request,
@@ -372,145 +452,179 @@ def render(context: AppContext) -> None:
             raise FetalStudioError("Type the path of a pairs CSV or of a folder with images/ and masks/ to import.")
         source_path = server_source(context, source, "a pairs CSV or a folder with images/ and masks/", listed=lambda path: [
             file for pair in find_pairs(path) for file in (pair.image, pair.mask)])
-        session = _session_for_new_pairs(view, name)
+        session = session_for_new_pairs(view, name)
         added = import_pairs(session, source_path, int(threshold_), cancel=cancel_flags.fresh(request),
                              on_progress=lambda done, total: progress((done, total), desc=f"Pair {done}/{total}", unit="pairs"))
         if added:
-            move_to(view, added[0].id)
-        return [*show(view, opacity_, mask_on, ellipse_on, saved=f"{len(added)} pair(s) imported"), seed_to_use(view)]
+            _move_to(view, added[0].id, session)
+        shown = show(c, view, (opacity_, mask_on, ellipse_on), saved=f"{len(added)} pair(s) imported", session=session)
+        return {**shown, c.seed: _seed_to_use(session)}
 
-    def _require_item(view: View) -> tuple[ReviewSession, ReviewItem]:
-        if not view.folder or not view.item:
-            raise FetalStudioError("No item is shown: open a session with pairs first.")
-        session = _session(view)
-        return session, session.get(view.item)
+    def deciding(decision: str):
+        @user_errors
+        def on_decide(view: View, *looks):
+            session, item = _require_item(view)
+            session.decide(item.id, decision, user=REVIEWER)
+            _move_to(view, navigation.neighbour(session, item.id, view.filter, 1), session)
+            return show(c, view, looks, saved=f"{item.id} {decision}", session=session)
+
+        return on_decide
+
+    def stepping(step: int):
+        @user_errors
+        def on_step(view: View, *looks):
+            if not view.folder:
+                raise FetalStudioError("No session is open.")
+            session = _session(view)
+            _move_to(view, navigation.neighbour(session, view.item, view.filter, step), session)
+            return show(c, view, looks, session=session)
+
+        return on_step
+
+    def going_back(direction: str):
+        @user_errors
+        def on_history(view: View, *looks):
+            session, item = _require_item(view)
+            (session.undo if direction == "undo" else session.redo)(item.id)
+            return show(c, view, looks, saved=f"{direction} on {item.id}", session=session)
+
+        return on_history
 
     @user_errors
-    def on_decide(decision: str, view: View, opacity_, mask_on, ellipse_on):
-        session, item = _require_item(view)
-        session.decide(item.id, decision, user=REVIEWER)
-        move_to(view, navigation.neighbour(session, item.id, view.filter, 1))
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"{item.id} {decision}")
-
-    @user_errors
-    def on_step(step: int, view: View, opacity_, mask_on, ellipse_on):
-        if not view.folder:
-            raise FetalStudioError("No session is open.")
-        move_to(view, navigation.neighbour(_session(view), view.item, view.filter, step))
-        return show(view, opacity_, mask_on, ellipse_on)
-
-    @user_errors
-    def on_filter(chosen: str, view: View, opacity_, mask_on, ellipse_on):
+    def on_filter(chosen: str, view: View, *looks):
         view.filter = chosen or navigation.ALL
+        session = None
         if view.folder:
             session = _session(view)
             if view.item not in navigation.filtered_ids(session, view.filter):
                 view.item = navigation.neighbour(session, view.item, view.filter, 1)
-            move_to(view, view.item)
-        return show(view, opacity_, mask_on, ellipse_on)
+            _move_to(view, view.item, session)
+        return show(c, view, looks, session=session)
 
     @user_errors
-    def on_history(direction: str, view: View, opacity_, mask_on, ellipse_on):
-        session, item = _require_item(view)
-        (session.undo if direction == "undo" else session.redo)(item.id)
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"{direction} on {item.id}")
-
-    @user_errors
-    def on_save_ellipse(cx, cy, a, b, angle_, view: View, opacity_, mask_on, ellipse_on):
+    def on_save_ellipse(cx, cy, a, b, angle_, view: View, *looks):
         session, item = _require_item(view)
         if any(v is None for v in (cx, cy, a, b, angle_)):
             raise FetalStudioError("Fill in the centre, both semi-axes and the angle of the ellipse.")
         saved = corrections.save_ellipse(session, item.id, Ellipse(float(cx), float(cy), float(a), float(b), float(angle_)))
         note = f"ellipse of {item.id}" if saved.revision != item.revision else f"ellipse of {item.id} unchanged, nothing to save"
-        return show(view, opacity_, mask_on, ellipse_on, saved=note, ellipse_values=False)
+        return show(c, view, looks, saved=note, ellipse_values=False, session=session)
 
     @user_errors
-    def on_reextract(threshold_, view: View, opacity_, mask_on, ellipse_on):
+    def on_reextract(threshold_, view: View, *looks):
         session, item = _require_item(view)
         corrections.reextract(session, item.id, int(threshold_))
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"re-extracted {item.id} at {int(threshold_)}")
+        return show(c, view, looks, saved=f"re-extracted {item.id} at {int(threshold_)}", session=session)
 
     @user_errors
-    def on_save_brush(value, view: View, opacity_, mask_on, ellipse_on):
+    def on_save_brush(value, view: View, *looks):
         session, item = _require_item(view)
         corrections.save_brush(session, item.id, (value or {}).get("layers") or [])
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"painted mask of {item.id}")
-
-    # One predictor for the tab, its image embeddings cached: asking again about an item (after moving
-    # its ellipse) skips the image encoder. Each ask sets its own image, under this lock, so users
-    # sharing it cannot see each other's image.
-    segmenter = {"predictor": None}
-    segmenter_lock = threading.Lock()
+        return show(c, view, looks, saved=f"painted mask of {item.id}", session=session)
 
     @user_errors
-    def on_segment(view: View, opacity_, mask_on, ellipse_on):
-        from fetalstudio.analysis.segment import CachedPredictor
-        from fetalstudio.segmentation.predictor import BoxPromptPredictor
-
+    def on_segment(view: View, *looks):
         session, item = _require_item(view)
-        with segmenter_lock, manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
-            predictor = segmenter["predictor"]
-            if predictor is None or predictor.predictor.model is not model:
-                predictor = segmenter["predictor"] = CachedPredictor(BoxPromptPredictor(model))
-            _, score = corrections.ask_segmenter(predictor, session, item.id)
-        return show(view, opacity_, mask_on, ellipse_on, saved=f"segmenter mask of {item.id} (score {score:.2f})")
+        score = segmenter.ask(manager, session, item.id)
+        return show(c, view, looks, saved=f"segmenter mask of {item.id} (score {score:.2f})", session=session)
 
     @user_errors
-    def on_export(chosen, view: View, progress=gr.Progress()):
+    def on_export(chosen, view: View, progress=gr.Progress()) -> dict:
         if not view.folder:
             raise FetalStudioError("Open a session before exporting.")
         if not chosen:
             raise FetalStudioError("Pick at least one export format.")
-        session = _session(view)
         out = context.outputs_dir / EXPORTS_FOLDER / f"{Path(view.folder).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = export_session(session, out, formats=tuple(chosen),
+        result = export_session(_session(view), out, formats=tuple(chosen),
                                 progress=lambda done, total: progress((done, total), desc="Exporting", unit="pairs"))
         archive = zip_export(out)
-        return (f"Exported {result.exported} pair(s) ({', '.join(chosen)}) to `{out}`; zip beside it.", str(archive))
+        return {c.export_status: f"Exported {result.exported} pair(s) ({', '.join(chosen)}) to `{out}`; zip beside it.",
+                c.export_file: str(archive)}
 
-    def look_change(view: View, opacity_, mask_on, ellipse_on):
-        return show(view, opacity_, mask_on, ellipse_on, ellipse_values=False) if view.folder else [gr.update()] * len(display)
+    def look_change(view: View, *looks):
+        return show(c, view, looks, ellipse_values=False) if view.folder else gr.skip()
 
-    def cancel_job(request: gr.Request) -> None:
-        cancel_flags.get(request).set()
-
-    cancel.click(cancel_job, None, None, concurrency_limit=None)
-    session_display = [*display, seed]  # opening a session or adding pairs also shows the seed the next run uses
-    open_session.click(on_open, [session_name, view_state, *looks], session_display)
-    generate.click(on_generate, [trimester, count, sampler, steps, seed, lora, lora_weight, threshold_generate, session_name,
-                                 view_state, *looks], session_display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    import_button.click(on_import, [import_source, threshold_generate, session_name, view_state, *looks], session_display)
-    for button, handler, argument in ((accept, on_decide, "accepted"), (reject, on_decide, "rejected"), (previous, on_step, -1),
-                                      (following, on_step, 1), (undo, on_history, "undo"), (redo, on_history, "redo")):
-        button.click(_bound(handler, argument), [view_state, *looks], display)
-    decision_filter.input(on_filter, [decision_filter, view_state, *looks], display)
-    # Enter in a number box and letting go of a slider press this button (SHORTCUTS_JS); "multiple": a save
-    # pressed while the previous one runs is queued with its own values, never dropped.
-    save_ellipse.click(on_save_ellipse, [center_x, center_y, axis_a, axis_b, angle, view_state, *looks], display,
-                       trigger_mode="multiple")
-    reextract.click(on_reextract, [threshold, view_state, *looks], display)
-    save_brush.click(on_save_brush, [editor, view_state, *looks], display)
-    segment.click(on_segment, [view_state, *looks], display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    export.click(on_export, [formats, view_state], [export_status, export_file])
     @user_errors
-    def brush_opened(view: View):
+    def brush_opened(view: View) -> dict:
         """Load the editor for the shown item (only this output: unsaved ellipse values elsewhere stay)."""
         view.brush_open = True
         if not view.folder or not view.item:
-            return view, gr.update()
+            return {c.view_state: view}
         session = _session(view)
-        return view, _editor_value(item_pictures(session, session.get(view.item), editor=True))
+        return {c.view_state: view, c.editor: _editor_value(item_pictures(session, session.get(view.item), editor=True))}
 
     def brush_closed(view: View) -> View:
         view.brush_open = False
         return view
 
-    brush_tab.select(brush_opened, view_state, [view_state, editor])
-    for other in other_tabs:
-        other.select(brush_closed, view_state, view_state)
-    for control in looks:
-        control.input(look_change, [view_state, *looks], display)
-    return on_load, [view_state, *looks], session_display, SendToAnalysis(send, shown_image_path, [view_state])
+    def cancel_job(request: gr.Request) -> None:
+        cancel_flags.get(request).set()
+
+    view_and_looks = [c.view_state, *c.looks]
+    session_display = [*c.display, c.seed]  # opening a session or adding pairs also shows the seed the next run uses
+    c.cancel.click(cancel_job, None, None, concurrency_limit=None)
+    c.open_session.click(on_open, [c.session_name, *view_and_looks], session_display)
+    c.generate.click(on_generate, [c.trimester, c.count, c.sampler, c.steps, c.seed, c.lora, c.lora_weight, c.threshold_generate,
+                                   c.session_name, *view_and_looks], session_display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    c.import_button.click(on_import, [c.import_source, c.threshold_generate, c.session_name, *view_and_looks], session_display)
+    for button, handler in ((c.accept, deciding("accepted")), (c.reject, deciding("rejected")), (c.previous, stepping(-1)),
+                            (c.following, stepping(1)), (c.undo, going_back("undo")), (c.redo, going_back("redo"))):
+        button.click(handler, view_and_looks, c.display)
+    c.decision_filter.input(on_filter, [c.decision_filter, *view_and_looks], c.display)
+    # Enter in a number box and letting go of a slider press this button (SHORTCUTS_JS); "multiple": a save
+    # pressed while the previous one runs is queued with its own values, never dropped.
+    c.save_ellipse.click(on_save_ellipse, [*c.ellipse_fields, *view_and_looks], c.display, trigger_mode="multiple")
+    c.reextract.click(on_reextract, [c.threshold, *view_and_looks], c.display)
+    c.save_brush.click(on_save_brush, [c.editor, *view_and_looks], c.display)
+    c.segment.click(on_segment, view_and_looks, c.display, concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    c.export.click(on_export, [c.formats, c.view_state], [c.export_status, c.export_file])
+    c.brush_tab.select(brush_opened, c.view_state, [c.view_state, c.editor])
+    for other in (c.ellipse_tab, c.reextract_tab, c.segmenter_tab, c.export_tab):
+        other.select(brush_closed, c.view_state, c.view_state)
+    for control in c.looks:
+        control.input(look_change, view_and_looks, c.display)
+    return TabLinks(senders=[Sender("analysis", c.send, shown_image_path, [c.view_state])],
+                    on_page_load=[Handler(on_load, view_and_looks, session_display)], page_js=SHORTCUTS_JS)
+
+
+class SharedSegmenter:
+    """One predictor for the tab, its image embeddings cached: asking again about an item (after moving
+    its ellipse) skips the image encoder. Each ask sets its own image under the lock, so users sharing
+    it cannot see each other's image."""
+
+    def __init__(self) -> None:
+        self._predictor = None
+        self._lock = threading.Lock()
+
+    def ask(self, manager, session: ReviewSession, item_id: str) -> float:
+        """Save the segmenter's mask for the item; returns the model's predicted IoU score."""
+        from fetalstudio.analysis.segment import CachedPredictor
+        from fetalstudio.segmentation.predictor import BoxPromptPredictor
+
+        with self._lock, manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
+            if self._predictor is None or self._predictor.predictor.model is not model:
+                self._predictor = CachedPredictor(BoxPromptPredictor(model))
+            _, score = corrections.ask_segmenter(self._predictor, session, item_id)
+        return score
+
+
+def _require_item(view: View) -> tuple[ReviewSession, ReviewItem]:
+    if not view.folder or not view.item:
+        raise FetalStudioError("No item is shown: open a session with pairs first.")
+    session = _session(view)
+    return session, session.get(view.item)
+
+
+def _move_to(view: View, item_id: str | None, session: ReviewSession) -> View:
+    view.item = item_id
+    if item_id:
+        session.set_cursor(item_id, None if view.filter == navigation.ALL else view.filter)
+    return view
+
+
+def _seed_to_use(session: ReviewSession | None):
+    """The Seed box: where the shown session's next run starts (empty without a session)."""
+    return gr.update(value=next_seed(session) if session is not None else None)
 
 
 def shown_image_path(view: View) -> str:
@@ -519,12 +633,3 @@ def shown_image_path(view: View) -> str:
         raise FetalStudioError("Open a session and show an item first, then send it to Analysis.")
     session = _session(view)
     return str(session.image_path(session.get(view.item)))
-
-
-def _bound(handler, argument):
-    """``handler`` with its first argument fixed; explicit parameters, as Gradio maps inputs by position."""
-
-    def bound(view: View, opacity_, mask_on, ellipse_on):
-        return handler(argument, view, opacity_, mask_on, ellipse_on)
-
-    return bound

@@ -1,14 +1,23 @@
-"""The app shell: header and one tab per workflow. Tabs for later workflows are added here."""
+"""The app shell: header and one tab per module of ``TABS``, linked to each other by their ``TabLinks``.
+
+Adding a tab: write a module following ``fetalstudio.ui.tab`` and add it to ``TABS``.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import gradio as gr
 
 import fetalstudio
 from fetalstudio.app_context import AppContext
-from fetalstudio.ui import analysis_tab, models_tab, review_tab, synthesis_tab
 from fetalstudio.paths import app_file
-from fetalstudio.ui.common import GPU_QUEUE, SendToAnalysis, hide_internal_events, user_errors
+from fetalstudio.ui import analysis_tab, models_tab, review_tab, synthesis_tab
+from fetalstudio.ui.common import hide_internal_events, user_errors
+from fetalstudio.ui.tab import Receiver, Sender, TabLinks, TabModule
+
+#: The tabs, in the order they are shown.
+TABS: list[TabModule] = [synthesis_tab, review_tab, analysis_tab, models_tab]
 
 #: System fonts only: the page must render with no request leaving the machine.
 THEME = gr.themes.Default(
@@ -18,42 +27,74 @@ THEME = gr.themes.Default(
 )
 
 CSS = "#no-generator-note { border-left: 4px solid #d97706; padding-left: 0.75em; }"
-#: Page-level script: the Mask review tab's keyboard shortcuts.
-JS = review_tab.SHORTCUTS_JS
 
 
-def build_ui(context: AppContext) -> gr.Blocks:
+@dataclass
+class AppPage:
+    """The built page and the page-level script its tabs need (Gradio takes it at launch)."""
+
+    blocks: gr.Blocks
+    js: str | None
+
+
+def build_ui(context: AppContext, tabs: list[TabModule] | None = None) -> AppPage:
+    tab_modules = TABS if tabs is None else tabs
+    _check_ids(tab_modules)
     with gr.Blocks(title="FetalStudio", analytics_enabled=False) as blocks:
         gr.Markdown(
             f"# FetalStudio <small>{fetalstudio.__version__}</small>\n"
             "Synthesis and annotation of fetal ultrasound images. Research use only — not for diagnosis."
         )
-        with gr.Tabs() as tabs:
-            with gr.Tab("Synthesis", id="synthesis"):
-                from_synthesis = synthesis_tab.render(context)
-            with gr.Tab("Mask review", id="review"):
-                review_load, review_inputs, review_outputs, from_review = review_tab.render(context)
-            with gr.Tab("Analysis", id="analysis"):
-                inbox = analysis_tab.render(context)
-            with gr.Tab("Models", id="models") as models_page:
-                models_tab.render(context, models_page)
-        blocks.load(review_load, review_inputs, review_outputs)
-        for sender in (from_synthesis, from_review):
-            _wire_send_to_analysis(sender, inbox, tabs)
+        links: dict[str, TabLinks] = {}
+        with gr.Tabs() as tab_strip:
+            for tab in tab_modules:
+                with gr.Tab(tab.TITLE, id=tab.ID) as page:
+                    components = tab.build(context)
+                links[tab.ID] = tab.wire(context, components)
+                for handler in links[tab.ID].on_show:
+                    page.select(**handler.listener())
+        for tab_links in links.values():
+            for sender in tab_links.senders:
+                _connect(sender, _receiver_of(links, sender.target), tab_strip)
+            for handler in tab_links.on_page_load:
+                blocks.load(**handler.listener())
     hide_internal_events(blocks)
-    return blocks
+    return AppPage(blocks, join_page_js([tab_links.page_js for tab_links in links.values()]))
 
 
-def _wire_send_to_analysis(sender: SendToAnalysis, inbox: analysis_tab.AnalysisInbox, tabs: gr.Tabs) -> None:
-    """Button -> image path (kept on the server, only files of the app's own folders) -> the Analysis
-    tab shown, the image loaded, then encoded and classified."""
-    def show_analysis():
-        return gr.Tabs(selected="analysis")
+def join_page_js(scripts: list[str]) -> str | None:
+    """One page-load script from the tabs' scripts (each an arrow function), run in tab order."""
+    scripts = [script for script in scripts if script.strip()]
+    if len(scripts) <= 1:
+        return scripts[0] if scripts else None
+    return "() => {\n" + "\n".join(f"({script.strip()})();" for script in scripts) + "\n}"
+
+
+def _check_ids(tab_modules: list[TabModule]) -> None:
+    ids = [tab.ID for tab in tab_modules]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Two tabs share an ID: {ids}")
+
+
+def _receiver_of(links: dict[str, TabLinks], target: str) -> Receiver:
+    receiver = links[target].receiver if target in links else None
+    if receiver is None:
+        raise ValueError(f"A tab sends to {target!r}, which is not a tab that receives images ({sorted(links)}).")
+    return receiver
+
+
+def _connect(sender: Sender, receiver: Receiver, tab_strip: gr.Tabs) -> None:
+    """Button -> image path (kept on the server, only files of the app's own folders) -> the target tab
+    shown, the image loaded there, then the target's follow-up (if any)."""
 
     def pick(*values) -> str:
         return str(app_file(sender.pick(*values)))
 
-    (sender.button.click(user_errors(pick), sender.inputs, inbox.path)
-     .success(show_analysis, None, tabs)
-     .then(inbox.receive, inbox.path, inbox.outputs)
-     .success(inbox.follow_up, inbox.follow_up_inputs, inbox.follow_up_outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1))
+    def show_target() -> gr.Tabs:
+        return gr.Tabs(selected=sender.target)
+
+    loaded = (sender.button.click(user_errors(pick), sender.inputs, receiver.path)
+              .success(show_target, None, tab_strip)
+              .then(receiver.load, receiver.path, receiver.outputs))
+    if receiver.follow_up is not None:
+        loaded.success(**receiver.follow_up.listener())

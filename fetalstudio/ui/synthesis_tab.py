@@ -17,19 +17,24 @@ from fetalstudio.synthesis.gallery import save_generated
 from fetalstudio.pipelines.metadata import reproduction_from_png
 from fetalstudio.pipelines.samplers import SAMPLERS, parse_sampler
 from fetalstudio.pipelines.settings import GenerationSettings, LoraSpec
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, SendToAnalysis, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+from fetalstudio.ui.tab import Sender, TabLinks
 from fetalstudio.vocabulary import HEAD_SUBJECT, PLANES, TRIMESTERS, prompt_for, subject_choices
 
-LORA_SLOTS = 3  # the handlers below spell out three (LoRA, weight) pairs
+LORA_SLOTS = 3
 COLOR_CHOICES = [("Model default", "auto"), ("Grayscale", "grayscale"), ("RGB", "rgb")]
 CUSTOM = "custom"
 NO_LORA = ""
 DATASETS_FOLDER = "datasets"
 
 
+TITLE = "Synthesis"
+ID = "synthesis"
+
+
 @dataclass
 class Controls:
-    """The inputs that make up GenerationSettings, in handler argument order."""
+    """The inputs that make up GenerationSettings."""
 
     model: gr.Dropdown
     prompt: gr.Textbox
@@ -46,23 +51,55 @@ class Controls:
     loras: list[gr.Dropdown]
     lora_weights: list[gr.Slider]
 
-    def as_inputs(self) -> list:
-        lora_pairs = [c for pair in zip(self.loras, self.lora_weights) for c in pair]
-        return [self.model, self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance,
-                self.width, self.height, self.seed, self.batch_size, self.batch_count, self.color, *lora_pairs]
+    def as_inputs(self) -> set:
+        """The inputs of a handler that takes their values as one dict (see ``settings``)."""
+        return {self.model, self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance, self.width,
+                self.height, self.seed, self.batch_size, self.batch_count, self.color, *self.loras, *self.lora_weights}
+
+    def settings(self, values: dict, default_prompt: str = "") -> GenerationSettings:
+        """The settings from a handler's values keyed by component."""
+        model = values[self.model]
+        if not model:
+            raise FetalStudioError("No generator model is selected. Install one (see the Models tab) and pick it.")
+        seed = values[self.seed]
+        specs = tuple(LoraSpec(values[lora], float(values[weight]))
+                      for lora, weight in zip(self.loras, self.lora_weights) if values[lora])
+        return GenerationSettings(
+            model=model, prompt=values[self.prompt] or default_prompt, negative_prompt=values[self.negative_prompt] or "",
+            sampler=values[self.sampler], steps=int(values[self.steps]), guidance_scale=float(values[self.guidance]),
+            width=int(values[self.width]), height=int(values[self.height]), seed=int(seed) if seed is not None else -1,
+            batch_size=int(values[self.batch_size]), batch_count=int(values[self.batch_count]), loras=specs,
+            color=values[self.color] or "auto",
+        )
 
 
-def settings_from_inputs(values: tuple) -> GenerationSettings:
-    model, prompt, negative, sampler, steps, guidance, width, height, seed, batch_size, batch_count, color, *loras = values
-    if not model:
-        raise FetalStudioError("No generator model is selected. Install one (see the Models tab) and pick it.")
-    specs = tuple(LoraSpec(loras[i], float(loras[i + 1])) for i in range(0, len(loras), 2) if loras[i])
-    return GenerationSettings(
-        model=model, prompt=prompt or "", negative_prompt=negative or "", sampler=sampler, steps=int(steps),
-        guidance_scale=float(guidance), width=int(width), height=int(height),
-        seed=int(seed) if seed is not None else -1, batch_size=int(batch_size), batch_count=int(batch_count),
-        loras=specs, color=color or "auto",
-    )
+@dataclass
+class SynthesisComponents:
+    controls: Controls
+    rescan: gr.Button
+    subject: gr.Dropdown
+    trimester: gr.Dropdown
+    generate: gr.Button
+    cancel: gr.Button
+    random_seed: gr.Button
+    reuse_seed: gr.Button
+    lora_accordion: gr.Accordion
+    lora_rows: list[gr.Row]
+    shown_slots: gr.State
+    add_lora: gr.Button
+    params_png: gr.File
+    gallery: gr.Gallery
+    status: gr.Markdown
+    send: gr.Button
+    last_seed: gr.State
+    selected: gr.State
+    export_planes: gr.CheckboxGroup
+    export_samplers: gr.CheckboxGroup
+    export_count: gr.Number
+    export_seed: gr.Number
+    export_name: gr.Textbox
+    export: gr.Button
+    export_status: gr.Markdown
 
 
 def _sampler_choices() -> list[tuple[str, str]]:
@@ -77,12 +114,10 @@ def picked_image(images, index) -> str:
     return str(entry[0] if isinstance(entry, (list, tuple)) else entry)
 
 
-def render(context: AppContext) -> SendToAnalysis:
+def build(context: AppContext) -> SynthesisComponents:
     manager = context.manager
-    cancel_flags = CancelFlags()
     generators = manager.ids(ModelKind.SD_PIPELINE)
     lora_ids = manager.ids(ModelKind.LORA)
-
     with gr.Row():
         with gr.Column(scale=2):
             gr.Markdown(_no_generator_note(context), visible=not generators, elem_id="no-generator-note")
@@ -146,160 +181,183 @@ def render(context: AppContext) -> SendToAnalysis:
 
     controls = Controls(model, prompt, negative_prompt, sampler, steps, guidance, width, height, seed,
                         batch_size, batch_count, color, lora_dropdowns, lora_weights)
+    return SynthesisComponents(
+        controls, rescan, subject, trimester, generate, cancel, random_seed, reuse_seed, lora_accordion, lora_rows,
+        shown_slots, add_lora, params_png, gallery, status, send, last_seed, selected, export_planes, export_samplers,
+        export_count, export_seed, export_name, export, export_status)
 
-    def on_add_lora(shown: int):
+
+def wire(context: AppContext, c: SynthesisComponents) -> TabLinks:
+    manager = context.manager
+    controls = c.controls
+    cancel_flags = CancelFlags()
+
+    def on_add_lora(shown: int) -> dict:
         shown = min(int(shown) + 1, LORA_SLOTS)
-        return [shown, *[gr.update(visible=slot < shown) for slot in range(LORA_SLOTS)],
-                gr.update(visible=shown < LORA_SLOTS)]
+        return {c.shown_slots: shown, **_lora_rows_shown(c, shown), c.add_lora: gr.update(visible=shown < LORA_SLOTS)}
 
-    add_lora.click(on_add_lora, shown_slots, [shown_slots, *lora_rows, add_lora])
-
-    def on_subject(subject_value: str, trimester_value: str, current_prompt: str):
+    def on_subject(subject_value: str, trimester_value: str, current_prompt: str) -> dict:
         if subject_value == CUSTOM:
-            return gr.update(visible=False), current_prompt
-        return gr.update(visible=subject_value == HEAD_SUBJECT), prompt_for(subject_value, trimester_value)
+            return {c.trimester: gr.update(visible=False)}
+        return {c.trimester: gr.update(visible=subject_value == HEAD_SUBJECT),
+                controls.prompt: prompt_for(subject_value, trimester_value)}
 
-    def on_rescan(current_model: str):
+    def on_rescan(current_model: str) -> dict:
         manager.refresh()
         models = manager.ids(ModelKind.SD_PIPELINE)
         loras = [NO_LORA, *manager.ids(ModelKind.LORA)]
-        return [gr.update(choices=models, value=current_model or (models[0] if models else None)),
-                *[gr.update(choices=loras) for _ in range(LORA_SLOTS)]]
+        return {controls.model: gr.update(choices=models, value=current_model or (models[0] if models else None)),
+                **{dropdown: gr.update(choices=loras) for dropdown in controls.loras}}
 
-    def on_model(model_value: str, width_value: int, height_value: int):
+    def on_model(model_value: str) -> dict:
         """Switch the size to the one the chosen generator was trained at (when its configs say)."""
         size = manager.native_image_size(model_value) if model_value else None
-        return (size, size) if size else (width_value, height_value)
+        return {controls.width: size, controls.height: size} if size else gr.skip()
 
-    rescan.click(on_rescan, model, [model, *lora_dropdowns])
-    model.input(on_model, [model, width, height], [width, height])  # user picks only: loading PNG parameters keeps their size
-    subject.change(on_subject, [subject, trimester, prompt], [trimester, prompt])
-    trimester.change(on_subject, [subject, trimester, prompt], [trimester, prompt])
-    random_seed.click(lambda: -1, None, seed)
-    reuse_seed.click(lambda s: s, last_seed, seed)
-
-    @user_errors
-    def run_generation(model_, prompt_, negative_, sampler_, steps_, guidance_, width_, height_, seed_, batch_size_,
-                       batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3, weight_3,
-                       request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        # Gradio injects request/progress by position, so the inputs are spelled out (no *args).
-        settings = settings_from_inputs((model_, prompt_, negative_, sampler_, steps_, guidance_, width_, height_, seed_,
-                                         batch_size_, batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3,
-                                         weight_3)).validated()
-        _fetch_models(settings)  # hub downloads happen here, where their tqdm bars reach the page
-        flag = cancel_flags.fresh(request)
-        events: queue.Queue = queue.Queue()
-
-        def work():
-            try:
-                result = context.synthesis.generate(
-                    settings, cancel=flag,
-                    on_progress=lambda done, total, step, steps_: events.put(("progress", done, total, step, steps_)),
-                    on_image=lambda image: events.put(("image", save_generated(image, context.outputs_dir))),
-                )
-                events.put(("done", result))
-            except Exception as error:  # re-raised in the handler thread
-                events.put(("error", error))
-
-        threading.Thread(target=work, daemon=True).start()
-        paths: list[str] = []
-        progress((0, settings.total_images), desc="Loading model…")
-        while True:
-            event = events.get()
-            kind = event[0]
-            if kind == "progress":
-                _, done, total, step, steps_ = event
-                progress(done + step / steps_, total=total, desc=f"Image {done + 1}/{total}, step {step}/{steps_}", unit="images")
-            elif kind == "image":
-                paths.append(str(event[1]))
-                yield paths, f"Generated {len(paths)}/{settings.total_images}…", settings.seed
-            elif kind == "error":
-                raise event[1]
-            else:
-                result = event[1]
-                word = "Cancelled after" if result.cancelled else "Done:"
-                message = (f"{word} {len(result.images)} image(s) in {result.seconds:.1f} s — seeds {settings.seed}"
-                           f"…{settings.seed_for(max(len(result.images) - 1, 0))}, {parse_sampler(settings.sampler).label}, "
-                           f"{settings.steps} steps, {_color_word(result)}. Saved under outputs/synthesis/.")
-                yield paths, message, settings.seed
-                return
-
-    generate.click(run_generation, controls.as_inputs(), [gallery, status, last_seed],
-                   concurrency_id=GPU_QUEUE, concurrency_limit=1)
-
-    def on_select(event: gr.SelectData) -> int:
-        return int(event.index)
-
-    gallery.select(on_select, None, selected)
-    def cancel_job(request: gr.Request) -> None:
-        cancel_flags.get(request).set()
-
-    cancel.click(cancel_job, None, None, concurrency_limit=None)
-
-    def _fetch_models(settings: GenerationSettings) -> None:
+    def fetch_models(settings: GenerationSettings) -> None:
         for source in (settings.model, *(lora.source for lora in settings.loras)):
             manager.local_path(manager.entry(source))
 
     @user_errors
-    def load_parameters(path: str | None):
-        if not path:
-            return [gr.update()] * (13 + 3 * LORA_SLOTS + 2) + ["Pick a PNG made by FetalStudio (or A1111)."]
-        # the image's whole batch (its seeds and size): batched arithmetic differs from a lone image in the last bits
-        reproduction = reproduction_from_png(Path(path))
-        loaded = reproduction.settings
-        known = set(manager.ids(ModelKind.SD_PIPELINE))
-        model_update = gr.update(value=loaded.model) if loaded.model in known else gr.update()
-        lora_updates, shown = [], max(1, min(len(loaded.loras), LORA_SLOTS))
-        for slot in range(LORA_SLOTS):
-            spec = loaded.loras[slot] if slot < len(loaded.loras) else None
-            lora_updates += [gr.update(value=spec.source if spec else NO_LORA), gr.update(value=spec.weight if spec else 1.0)]
-        row_updates = [gr.update(visible=slot < shown) for slot in range(LORA_SLOTS)]
-        note = "Parameters loaded" if loaded.model in known else f"Parameters loaded; model {loaded.model!r} is not installed here, keep or pick another"
-        if loaded.batch_size > 1:
-            note += (f". The image was number {reproduction.index + 1} of a batch of {loaded.batch_size}: Generate remakes "
-                     f"that batch, and its image {reproduction.index + 1} has the PNG's pixels exactly.")
-        else:
-            note += ": Generate gives the PNG's pixels exactly."
-        return [model_update, CUSTOM, loaded.prompt, loaded.negative_prompt, loaded.sampler, loaded.steps,
-                loaded.guidance_scale, loaded.width, loaded.height, loaded.seed, loaded.batch_size, 1, loaded.color,
-                *lora_updates, *row_updates, shown, gr.update(open=bool(loaded.loras)), note]
+    def run_generation(values: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        settings = controls.settings(values).validated()
+        fetch_models(settings)  # hub downloads happen here, where their tqdm bars reach the page
+        events = _start_generation(context, settings, cancel_flags.fresh(request))
+        paths: list[str] = []
+        progress((0, settings.total_images), desc="Loading model…")
+        while True:
+            kind, *payload = events.get()
+            if kind == "progress":
+                done, total, step, steps_ = payload
+                progress(done + step / steps_, total=total, desc=f"Image {done + 1}/{total}, step {step}/{steps_}", unit="images")
+            elif kind == "image":
+                paths.append(str(payload[0]))
+                yield {c.gallery: paths, c.status: f"Generated {len(paths)}/{settings.total_images}…", c.last_seed: settings.seed}
+            elif kind == "error":
+                raise payload[0]
+            else:
+                yield {c.gallery: paths, c.status: _finished_line(settings, payload[0]), c.last_seed: settings.seed}
+                return
 
-    params_png.upload(
-        load_parameters, params_png,
-        [model, subject, prompt, negative_prompt, sampler, steps, guidance, width, height, seed, batch_size, batch_count, color,
-         *[c for pair in zip(lora_dropdowns, lora_weights) for c in pair], *lora_rows, shown_slots, lora_accordion, status],
-    )
+    def on_select(event: gr.SelectData) -> int:
+        return int(event.index)
+
+    def cancel_job(request: gr.Request) -> None:
+        cancel_flags.get(request).set()
 
     @user_errors
-    def run_export(planes, samplers, count, base_seed, name, model_, prompt_, negative_, sampler_, steps_, guidance_,
-                   width_, height_, seed_, batch_size_, batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3,
-                   weight_3, request: gr.Request, progress=gr.Progress()):
-        settings = settings_from_inputs((model_, prompt_ or "dataset", negative_, sampler_, steps_, guidance_, width_, height_,
-                                         seed_, batch_size_, batch_count_, color_, lora_1, weight_1, lora_2, weight_2, lora_3,
-                                         weight_3))
+    def load_parameters(path: str | None) -> dict:
+        if not path:
+            return {c.status: "Pick a PNG made by FetalStudio (or A1111)."}
+        return _loaded_parameters(c, reproduction_from_png(Path(path)), set(manager.ids(ModelKind.SD_PIPELINE)))
+
+    @user_errors
+    def run_export(values: dict, request: gr.Request, progress=gr.Progress()) -> str:
+        settings = controls.settings(values, default_prompt="dataset")
+        planes, samplers = values[c.export_planes], values[c.export_samplers]
         if not planes or not samplers:
             raise FetalStudioError("Pick at least one plane and one sampler to export.")
-        folder = _dataset_folder(context.outputs_dir, name)
-        request_ = DatasetRequest(
-            out_dir=folder, model=settings.model, planes=tuple(planes), samplers=tuple(samplers),
-            images_per_plane=int(count or 0), steps=settings.steps, guidance_scale=settings.guidance_scale,
-            width=settings.width, height=settings.height, seed=int(base_seed or 0), batch_size=settings.batch_size,
-            negative_prompt=settings.negative_prompt, loras=settings.loras, color=settings.color,
+        dataset = DatasetRequest(
+            out_dir=_dataset_folder(context.outputs_dir, values[c.export_name]), model=settings.model,
+            planes=tuple(planes), samplers=tuple(samplers), images_per_plane=int(values[c.export_count] or 0),
+            steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.width, height=settings.height,
+            seed=int(values[c.export_seed] or 0), batch_size=settings.batch_size, negative_prompt=settings.negative_prompt,
+            loras=settings.loras, color=settings.color,
         )
-        if request_.images_per_plane < 1:
+        if dataset.images_per_plane < 1:
             raise FetalStudioError("Images per plane must be at least 1.")
-        flag = cancel_flags.fresh(request)
         report = export_dataset(
-            context.synthesis, request_, cancel=flag,
+            context.synthesis, dataset, cancel=cancel_flags.fresh(request),
             on_progress=lambda done, total, last: progress((done, total), desc=last or "Starting…", unit="images"),
         )
         state = "Cancelled" if report.cancelled else "Finished"
         return (f"{state}: {report.generated} new, {report.skipped} already there, {report.total} planned, in "
                 f"`{report.out_dir}` (metadata.csv beside the images). Export again with the same settings to resume.")
 
-    export.click(run_export, [export_planes, export_samplers, export_count, export_seed, export_name, *controls.as_inputs()],
-                 export_status, concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    return SendToAnalysis(send, picked_image, [gallery, selected])
+    gpu = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    c.add_lora.click(on_add_lora, c.shown_slots, [c.shown_slots, *c.lora_rows, c.add_lora])
+    c.rescan.click(on_rescan, controls.model, [controls.model, *controls.loras])
+    # user picks only: loading PNG parameters keeps their size
+    controls.model.input(on_model, controls.model, [controls.width, controls.height])
+    c.subject.change(on_subject, [c.subject, c.trimester, controls.prompt], [c.trimester, controls.prompt])
+    c.trimester.change(on_subject, [c.subject, c.trimester, controls.prompt], [c.trimester, controls.prompt])
+    c.random_seed.click(lambda: -1, None, controls.seed)
+    c.reuse_seed.click(lambda s: s, c.last_seed, controls.seed)
+    c.generate.click(run_generation, controls.as_inputs(), [c.gallery, c.status, c.last_seed], **gpu)
+    c.gallery.select(on_select, None, c.selected)
+    c.cancel.click(cancel_job, None, None, concurrency_limit=None)
+    c.params_png.upload(load_parameters, c.params_png, _parameter_outputs(c))
+    export_inputs = {c.export_planes, c.export_samplers, c.export_count, c.export_seed, c.export_name, *controls.as_inputs()}
+    c.export.click(run_export, export_inputs, c.export_status, **gpu)
+    return TabLinks(senders=[Sender("analysis", c.send, picked_image, [c.gallery, c.selected])])
+
+
+def _start_generation(context: AppContext, settings: GenerationSettings, cancel: threading.Event) -> queue.Queue:
+    """Run the generation in a thread; its progress, images, result or error arrive on the returned queue
+    as ("progress", done, total, step, steps), ("image", path), ("done", result) or ("error", exception)."""
+    events: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            result = context.synthesis.generate(
+                settings, cancel=cancel,
+                on_progress=lambda done, total, step, steps: events.put(("progress", done, total, step, steps)),
+                on_image=lambda image: events.put(("image", save_generated(image, context.outputs_dir))),
+            )
+            events.put(("done", result))
+        except Exception as error:  # re-raised in the handler thread
+            events.put(("error", error))
+
+    threading.Thread(target=work, daemon=True).start()
+    return events
+
+
+def _finished_line(settings: GenerationSettings, result) -> str:
+    word = "Cancelled after" if result.cancelled else "Done:"
+    return (f"{word} {len(result.images)} image(s) in {result.seconds:.1f} s — seeds {settings.seed}"
+            f"…{settings.seed_for(max(len(result.images) - 1, 0))}, {parse_sampler(settings.sampler).label}, "
+            f"{settings.steps} steps, {_color_word(result)}. Saved under outputs/synthesis/.")
+
+
+def _lora_rows_shown(c: SynthesisComponents, shown: int) -> dict:
+    return {row: gr.update(visible=slot < shown) for slot, row in enumerate(c.lora_rows)}
+
+
+def _parameter_outputs(c: SynthesisComponents) -> list:
+    """What loading parameters from a PNG sets."""
+    controls = c.controls
+    return [controls.model, c.subject, controls.prompt, controls.negative_prompt, controls.sampler, controls.steps,
+            controls.guidance, controls.width, controls.height, controls.seed, controls.batch_size, controls.batch_count,
+            controls.color, *controls.loras, *controls.lora_weights, *c.lora_rows, c.shown_slots, c.lora_accordion, c.status]
+
+
+def _loaded_parameters(c: SynthesisComponents, reproduction, installed: set[str]) -> dict:
+    """The controls set to a PNG's parameters: the image's whole batch (its seeds and size), because batched
+    arithmetic differs from a lone image in the last bits."""
+    controls = c.controls
+    loaded = reproduction.settings
+    shown = max(1, min(len(loaded.loras), LORA_SLOTS))
+    values = {
+        c.subject: CUSTOM, controls.prompt: loaded.prompt, controls.negative_prompt: loaded.negative_prompt,
+        controls.sampler: loaded.sampler, controls.steps: loaded.steps, controls.guidance: loaded.guidance_scale,
+        controls.width: loaded.width, controls.height: loaded.height, controls.seed: loaded.seed,
+        controls.batch_size: loaded.batch_size, controls.batch_count: 1, controls.color: loaded.color,
+        **_lora_rows_shown(c, shown), c.shown_slots: shown, c.lora_accordion: gr.update(open=bool(loaded.loras)),
+    }
+    if loaded.model in installed:
+        values[controls.model] = loaded.model
+    for slot, (lora, weight) in enumerate(zip(controls.loras, controls.lora_weights)):
+        spec = loaded.loras[slot] if slot < len(loaded.loras) else None
+        values[lora] = spec.source if spec else NO_LORA
+        values[weight] = spec.weight if spec else 1.0
+    note = "Parameters loaded" if loaded.model in installed else f"Parameters loaded; model {loaded.model!r} is not installed here, keep or pick another"
+    if loaded.batch_size > 1:
+        note += (f". The image was number {reproduction.index + 1} of a batch of {loaded.batch_size}: Generate remakes "
+                 f"that batch, and its image {reproduction.index + 1} has the PNG's pixels exactly.")
+    else:
+        note += ": Generate gives the PNG's pixels exactly."
+    values[c.status] = note
+    return values
 
 
 def _color_word(result) -> str:

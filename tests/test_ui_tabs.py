@@ -1,0 +1,101 @@
+"""The tab protocol (fetalstudio.ui.tab): the shell loops over tab modules and links them by their TabLinks;
+a fifth tab is one module and one line in the list. Browser behaviour is in tests/test_browser_*.py."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from fetalstudio.app_context import build_context
+from fetalstudio.review.pairs import import_pairs
+from fetalstudio.review.store import ReviewSession
+from fetalstudio.ui import analysis_tab, review_tab
+from fetalstudio.ui.shell import TABS, build_ui, join_page_js
+from fetalstudio.ui.tab import Sender, TabLinks
+
+try:
+    from tests.data_support import needs_data, pairs_rows, write_pairs_csv
+except ImportError:  # run as plain `pytest`
+    from data_support import needs_data, pairs_rows, write_pairs_csv
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@pytest.fixture
+def context(tmp_path):
+    return build_context(device="cpu", checkpoints=CHECKPOINTS, outputs=tmp_path / "outputs")
+
+
+def _toy_tab(target: str = "analysis", tab_id: str = "toy") -> types.ModuleType:
+    """A fifth tab as issue 14 adds one: a module with TITLE, ID, build and wire, sending an image to ``target``."""
+    module = types.ModuleType("toy_tab")
+    module.TITLE, module.ID = "Toy", tab_id
+
+    def build(context):
+        return types.SimpleNamespace(path=gr.Textbox(elem_id="toy-path"), send=gr.Button("Send", elem_id="toy-send"))
+
+    def wire(context, components):
+        return TabLinks(senders=[Sender(target, components.send, lambda path: path, [components.path])])
+
+    module.build, module.wire = build, wire
+    return module
+
+
+def test_every_tab_module_follows_the_protocol_and_the_shell_joins_their_page_scripts(context):
+    assert [tab.ID for tab in TABS] == ["synthesis", "review", "analysis", "models"]
+    for tab in TABS:
+        assert isinstance(tab.TITLE, str) and callable(tab.build) and callable(tab.wire)
+    page = build_ui(context)
+    labels = [block.label for block in page.blocks.blocks.values() if isinstance(block, gr.Tab) and block.id in {t.ID for t in TABS}]
+    assert labels == ["Synthesis", "Mask review", "Analysis", "Models"]
+    assert page.js == review_tab.SHORTCUTS_JS  # the one tab with a page script: passed on unchanged
+    assert all(fn.queue and fn.api_visibility == "private" for fn in page.blocks.fns.values())  # hide_internal_events ran
+    joined = join_page_js(["() => { a(); }", "", "() => { b(); }"])
+    assert joined == "() => {\n(() => { a(); })();\n(() => { b(); })();\n}"
+
+
+def test_a_fifth_tab_is_one_module_whose_sender_reaches_the_analysis_tab(context):
+    page = build_ui(context, [*TABS, _toy_tab()])
+    toy_tab = next(block for block in page.blocks.blocks.values() if isinstance(block, gr.Tab) and block.id == "toy")
+    assert toy_tab.label == "Toy"
+    send = next(block for block in page.blocks.blocks.values() if getattr(block, "elem_id", None) == "toy-send")
+    (pick,) = [fn for fn in page.blocks.fns.values() if any(target_id == send._id for target_id, _ in fn.targets)]
+    assert pick.name == "pick" and [type(block) for block in pick.outputs] == [gr.State]  # the path stays on the server
+    receive = [fn for fn in page.blocks.fns.values() if fn.name == "receive"]
+    # one chain from each sender (Synthesis, Mask review, the toy tab), all into the Analysis tab's one path state
+    assert len(receive) == 3 and all(fn.inputs == pick.outputs for fn in receive)
+
+
+def test_a_sender_to_a_tab_that_receives_nothing_and_two_tabs_with_one_id_are_refused(context):
+    with pytest.raises(ValueError, match="'models', which is not a tab that receives images"):
+        build_ui(context, [analysis_tab, review_tab, _toy_tab(target="models"), TABS[-1]])
+    with pytest.raises(ValueError, match="Two tabs share an ID"):
+        build_ui(context, [analysis_tab, _toy_tab(tab_id="analysis")])
+
+
+@needs_data
+@pytest.mark.usefixtures("one_torch_thread")
+def test_asking_the_segmenter_opens_the_review_session_once_per_click(context, tmp_path, monkeypatch):
+    rows = pairs_rows("hc18_heads")[:1]
+    session = ReviewSession.create(context.outputs_dir / review_tab.SESSIONS_FOLDER / "heads")
+    (item,) = import_pairs(session, write_pairs_csv(tmp_path / "pairs.csv", rows, columns=("image", "mask")))
+    page = build_ui(context, [review_tab, analysis_tab])
+    (on_segment,) = [fn for fn in page.blocks.fns.values() if fn.name == "on_segment"]
+
+    original_open = ReviewSession.open.__func__
+    opened: list[Path] = []
+
+    def counting_open(cls, folder, recover=True):
+        opened.append(Path(folder))
+        return original_open(cls, folder, recover)
+
+    monkeypatch.setattr(ReviewSession, "open", classmethod(counting_open))
+    for click in (1, 2):
+        shown = on_segment.fn(review_tab.View(str(session.folder), item.id), 0.4, True, True)
+        assert len(opened) == click  # the handler's session is the one the re-render reads
+        banner = next(value for component, value in shown.items() if getattr(component, "elem_id", None) == "review-banner")
+        assert f"segmenter mask of {item.id}" in banner
+    assert session.get(item.id).how == "segmenter"
