@@ -6,6 +6,7 @@
 - ``predict``: ``PlaneClassifier(model).predict(images)`` -> one {plane: probability} per image,
   always with the preprocessing stored in the checkpoint.
 - ``augment``: the FU-LoRA paper's traditional augmentation and a stronger domain-shift one.
+- ``metrics``: accuracy, F1, ROC AUC and the headline line shared by training and ``eval classifier``.
 
 Training: ``python -m fetalstudio train classifier``; evaluation: ``python -m fetalstudio eval
 classifier``. Imports here stay light; torch and timm are imported by the sub-modules.
