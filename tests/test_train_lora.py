@@ -66,7 +66,7 @@ def trained(tiny_sd_dir, plane_folder, tmp_path_factory) -> Path:
     return out
 
 
-def _engine(tmp_path: Path) -> SynthesisEngine:
+def _engine(tmp_path: Path) -> TextToImageRunner:
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     return TextToImageRunner(ModelManager(checkpoints))
