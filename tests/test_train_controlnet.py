@@ -1,0 +1,166 @@
+"""`train controlnet` on the tiny SD pipeline and a handful of real first-trimester images:
+ControlNet weights change while the U-Net stays frozen, resume, condition dropout, model manager, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fetalstudio.cli import main
+from fetalstudio.data.structures import VALIDATION_PERCENT, validation_bucket
+from fetalstudio.models.entries import ModelKind
+from fetalstudio.models.manager import ModelManager
+from fetalstudio.training import lora
+from fetalstudio.training.controlnet import drop_conditions
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "first_trimester_structures"
+pytestmark = [
+    pytest.mark.skipif(not (DATA / "boxes.csv").is_file(), reason="shared data not available"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
+FAST = ["--resolution", "64", "--batch-size", "2", "--log-every", "1", "--threads", "1", "--lr", "1e-3"]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _write_structures_folder(folder: Path, n_train: int, n_val: int) -> Path:
+    """A structures folder with the first ``n_train`` training-split and ``n_val`` validation-split originals."""
+    with (DATA / "images.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    train = [r for r in rows if validation_bucket(Path(r["image"])) >= VALIDATION_PERCENT][:n_train]
+    val = [r for r in rows if validation_bucket(Path(r["image"])) < VALIDATION_PERCENT][:n_val]
+    keep = train + val
+    names = {r["image"] for r in keep}
+    with (DATA / "boxes.csv").open(newline="", encoding="utf-8") as handle:
+        boxes = [b for b in csv.DictReader(handle) if b["image"] in names]
+    (folder / "images").mkdir(parents=True)
+    for name, table in (("images.csv", keep), ("boxes.csv", boxes)):
+        with (folder / name).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    for row in keep:
+        shutil.copy(DATA / row["image"], folder / row["image"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def structures(tmp_path_factory) -> Path:
+    return _write_structures_folder(tmp_path_factory.mktemp("structures") / "ft", n_train=6, n_val=2)
+
+
+def _train(base: Path, data: Path, out: Path, steps: int, *extra: str) -> int:
+    return main(["train", "controlnet", "--data", str(data), "--base", str(base), "--out", str(out), "--steps", str(steps),
+                 "--save-every", "2", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd_dir, structures, tmp_path_factory):
+    """Four steps; the base pipeline the command trained against is kept to check that its U-Net stayed frozen."""
+    loaded = []
+    original = lora.load_base_pipeline
+
+    def keep_pipeline(base):
+        result = original(base)
+        loaded.append(result[0])
+        return result
+
+    out = tmp_path_factory.mktemp("controlnets") / "layout-cn"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora, "load_base_pipeline", keep_pipeline)
+        assert _train(tiny_sd_dir, structures, out, 4) == 0
+    return out, loaded[0]
+
+
+def _log_rows(out: Path) -> list[dict]:
+    with (out / "training" / "train_log.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_loss_is_finite_controlnet_weights_change_and_unet_stays_frozen(trained, tiny_sd_dir):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out, pipeline = trained
+    losses = [float(r["loss"]) for r in _log_rows(out)]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    on_disk = UNet2DConditionModel.from_pretrained(str(tiny_sd_dir / "unet"))
+    after = pipeline.unet.state_dict()
+    assert all(torch.equal(value, after[key].cpu()) for key, value in on_disk.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in pipeline.unet.parameters())
+    initial = ControlNetModel.from_unet(on_disk).state_dict()
+    trained_weights = load_file(str(out / WEIGHTS))
+    zero_convs = [k for k in trained_weights if k.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+    assert zero_convs and all(initial[k].abs().max() == 0 for k in zero_convs)  # from_unet starts as the base
+    assert all(trained_weights[k].abs().max() > 0 for k in zero_convs)  # and training moved every zero convolution
+
+
+def test_output_is_a_controlnet_the_model_manager_loads_with_card_and_metrics(trained, tmp_path):
+    from diffusers import ControlNetModel
+
+    out, _ = trained
+    manager = ModelManager(tmp_path / "empty", extra_folders=(out.parent,))
+    entry = manager.entry(str(out))
+    assert entry.kind is ModelKind.CONTROLNET
+    assert [e.path for e in manager.entries(ModelKind.CONTROLNET)] == [out]  # the training/ state is not listed again
+    assert isinstance(manager.get(str(out)), ControlNetModel)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["data"]["train_images"] == 6 and metrics["data"]["validation_images_held_out"] == 2
+    assert set(metrics["validation"]) >= {"with_layout", "without_layout"}
+    card = (out / "model_card.md").read_text()
+    assert "6 training images; 2 held out" in card and "SSIM" in card and "CPU" in card
+
+
+def test_condition_dropout_is_seeded_and_replaces_layout_and_prompt(trained):
+    maps = torch.rand(4000, 3, 2, 2) + 0.1
+    prompts, null = torch.rand(4000, 5, 3), torch.zeros(1, 5, 3)
+    first = drop_conditions(maps, prompts, null, 0.3, torch.Generator().manual_seed(7))
+    again = drop_conditions(maps, prompts, null, 0.3, torch.Generator().manual_seed(7))
+    new_maps, states, layout_dropped, prompt_dropped = first
+    assert torch.equal(layout_dropped, again[2]) and torch.equal(prompt_dropped, again[3])
+    assert 0.27 < layout_dropped.float().mean() < 0.33 and 0.27 < prompt_dropped.float().mean() < 0.33
+    assert not torch.equal(layout_dropped, prompt_dropped)  # independent draws
+    assert torch.all(new_maps[layout_dropped] == 0) and torch.equal(new_maps[~layout_dropped], maps[~layout_dropped])
+    assert torch.all(states[prompt_dropped] == 0) and torch.equal(states[~prompt_dropped], prompts[~prompt_dropped])
+    none = drop_conditions(maps, prompts, null, 0.0, torch.Generator().manual_seed(7))
+    assert not none[2].any() and not none[3].any()
+    out, _ = trained  # the training run drew drops too (seeded), and logged them
+    extras = [json.loads(r["extra"]) for r in _log_rows(out)]
+    assert sum(e["layout_dropped"] for e in extras) + sum(e["prompt_dropped"] for e in extras) > 0
+
+
+def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(trained, tiny_sd_dir, structures, tmp_path, capsys):
+    out, _ = trained
+    resumed = tmp_path / "resumed"
+    assert _train(tiny_sd_dir, structures, resumed, 2) == 0
+    capsys.readouterr()
+    assert _train(tiny_sd_dir, structures, resumed, 4) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert [int(r["step"]) for r in _log_rows(resumed)] == [1, 2, 3, 4]
+    one_go, in_two = load_file(str(out / WEIGHTS)), load_file(str(resumed / WEIGHTS))
+    assert all(torch.allclose(one_go[k], in_two[k], atol=1e-6) for k in one_go)
+
+
+def test_bad_inputs_get_clear_messages(trained, tiny_sd_dir, structures, tmp_path, capsys):
+    out, _ = trained
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(tiny_sd_dir, empty, tmp_path / "o1", 2) == 2
+    assert "images.csv does not exist" in capsys.readouterr().err
+    only_validation = _write_structures_folder(tmp_path / "val-only", n_train=0, n_val=2)
+    assert _train(tiny_sd_dir, only_validation, tmp_path / "o1", 2) == 2
+    assert "has no annotated training images" in capsys.readouterr().err
+    assert _train(tiny_sd_dir, tmp_path / "missing", tmp_path / "o2", 2) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert _train(out, structures, tmp_path / "o3", 2) == 2  # a ControlNet is not a base
+    assert "is a controlnet, not a Stable Diffusion pipeline" in capsys.readouterr().err
+    assert _train(tiny_sd_dir, structures, tmp_path / "o4", 0) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "controlnet", "--help"])
+    assert exit_info.value.code == 0 and "--lambda-ssim" in capsys.readouterr().out
