@@ -157,6 +157,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
     Imported here, not at the top, so that importing this module stays light.
     """
     from fetalstudio.analysis import analyze_cli
+    from fetalstudio.anatomy import flex_cli
     from fetalstudio.evaluation import classifier as eval_classifier
     from fetalstudio.evaluation import segmenter as eval_segmenter
     from fetalstudio.evaluation.synthesis import command as eval_synthesis
@@ -177,6 +178,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
                      (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND, train_controlnet.COMMAND)),
         CommandGroup("eval", "evaluate a model (writes a report folder)",
                      (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND)),
+        CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): layouts, edits, anomaly presets", (flex_cli.PRESETS,)),
     )
 
 
