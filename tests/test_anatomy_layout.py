@@ -146,3 +146,13 @@ def test_turned_box_matches_opencv_rotated_rectangle():
     cv2.fillPoly(reference, [np.round(cv2.boxPoints((box.center, (80, 20), 30)) - 0.5).astype(np.int32)], 1)
     overlap = (mine & (reference > 0)).sum() / (mine | (reference > 0)).sum()
     assert overlap > 0.9 and abs(mine.sum() - 80 * 20) < 40
+
+
+def test_layouts_from_the_structures_folder_reader():
+    from anatomy_support import STRUCTURES
+    from fetalstudio.data.structures import read_structures
+    items = read_structures(STRUCTURES)
+    layouts = [Layout.from_annotated_image(item) for item in items]
+    assert len(layouts) == 991
+    first = next(layout for layout in layouts if layout.source.endswith("first_trimester_structures/images/0.png"))
+    assert first == real_layout()

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from fetalstudio.data.structures import AnnotatedImage
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.files import atomic_write_json, read_json
-from fetalstudio.vocabulary import Structure, anatomy_plane, structure
+from fetalstudio.vocabulary import FACIAL_SAGITTAL, Structure, anatomy_plane, structure
 
 LAYOUT_SCHEMA = "fetalstudio.layout"
 LAYOUT_VERSION = 1
@@ -275,6 +276,11 @@ class Layout:
             return cls(plane, width, height, tuple(boxes), pixel_size_mm, source)
         except FetalStudioError as error:
             raise FetalStudioError(f"{where}: {error}") from None
+
+    @classmethod
+    def from_annotated_image(cls, item: AnnotatedImage, plane: str = FACIAL_SAGITTAL) -> Layout:
+        """The layout of one image of a structures folder (``fetalstudio.data.structures.read_structures``)."""
+        return cls.from_annotation(plane, item.width, item.height, item.boxes, source=str(item.path))
 
 
 def skull_box(center_x: float, center_y: float, axis_a: float, axis_b: float, angle_deg: float) -> StructureBox:
