@@ -148,37 +148,27 @@ def read_split(folders: list[Path], include_more: bool, max_images: int | None):
 
 
 def stack_images(images: list[TrainingImage]):
-    """Tensors: pixels N x 3 x R x R in [-1, 1], layout maps N x 3 x R x R in [0, 1], ROI N x 1 x R x R."""
+    """Tensors: pixels N x 3 x R x R uint8 (gray in all three), layout maps N x 3 x R x R uint8, ROI N x 1 x R x R float."""
     import numpy as np
     import torch
 
-    pixels = torch.from_numpy(np.stack([i.pixels for i in images])).float().div(127.5).sub(1.0)[:, None].repeat(1, 3, 1, 1)
-    maps = torch.from_numpy(np.stack([i.layout_map for i in images])).permute(0, 3, 1, 2).float().div(255.0)
+    pixels = torch.from_numpy(np.stack([i.pixels for i in images]))[:, None].repeat(1, 3, 1, 1)
+    maps = torch.from_numpy(np.stack([i.layout_map for i in images])).permute(0, 3, 1, 2).contiguous()
     roi = torch.from_numpy(np.stack([i.roi for i in images]))[:, None].float()
     return pixels, maps, roi
 
 
-def encode_latents(cache: Path, key: dict, pixels, vae, device, batch_size: int = 8):
+def encode_latents(cache: Path, key: dict, pixels, vae, device):
     """(mean, std) of the VAE posterior of every image, cached by content key in ``cache``."""
-    import torch
+    from fetalstudio.training.sd import cached_posterior
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = cache / f"latents-{digest}.cache"  # torch.save format; not *.pt, so model discovery skips it
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved["mean"], saved["std"]
-    means, stds = [], []
-    with torch.no_grad():
-        for start in range(0, len(pixels), batch_size):
-            dist = vae.encode(pixels[start:start + batch_size].to(device, dtype=vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
-    cache.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"mean": mean, "std": std}, temporary)
-    temporary.replace(path)
-    return mean, std
+    return cached_posterior(cache / f"latents-{digest}.cache", lambda: pixels, vae, device)
+
+
+def map_condition(maps_uint8, device):
+    """Layout maps as the ControlNet's condition image: float in [0, 1] (as diffusers' pipelines feed it)."""
+    return maps_uint8.to(device).float().div(255.0)
 
 
 # --- loss ------------------------------------------------------------------------------------------
@@ -342,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
     if val_images:
         val_pixels, val_maps, val_roi = stack_images(val_images)
         val_mean, _ = encode_latents(work / "cache", {**latent_key, "images": [str(i.path) for i in val_images]}, val_pixels, vae, device)
+    del pixels  # only the latents are trained on
     vae.to("cpu")
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     unet.to(device)
@@ -368,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
         index = torch.randint(0, len(train_images), (args.batch_size,), generator=generator)
         latents = ((mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) - shift) * scaling
         batch_maps, hidden, layout_dropped, prompt_dropped = drop_conditions(
-            maps[index].to(device), caption_states[caption_index[index].to(device)], null_states, args.drop_prob, generator)
+            map_condition(maps[index], device), caption_states[caption_index[index].to(device)], null_states, args.drop_prob, generator)
         with accelerator.autocast():
             loss, parts = controlnet_loss(controlnet, unet, noise_scheduler, latents.to(device), hidden, batch_maps,
                                           roi[index].to(device), generator, weights)
@@ -442,7 +433,7 @@ def held_out_scores(controlnet, unet, noise_scheduler, latents, maps, roi, promp
                 part = slice(start, start + batch_size)
                 batch = latents[part].to(device)
                 timesteps = torch.full((len(batch),), t, dtype=torch.long, device=device)
-                batch_maps = maps[part].to(device) * (1.0 if use_layout else 0.0)
+                batch_maps = map_condition(maps[part], device) * (1.0 if use_layout else 0.0)
                 with torch.no_grad():
                     _, parts = score_prediction(controlnet, unet, noise_scheduler, batch, noise_all[part].to(device), timesteps,
                                                 prompt_states[part].to(device), batch_maps, roi[part].to(device), weights, ssim)

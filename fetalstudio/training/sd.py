@@ -155,17 +155,25 @@ def file_digest(*paths: Path) -> str:
 
 def cached_latents(cache_dir: Path, key_parts: dict, items, vae, resolution: int, crop: str, device, mask_channel=None, batch_size: int = 8):
     """(mean, std) of the VAE posterior for every item, cached on disk by content key."""
-    import torch
-
-    from fetalstudio.training.image_datasets import load_all_pixels, to_model_range
+    from fetalstudio.training.image_datasets import load_all_pixels
 
     key = hashlib.sha256(json.dumps({**key_parts, "images": [str(i.image) for i in items], "resolution": resolution,
                                      "crop": crop, "mask_channel": mask_channel}, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"latents-{key}.cache"  # torch.save format; not *.pt, so model discovery skips it
+    return cached_posterior(cache_dir / f"latents-{key}.cache", lambda: load_all_pixels(items, resolution, crop, mask_channel),
+                            vae, device, batch_size)
+
+
+def cached_posterior(path: Path, load_pixels, vae, device, batch_size: int = 8):
+    """(mean, std) of the VAE posterior of ``load_pixels()`` (uint8 N x 3 x R x R), kept in ``path``
+    (torch.save format; name it *.cache, not *.pt, so model discovery skips it); read back when it exists."""
+    import torch
+
+    from fetalstudio.training.image_datasets import to_model_range
+
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return cached["mean"], cached["std"]
-    pixels = load_all_pixels(items, resolution, crop, mask_channel)
+    pixels = load_pixels()
     means, stds = [], []
     vae.eval()
     with torch.no_grad():
@@ -175,7 +183,7 @@ def cached_latents(cache_dir: Path, key_parts: dict, items, vae, resolution: int
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
     mean, std = torch.cat(means), torch.cat(stds)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save({"mean": mean, "std": std}, temporary)
     temporary.replace(path)
