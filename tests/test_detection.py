@@ -3,10 +3,13 @@ folder read as the README counts it, a stable disjoint validation split, and cle
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from data_support import DATA
 from fetalstudio.data.structures import read_structures, split_structures, validation_bucket
@@ -82,3 +85,124 @@ def test_sizes_come_from_the_file_when_the_table_has_none_and_bad_image_rows_are
         read_structures(folder)
     with pytest.raises(FetalStudioError, match="is not a folder"):
         read_structures(tmp_path / "nowhere")
+
+
+# --- metrics (fetalstudio.detection.metrics) ---------------------------------------------------
+def test_perfect_boxes_give_ap50_and_miou_one_and_shifted_boxes_their_known_iou():
+    from fetalstudio.detection.metrics import box_iou, evaluate_detections
+
+    truth = [[("palate", 10, 10, 30, 20), ("thalami", 0, 0, 10, 10)], [("palate", 50, 50, 70, 60)]]
+    perfect = [[(*box, 0.9) for box in image] for image in truth]
+    result = evaluate_detections(truth, perfect, ("palate", "thalami", "midbrain"))
+    assert result["per_structure"]["palate"] == {"boxes": 2, "ap50": 1.0, "mean_iou": 1.0, "detected": 2}
+    assert result["map50"] == 1.0 and result["mean_iou"] == 1.0
+    assert result["per_structure"]["midbrain"]["boxes"] == 0  # never annotated: left out of the means
+
+    # a 10x10 box shifted by 5 px in x: overlap 5x10 = 50, union 150 -> IoU 1/3 (below 0.5: a miss)
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    shifted = evaluate_detections([[("thalami", 0, 0, 10, 10)]], [[("thalami", 5, 0, 15, 10, 0.8)]], ("thalami",))
+    assert shifted["per_structure"]["thalami"]["mean_iou"] == pytest.approx(1 / 3)
+    assert shifted["per_structure"]["thalami"]["ap50"] == 0.0
+    # shifted by 2 px: IoU 80/120 = 2/3, a hit
+    near = evaluate_detections([[("thalami", 0, 0, 10, 10)]], [[("thalami", 2, 0, 12, 10, 0.8)]], ("thalami",))
+    assert near["per_structure"]["thalami"] == {"boxes": 1, "ap50": 1.0, "mean_iou": pytest.approx(2 / 3), "detected": 1}
+
+
+def test_ap50_ranks_by_score_and_ignores_structures_that_are_not_annotated():
+    from fetalstudio.detection.metrics import evaluate_detections
+
+    truth = [[("nasal_bone", 0, 0, 10, 10)], [("nasal_bone", 0, 0, 10, 10)], [("palate", 0, 0, 5, 5)]]
+    # image 0: a hit at 0.9; image 1: a miss at 0.95 (ranked first); image 2: nasal bone not annotated -> ignored
+    found = [[("nasal_bone", 0, 0, 10, 10, 0.9)], [("nasal_bone", 50, 50, 60, 60, 0.95)], [("nasal_bone", 0, 0, 5, 5, 0.99)]]
+    result = evaluate_detections(truth, found, ("nasal_bone",))["per_structure"]["nasal_bone"]
+    # ranked: miss (P 0, R 0), hit (P 1/2, R 1/2) -> AP = 0.5 * 0.5; half the boxes found with IoU 1
+    assert result["ap50"] == pytest.approx(0.25) and result["mean_iou"] == pytest.approx(0.5)
+    assert result["boxes"] == 2 and result["detected"] == 1
+    with pytest.raises(ValueError):
+        evaluate_detections(truth, found[:2], ("nasal_bone",))
+
+
+# --- prediction (fetalstudio.detection.predict) ------------------------------------------------
+def _tiny_config(classes=("thalami", "palate")):
+    from fetalstudio.models.detector import DetectorConfig
+
+    return DetectorConfig(classes=tuple(classes), backbone="resnet10t", input_size=64, width=8)
+
+
+def _fixed_detector():
+    """A detector whose heads say: thalami centred at input cell (4, 6) + offset 0.5, box 16 x 8 input
+    pixels, score sigmoid(3); palate nowhere."""
+    from fetalstudio.models.detector import CenterNetDetector
+
+    class FixedOutputs(CenterNetDetector):
+        def forward(self, inputs):
+            cells = self.config.input_size // 4
+            heat = torch.full((len(inputs), 2, cells, cells), -10.0)
+            heat[:, 0, 6, 4] = 3.0
+            size = torch.zeros((len(inputs), 4, cells, cells))
+            size[:, 0], size[:, 1] = math.log(16 / 4), math.log(8 / 4)
+            return {"heatmap": heat, "size": size, "offset": torch.full((len(inputs), 2, cells, cells), 0.5)}
+
+    return FixedOutputs(_tiny_config())
+
+
+def test_detect_returns_boxes_in_the_images_own_pixels():
+    from fetalstudio.detection.predict import StructureDetector
+
+    detector = StructureDetector(_fixed_detector())
+    # centre in input pixels ((4 + 0.5) * 4, (6 + 0.5) * 4) = (18, 26); box 16 x 8 -> (10, 22)-(26, 30)
+    # 200 x 100 image: scale 64/200 = 0.32, resized 64 x 32, 16 rows of padding on top
+    (detection,) = detector.detect(np.zeros((100, 200), np.uint8))
+    assert detection.structure == "thalami" and detection.score == pytest.approx(1 / (1 + math.exp(-3)))
+    assert detection.box == pytest.approx((10 / 0.32, (22 - 16) / 0.32, 26 / 0.32, (30 - 16) / 0.32))
+    # an RGB image of another size: 90 x 180 -> scale 32/90 x 64/180, 16 columns of padding on the left;
+    # x0 = (10 - 16) / scale < 0 is clipped to the image
+    (detection,) = detector.detect(np.zeros((180, 90, 3), np.uint8))
+    assert detection.box == pytest.approx((0.0, 22 * 180 / 64, (26 - 16) * 90 / 32, 30 * 180 / 64))
+    assert detector.detect(np.zeros((100, 200), np.uint8), score_threshold=0.99) == []
+
+
+def test_detector_refuses_bad_inputs():
+    from fetalstudio.detection.predict import StructureDetector
+    from fetalstudio.models.detector import CenterNetDetector
+
+    detector = StructureDetector(CenterNetDetector(_tiny_config()))
+    with pytest.raises(FetalStudioError, match="8-bit"):
+        detector.detect(np.zeros((50, 50), np.float32))
+    with pytest.raises(FetalStudioError, match="shape"):
+        detector.detect(np.zeros((50, 50, 2), np.uint8))
+    with pytest.raises(FetalStudioError, match="between 0 and 1"):
+        detector.detect(np.zeros((50, 50), np.uint8), score_threshold=2)
+    with pytest.raises(FetalStudioError, match="kind 'detector'"):
+        StructureDetector(torch.nn.Linear(2, 2))
+
+
+def test_checkpoint_round_trip_through_the_model_manager(tmp_path, tmp_checkpoints, cpu_placement):
+    from fetalstudio.errors import ModelLoadError
+    from fetalstudio.models.detector import CenterNetDetector, load_detector_file, save_detector
+    from fetalstudio.models.entries import ModelKind
+    from fetalstudio.models.manager import ModelManager
+
+    torch.manual_seed(0)
+    model = CenterNetDetector(_tiny_config())
+    path = tmp_checkpoints / "detector.safetensors"
+    save_detector(model, path, {"steps": 3})
+    manager = ModelManager(tmp_checkpoints, placement=cpu_placement)
+    entry = manager.entry(path)
+    assert entry.kind is ModelKind.DETECTOR and entry.details["classes"] == "thalami,palate"
+    assert "detector" in manager.ids(ModelKind.DETECTOR)
+    loaded = manager.get(path)
+    assert isinstance(loaded, CenterNetDetector) and loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(ModelLoadError, match="not a FetalStudio structure detector"):
+        load_detector_file(other)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="not a readable .safetensors"):
+        load_detector_file(broken)

@@ -14,6 +14,7 @@ class ModelKind(str, Enum):
     SAM = "sam"
     CLASSIFIER = "classifier"
     SEGMENTER = "segmenter"
+    DETECTOR = "detector"
 
 
 class ModelFormat(str, Enum):
@@ -27,6 +28,7 @@ class ModelFormat(str, Enum):
     SAM_PTH = "sam_pth"
     TIMM_CHECKPOINT = "timm_checkpoint"
     FETALSTUDIO_SEGMENTER = "fetalstudio_segmenter"  # small segment-anything model + config in metadata
+    FETALSTUDIO_DETECTOR = "fetalstudio_detector"  # structure detector (models/detector.py) + config in metadata
     HUB = "hub"  # not local yet; resolved on demand
 
 

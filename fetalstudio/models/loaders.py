@@ -103,6 +103,13 @@ def load_segmenter(entry: ModelEntry, path: Path, dtype: torch.dtype):
     return load_segmenter_file(path).to(dtype=dtype).eval()
 
 
+def load_detector(entry: ModelEntry, path: Path, dtype: torch.dtype):
+    """A FetalStudio structure detector (.safetensors, architecture and structures in its metadata)."""
+    from fetalstudio.models.detector import load_detector_file
+
+    return load_detector_file(path).to(dtype=dtype).eval()
+
+
 def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
     for key in ("fc.weight", "classifier.weight", "head.weight", "head.fc.weight", "last_linear.weight"):
         if key in state:
@@ -149,4 +156,5 @@ LOADERS: dict[ModelKind, Loader] = {
     ModelKind.SAM: load_sam,
     ModelKind.CLASSIFIER: load_timm_classifier,
     ModelKind.SEGMENTER: load_segmenter,
+    ModelKind.DETECTOR: load_detector,
 }
