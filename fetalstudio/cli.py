@@ -164,6 +164,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
     from fetalstudio.review import extract_cli
     from fetalstudio.training import classifier as train_classifier
     from fetalstudio.training import controlnet as train_controlnet
+    from fetalstudio.training import detector as train_detector
     from fetalstudio.training import lora as train_lora
     from fetalstudio.training import sd as train_sd
     from fetalstudio.training import segmenter as train_segmenter
@@ -175,7 +176,8 @@ def commands() -> tuple[Command | CommandGroup, ...]:
         extract_cli.COMMAND,
         analyze_cli.COMMAND,
         CommandGroup("train", "train a model (writes a checkpoint the model manager loads)",
-                     (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND, train_controlnet.COMMAND)),
+                     (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND, train_controlnet.COMMAND,
+                      train_detector.COMMAND)),
         CommandGroup("eval", "evaluate a model (writes a report folder)",
                      (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND)),
         CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): layouts, edits, anomaly presets", (flex_cli.PRESETS,)),
