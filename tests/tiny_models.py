@@ -120,3 +120,26 @@ def write_random_kohya_lora(pipeline, path: Path, rank: int = 4, alpha: float = 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
     return path
+
+
+def save_tiny_controlnet(pipeline_folder: Path, folder: Path, seed: int = 0) -> Path:
+    """A ControlNet for the tiny pipeline (``ControlNetModel.from_unet``), saved as a diffusers folder.
+
+    Its conditioning embedding downsamples 8x (four channel counts: three stride-2 steps) like SD's,
+    so the condition image meets the latent grid. The embedding and the zero convolutions get random
+    weights (std 0.2 and 0.1, measured so the condition changes the residuals about as much as they
+    are large): a fresh ControlNet adds exactly nothing, and an untrained embedding barely sees its input.
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(pipeline_folder / "unet"))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    generator = torch.Generator().manual_seed(seed)
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
+        for conv in (embedding.conv_in, *embedding.blocks, embedding.conv_out):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 
 import fetalstudio
 from fetalstudio.errors import FetalStudioError, ModelLoadError
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 #: (images done, images total, steps done in the current batch, steps per batch)
 ProgressCallback = Callable[[int, int, int, int], None]
 ImageCallback = Callable[[GeneratedImage], None]
+#: diffusers' ``callback_on_step_end``: (pipeline, step index, timestep, callback kwargs) -> callback kwargs
+StepHook = Callable[[Any, int, Any, dict], dict]
 
 
 class RunCancelled(Exception):
@@ -119,6 +122,18 @@ class PipelineTask(ABC):
     def inputs(self) -> dict[str, Any]:
         """The task's inputs as JSON (e.g. strength, source image hash): recorded so the image can be remade."""
         return {}
+
+    def step_hook(self, pipeline: Any, settings: GenerationSettings, seeds: list[int]) -> StepHook | None:
+        """A per-batch hook run after every denoising step (diffusers' ``callback_on_step_end`` signature).
+
+        It may return new ``latents`` in the callback kwargs (e.g. RePaint's known background);
+        ``seeds`` are the batch's seeds, for any noise it draws. None: no hook.
+        """
+        return None
+
+    def finish_image(self, image: Image.Image) -> Image.Image:
+        """The image as the task delivers it, after the output colour is applied (e.g. pasting a source back)."""
+        return image
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, **self.inputs()}
@@ -199,6 +214,7 @@ class PreparedPipeline:
                 for position, (index, image) in enumerate(zip(indices, batch_images)):
                     if settings.color == GRAYSCALE:
                         image = to_grayscale(image, settings.mask_channel)
+                    image = task.finish_image(image)
                     seed = settings.seed_for(index)
                     batch_record = {"size": len(indices), "index": position, "seeds": seeds}
                     metadata = {**base_metadata, "seed": seed, "index": index, "batch": batch_record}
@@ -217,10 +233,13 @@ class PreparedPipeline:
             raise RunCancelled
         generators = [torch.Generator("cpu").manual_seed(settings.seed_for(i)) for i in indices]
         steps = task.denoising_steps(settings)
+        hook = task.step_hook(pipeline, settings, [settings.seed_for(i) for i in indices])
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             if cancel is not None and cancel.is_set():
                 raise RunCancelled
+            if hook is not None:
+                callback_kwargs = hook(pipe, step, timestep, callback_kwargs)
             if on_progress is not None:
                 on_progress(done, settings.total_images, step + 1, steps)
             return callback_kwargs
