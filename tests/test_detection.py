@@ -206,3 +206,33 @@ def test_checkpoint_round_trip_through_the_model_manager(tmp_path, tmp_checkpoin
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="not a readable .safetensors"):
         load_detector_file(broken)
+
+
+def test_structures_that_are_not_annotated_are_left_out_of_the_loss():
+    from fetalstudio.detection.targets import detector_loss, encode
+
+    heatmap, objects = encode([(0, 8.0, 8.0, 24.0, 16.0)], n_classes=2, input_size=64)
+    assert heatmap.shape == (2, 16, 16) and heatmap[0].max() == 1.0 and heatmap[1].max() == 0.0
+    assert heatmap[0, 3, 4] == 1.0  # centre (16, 12) input px -> cell (4, 3)
+    assert objects.tolist() == [[0, 4, 3, pytest.approx(math.log(4)), pytest.approx(math.log(2)), 0.0, 0.0]]
+    targets = torch.from_numpy(heatmap)[None]
+    rows = torch.cat([torch.zeros(len(objects), 1), torch.from_numpy(objects)], dim=1)
+    outputs = {"heatmap": torch.zeros(1, 2, 16, 16), "size": torch.zeros(1, 4, 16, 16), "offset": torch.zeros(1, 2, 16, 16)}
+    only_first = torch.tensor([[True, False]])
+    loss, _ = detector_loss(outputs, targets, only_first, rows)
+    # whatever the network says on the channel of a structure without a box, the loss is the same
+    outputs["heatmap"][0, 1] = 5.0
+    assert detector_loss(outputs, targets, only_first, rows)[0] == loss
+    assert detector_loss(outputs, targets, torch.tensor([[True, True]]), rows)[0] > loss  # taught as absent
+
+
+def test_evaluate_scores_the_detectors_boxes_against_annotations():
+    from fetalstudio.detection.predict import StructureDetector
+
+    detector = StructureDetector(_fixed_detector())
+    images = [np.zeros((100, 200), np.uint8)]
+    exact = [("thalami", 10 / 0.32, 6 / 0.32, 26 / 0.32, 14 / 0.32), ("palate", 0, 0, 10, 10)]
+    result = detector.evaluate(images, [exact])
+    assert result["per_structure"]["thalami"]["ap50"] == pytest.approx(1.0)
+    assert result["per_structure"]["thalami"]["mean_iou"] == pytest.approx(1.0)
+    assert result["per_structure"]["palate"] == {"boxes": 1, "ap50": 0.0, "mean_iou": 0.0, "detected": 0}

@@ -12,6 +12,8 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.detector import STRIDE, CenterNetDetector
 
 DEFAULT_SCORE_THRESHOLD = 0.3
+#: Detections scored at least this count for AP50 / mean IoU (low, so the precision-recall curve is whole).
+EVALUATION_SCORE_THRESHOLD = 0.01
 #: peaks per structure considered when more than one box per structure is asked for
 MAX_PER_STRUCTURE = 5
 
@@ -75,6 +77,18 @@ class StructureDetector:
         return [self._decode(peaks[i], outputs["size"][i].float(), outputs["offset"][i].float(), boxes[i], gray.shape,
                              score_threshold, 1 if one_per_structure else MAX_PER_STRUCTURE)
                 for i, gray in enumerate(grays)]
+
+    def evaluate(self, images, annotations, batch_size: int = 16) -> dict:
+        """AP50 and mean IoU per structure (``fetalstudio.detection.metrics.evaluate_detections``) of this
+        detector's boxes (one per structure, score >= ``EVALUATION_SCORE_THRESHOLD``) on ``images``
+        against ``annotations[i]`` = ``(structure, x0, y0, x1, y1)`` boxes in image i's pixels."""
+        from fetalstudio.detection.metrics import evaluate_detections
+
+        found = []
+        for start in range(0, len(images), batch_size):
+            batch = self.detect_batch(images[start:start + batch_size], score_threshold=EVALUATION_SCORE_THRESHOLD)
+            found += [[detection.as_tuple() for detection in detections] for detections in batch]
+        return evaluate_detections(annotations, found, self.structures)
 
     def _decode(self, peaks, size, offset, box: Letterbox, shape, threshold: float, per_structure: int) -> list[Detection]:
         height, width = shape

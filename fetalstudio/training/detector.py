@@ -43,8 +43,6 @@ LAST_CHECKPOINT = "last.safetensors"
 METRICS = "metrics.json"
 #: Settings that define the network; a resumed run must keep them.
 ARCHITECTURE_SETTINGS = ("backbone", "input_size", "classes", "width")
-#: Detections scored at least this are kept for AP50 / mean IoU (low, so the precision-recall curve is whole).
-EVALUATION_SCORE_THRESHOLD = 0.01
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +191,9 @@ class Validator:
     def evaluate(self, model, step: int) -> dict:
         from fetalstudio.training.common import write_json
 
-        result = evaluate_detector(model, self.images, [item.boxes for item in self.items], self.classes)
+        from fetalstudio.detection.predict import StructureDetector
+
+        result = StructureDetector(model).evaluate(self.images, [item.boxes for item in self.items])
         self.history = {k: v for k, v in self.history.items() if int(k) < step}  # a redone step replaces later ones
         self.history[str(step)] = result
         write_json(self.history_path, self.history)
@@ -212,19 +212,6 @@ class Validator:
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else -1.0
-
-
-def evaluate_detector(model, images, annotations, classes, batch_size: int = 16) -> dict:
-    """``evaluate_detections`` of the model's detections (one per structure) on ``images``."""
-    from fetalstudio.detection.metrics import evaluate_detections
-    from fetalstudio.detection.predict import StructureDetector
-
-    detector = StructureDetector(model)
-    found = []
-    for start in range(0, len(images), batch_size):
-        batch = detector.detect_batch(images[start:start + batch_size], score_threshold=EVALUATION_SCORE_THRESHOLD)
-        found += [[d.as_tuple() for d in detections] for detections in batch]
-    return evaluate_detections(annotations, found, classes)
 
 
 # --- training --------------------------------------------------------------------------------
@@ -372,6 +359,8 @@ def _fmt(value) -> str:
 
 
 def model_card(summary: dict) -> str:
+    from fetalstudio.detection.predict import EVALUATION_SCORE_THRESHOLD
+
     settings = summary["settings"]
     lines = [
         f"# Structure detector ({summary['architecture']}, plane {settings['plane']})", "",
