@@ -2,7 +2,9 @@
 tiny ControlNet loaded through the manager, with a real first-trimester sagittal image as the source."""
 
 import csv
+import gc
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -195,6 +197,18 @@ def test_progress_per_step_and_cancel(manager, scan):
     assert result.cancelled and result.images == []
     assert steps == [(1, 4), (2, 4)]
     assert [s for s in steps] and len(InpaintRunner(manager).generate(settings(), request(scan)).images) == 1
+
+
+def test_the_controlnet_is_loaded_lazily_and_freed_when_the_manager_unloads_it(manager, scan):
+    runner = InpaintRunner(manager)
+    assert manager.loaded_ids() == []
+    runner.generate(settings(), request(scan))
+    assert sorted(manager.loaded_ids()) == sorted([MODEL_ID, CONTROLNET_ID])
+    controlnet = weakref.ref(manager.get(CONTROLNET_ID))
+    assert manager.unload(CONTROLNET_ID)
+    gc.collect()
+    assert controlnet() is None  # no derived pipeline keeps it alive
+    assert len(runner.generate(settings(), request(scan)).images) == 1  # loaded again on demand
 
 
 @pytest.mark.parametrize("model", [MODEL_ID, LORA_ID])

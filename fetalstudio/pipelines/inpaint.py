@@ -54,7 +54,7 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.hashing import checkpoint_hash
 from fetalstudio.pipelines.prepared import (
-    ImageCallback, PipelineTask, PreparedPipeline, ProgressCallback, StepHook,
+    ImageCallback, PipelineTask, PreparedPipeline, ProgressCallback, StepHook, prepare_pipeline,
 )
 from fetalstudio.pipelines.runners import PipelineRunner, source_record
 from fetalstudio.pipelines.settings import GeneratedImage, GenerationResult, GenerationSettings, Reproduction
@@ -297,6 +297,18 @@ class InpaintRunner(PipelineRunner):
                 "(a diffusers ControlNetModel folder or a ControlNet file)."
             )
         return entry
+
+    def run(self, settings: GenerationSettings, task: PipelineTask, on_progress: ProgressCallback | None = None,
+            cancel: threading.Event | None = None, on_image: ImageCallback | None = None) -> GenerationResult:
+        """As ``PipelineRunner.run``; afterwards the derived pipeline lets go of the ControlNet, so the
+        manager's unload (or eviction for memory) really frees it."""
+        task.check(settings)
+        with prepare_pipeline(self.manager, settings) as prepared:
+            try:
+                return prepared.run(task, on_progress, cancel, on_image)
+            finally:
+                if isinstance(task, ControlNetInpaint):
+                    prepared.forget(task.controlnet)
 
     def generate(
         self,

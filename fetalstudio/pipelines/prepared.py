@@ -168,6 +168,13 @@ class PreparedPipeline:
             pipeline.scheduler = self.pipeline.scheduler
         return pipeline
 
+    def forget(self, component: Any) -> None:
+        """Drop the derived pipelines that hold ``component`` (e.g. a ControlNet after its run), so that
+        unloading it from the manager frees its memory; the next run derives again (cheap: no load)."""
+        for key, pipeline in list(self.state.derived.items()):
+            if any(value is component for value in pipeline.components.values()):
+                del self.state.derived[key]
+
     def metadata(self, task: PipelineTask) -> dict:
         """What every image of the run records (its seed, index and batch are added per image)."""
         settings = self.settings
