@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.models.device import DevicePlacement
 from fetalstudio.models.manager import ModelManager
 from fetalstudio.pipelines.inpaint import (
     CONTROLNET_INPAINT, OSM, ControlNetInpaint, InpaintRequest, InpaintRunner, feather_weights, latent_roi,
@@ -148,6 +149,23 @@ def test_osm_resamples_only_inside_the_mask_of_a_draft_from_another_model(manage
     assert np.abs(light[roi] - draft_pixels[roi]).mean() < np.abs(made[roi] - draft_pixels[roi]).mean()
 
 
+def test_grayscale_output_and_a_source_of_another_size_keep_the_outside_exactly(manager, scan):
+    """The paste-back follows the output colour; a larger scan is resized (Lanczos, ROI nearest) to the run's size."""
+    source, layout, roi = scan
+    big = Image.fromarray(source).resize((128, 128), Image.Resampling.LANCZOS)
+    big_layout = np.asarray(Image.fromarray(layout).resize((128, 128), Image.Resampling.NEAREST))
+    big_roi = np.asarray(Image.fromarray(roi).resize((128, 128), Image.Resampling.NEAREST))
+    result = InpaintRunner(manager).generate(settings(color="grayscale"), InpaintRequest(big, big_layout, big_roi, CONTROLNET_ID))
+    image = result.images[0].image
+    assert image.mode == "L" and image.size == (SIZE, SIZE)
+    expected = np.asarray(big.resize((SIZE, SIZE), Image.Resampling.LANCZOS).convert("L")).astype(int)
+    run_roi = np.asarray(Image.fromarray(big_roi).resize((SIZE, SIZE), Image.Resampling.NEAREST))
+    made = np.asarray(image).astype(int)
+    assert np.array_equal(made[~run_roi], expected[~run_roi])
+    assert np.abs(made[run_roi] - expected[run_roi]).mean() > 5
+    assert result.images[0].metadata["task"]["source"]["width"] == 128
+
+
 def test_same_inputs_and_seed_give_the_same_pixels_and_the_png_records_the_task(manager, scan, tmp_path):
     runner = InpaintRunner(manager)
     ssa = SSAParameters(k=0.5, delta=0.2, iterations=2)
@@ -209,6 +227,20 @@ def test_the_controlnet_is_loaded_lazily_and_freed_when_the_manager_unloads_it(m
     gc.collect()
     assert controlnet() is None  # no derived pipeline keeps it alive
     assert len(runner.generate(settings(), request(scan)).images) == 1  # loaded again on demand
+
+
+def test_derived_pipelines_keep_a_half_precision_model_in_half_precision(models_root, tmp_path):
+    """diffusers' from_pipe casts to float32 unless told: the shared U-Net, VAE and text encoder must stay float16."""
+    (tmp_path / "checkpoints").mkdir()
+    half = ModelManager(tmp_path / "checkpoints", extra_folders=(models_root,),
+                        placement=DevicePlacement(torch.device("cpu"), torch.float16))
+    from diffusers import StableDiffusionControlNetPipeline
+
+    with half.use(CONTROLNET_ID) as controlnet, prepare_pipeline(half, settings()) as prepared:
+        derived = prepared.derived(StableDiffusionControlNetPipeline, controlnet=controlnet)
+        assert derived.unet is prepared.pipeline.unet
+        for module in (prepared.pipeline.unet, prepared.pipeline.vae, prepared.pipeline.text_encoder, controlnet):
+            assert module.dtype == torch.float16, module
 
 
 @pytest.mark.parametrize("model", [MODEL_ID, LORA_ID])

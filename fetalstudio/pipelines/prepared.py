@@ -161,7 +161,9 @@ class PreparedPipeline:
         key = (pipeline_class, *sorted((name, id(component)) for name, component in components.items()))
         pipeline = self.state.derived.get(key)
         if pipeline is None:
-            pipeline = pipeline_class.from_pipe(self.pipeline, **components)
+            # from_pipe casts every module to its dtype argument, float32 by default: a half-precision
+            # model (shared with the base pipeline) would silently become float32
+            pipeline = pipeline_class.from_pipe(self.pipeline, dtype=self.pipeline.dtype, **components)
             pipeline.set_progress_bar_config(disable=True)
             self.state.derived[key] = pipeline  # holds the components, so their ids stay theirs
         if pipeline.scheduler is not self.pipeline.scheduler:
