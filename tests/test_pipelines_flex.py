@@ -134,6 +134,25 @@ def test_repaint_loop_keeps_the_background_in_latent_space_then_exactly_in_pixel
     assert np.array_equal(made[core], pixels(unpasted)[core])
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m_karras"])
+def test_every_sampler_blends_at_the_right_noise_level(manager, scan, sampler, strength):
+    """add_noise follows each scheduler's own convention (sigma-scaled latents for Euler and DPM++,
+    begin index for image-to-image); a wrong level would leave noise in the background at the end."""
+    with manager.use(CONTROLNET_ID) as controlnet, prepare_pipeline(manager, settings(sampler=sampler, steps=6)) as prepared:
+        task = Unpasted(request(scan, strength=strength), controlnet, {"id": CONTROLNET_ID, "hash": "-"})
+        object.__setattr__(task, "final", [])
+        prepared.run(task)
+        vae = prepared.pipeline.vae
+        with torch.no_grad():
+            image = prepared.pipeline.image_processor.preprocess(Image.fromarray(scan[0]))
+            known = vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
+    final = task.final[-1]
+    outside = ~latent_roi(scan[2], 8, 8).bool().expand_as(final)
+    assert len(task.final) == int(6 * strength)
+    assert (final - known)[outside].abs().mean() < 0.04
+
+
 def test_osm_resamples_only_inside_the_mask_of_a_draft_from_another_model(manager, scan):
     draft = np.asarray(TextToImageRunner(manager).generate(settings(seed=9)).images[0].image.convert("RGB"))
     _, layout, roi = scan
@@ -274,6 +293,12 @@ def test_a_controlnet_of_another_base_is_refused(manager, scan, models_root, tmp
 def test_bad_inputs_are_refused_with_a_clear_message(scan, change, message):
     with pytest.raises(FetalStudioError, match=message):
         request(scan, **change(*scan))
+
+
+def test_unipc_whose_corrector_undoes_the_blend_is_refused_before_loading(manager, scan):
+    with pytest.raises(FetalStudioError, match="cannot use the unipc sampler.*Pick DDIM"):
+        InpaintRunner(manager).generate(settings(sampler="unipc"), request(scan))
+    assert manager.loaded_ids() == []
 
 
 def test_too_few_steps_for_the_strength_are_refused_before_loading(manager, scan):
