@@ -236,3 +236,33 @@ def test_evaluate_scores_the_detectors_boxes_against_annotations():
     assert result["per_structure"]["thalami"]["ap50"] == pytest.approx(1.0)
     assert result["per_structure"]["thalami"]["mean_iou"] == pytest.approx(1.0)
     assert result["per_structure"]["palate"] == {"boxes": 1, "ap50": 0.0, "mean_iou": 0.0, "detected": 0}
+
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+BUNDLED_DETECTOR = "fetalstudio-structure-detector"
+
+
+@needs_structures
+@pytest.mark.skipif(not (CHECKPOINTS / "bundled" / BUNDLED_DETECTOR).is_dir(), reason="bundled detector not present")
+def test_bundled_detector_is_the_default_and_finds_structures_on_held_out_originals(cpu_placement):
+    from PIL import Image
+
+    from fetalstudio.detection.predict import StructureDetector
+    from fetalstudio.models.entries import ModelKind
+    from fetalstudio.models.manager import ModelManager
+    from fetalstudio.vocabulary import FACIAL_SAGITTAL, structures_for
+
+    manager = ModelManager(CHECKPOINTS, placement=cpu_placement)
+    assert manager.default_id(ModelKind.DETECTOR) == BUNDLED_DETECTOR
+    detector = StructureDetector(manager.get(BUNDLED_DETECTOR))
+    assert detector.structures == tuple(s.name for s in structures_for(FACIAL_SAGITTAL))
+    held_out = split_structures(read_structures(STRUCTURES, include_more=False), "val")  # full-size originals, never trained on
+    images = []
+    for item in held_out:
+        with Image.open(item.path) as image:
+            images.append(image.convert("L"))
+    result = detector.evaluate(images, [item.boxes for item in held_out])
+    # the model card's figures are on all 115 validation images; these 12 originals are a subset
+    assert result["mean_iou"] > 0.45 and result["map50"] > 0.4
+    for large in ("thalami", "midbrain", "palate"):
+        assert result["per_structure"][large]["mean_iou"] > 0.5, large
