@@ -46,7 +46,7 @@ from pathlib import Path
 
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments, check_resume_settings
+from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of
 
 AUGMENTATIONS = ("none", "paper", "strong")
 CHECKPOINT = "model.safetensors"
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if start:
         print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
     write_json(out / "run.json", settings)
-    previous_seconds = _previous_seconds(out, start)
+    previous_seconds = previous_seconds_of(out, start)
 
     base_size = args.input_size if args.augment != "strong" else int(round(args.input_size * 1.25))
     store = ImageStore(preprocessing, base_size)
@@ -414,16 +414,6 @@ def _validation_items(path: Path | None, sources: list[Source], classes) -> list
             "must never be trained on: remove them from --data or give another --val."
         )
     return items
-
-
-def _previous_seconds(out: Path, start: int) -> float:
-    if not start:
-        return 0.0
-    try:
-        data = json.loads((out / "time.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0.0
-    return float(data.get("seconds", 0.0)) if int(data.get("step", -1)) == start else 0.0
 
 
 class _Validator:

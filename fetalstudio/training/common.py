@@ -161,3 +161,15 @@ def device_description(accelerator) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def previous_seconds_of(out: Path, start: int) -> float:
+    """Training seconds an interrupted run had spent before ``start`` (from ``out/time.json``; 0 for a
+    new run or when the record belongs to another step), so a resumed run reports the whole time."""
+    if not start:
+        return 0.0
+    try:
+        data = json.loads((out / "time.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0
+    return float(data.get("seconds", 0.0)) if int(data.get("step", -1)) == start else 0.0

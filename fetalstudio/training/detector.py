@@ -36,7 +36,7 @@ import numpy as np
 
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments, check_resume_settings
+from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of
 
 CHECKPOINT = "model.safetensors"
 LAST_CHECKPOINT = "last.safetensors"
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     if start:
         print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
     write_json(out / "run.json", settings)
-    previous_seconds = _previous_seconds(out, start)
+    previous_seconds = previous_seconds_of(out, start)
 
     print(f"{len(train_items)} training and {len(val_items)} validation images; decoding...", flush=True)
     images = load_training_images(train_items, classes, args.input_size)
@@ -342,16 +342,6 @@ def run(args: argparse.Namespace) -> int:
     finish_run(out, summary, METRICS, "README.md", model_card(summary), step, total,
                {"map50": selected.get("map50"), "mean_iou": selected.get("mean_iou"), "selected_step": selected.get("step")})
     return 0
-
-
-def _previous_seconds(out: Path, start: int) -> float:
-    if not start:
-        return 0.0
-    try:
-        data = json.loads((out / "time.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0.0
-    return float(data.get("seconds", 0.0)) if int(data.get("step", -1)) == start else 0.0
 
 
 def _fmt(value) -> str:
