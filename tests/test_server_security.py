@@ -244,7 +244,11 @@ def _logged_in(app: AppServer):
 
 
 def test_launch_prints_the_address(server):
-    assert f"FetalStudio is running at http://127.0.0.1:{server.port} — press Ctrl+C to stop" in server.log()
+    line = f"FetalStudio is running at http://127.0.0.1:{server.port} — press Ctrl+C to stop"
+    deadline = time.monotonic() + 30  # the server answers as soon as it listens; the line follows launch()
+    while line not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert line in server.log()
 
 
 def test_events_are_hidden_and_cannot_be_called_by_name(server):
