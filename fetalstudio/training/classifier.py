@@ -46,7 +46,7 @@ from pathlib import Path
 
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of
+from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
 
 AUGMENTATIONS = ("none", "paper", "strong")
 CHECKPOINT = "model.safetensors"
@@ -281,12 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     if args.no_resume:
-        for name in (STATE_DIR, "val_history.json", "selection.json", "time.json", LOG_NAME, "run.json"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_run_files(out, (STATE_DIR, "val_history.json", "selection.json", "time.json", LOG_NAME, "run.json"))
     out.mkdir(parents=True, exist_ok=True)
     settings = {"backbone": architecture, "input_size": args.input_size, "channels": args.channels, "classes": list(classes),
                 "augment": args.augment, "data": [str(s.path) + (f":{s.share:g}" if s.share else "") for s in sources],

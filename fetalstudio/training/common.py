@@ -173,3 +173,13 @@ def previous_seconds_of(out: Path, start: int) -> float:
     except (OSError, ValueError):
         return 0.0
     return float(data.get("seconds", 0.0)) if int(data.get("step", -1)) == start else 0.0
+
+
+def remove_run_files(out: Path, names: tuple[str, ...]) -> None:
+    """``--no-resume``: delete an earlier run's state, logs and records (files or folders) in ``out``."""
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()

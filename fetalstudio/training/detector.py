@@ -36,7 +36,7 @@ import numpy as np
 
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of
+from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
 
 CHECKPOINT = "model.safetensors"
 LAST_CHECKPOINT = "last.safetensors"
@@ -255,12 +255,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     if args.no_resume:
-        for name in (STATE_DIR, "val_history.json", "time.json", LOG_NAME, "run.json"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_run_files(out, (STATE_DIR, "val_history.json", "time.json", LOG_NAME, "run.json"))
     out.mkdir(parents=True, exist_ok=True)
     settings = {"backbone": args.backbone, "input_size": args.input_size, "classes": list(classes), "width": args.width,
                 "plane": args.plane, "data": [str(folder) for folder in args.data], "batch_size": args.batch_size,
