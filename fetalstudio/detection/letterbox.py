@@ -1,32 +1,15 @@
 """The detector's square input: the grayscale image scaled so its longer side fills the square
-(OpenCV ``INTER_AREA``) and centred on a black canvas; and back to image pixels."""
+(OpenCV ``INTER_AREA``, what the detector was trained on) and centred on a black canvas; and back to
+image pixels. The geometry (fitted size, offsets) is the shared ``fetalstudio.imaging.letterbox``."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError
+from fetalstudio.imaging.letterbox import Letterbox, letterbox_geometry
 
-
-@dataclass(frozen=True)
-class Letterbox:
-    """How image pixels map to input pixels: ``input = image * scale + pad`` per axis."""
-
-    scale_x: float
-    scale_y: float
-    pad_x: int
-    pad_y: int
-    size: int
-
-    def to_input(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
-        return (x0 * self.scale_x + self.pad_x, y0 * self.scale_y + self.pad_y,
-                x1 * self.scale_x + self.pad_x, y1 * self.scale_y + self.pad_y)
-
-    def to_image(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
-        return ((x0 - self.pad_x) / self.scale_x, (y0 - self.pad_y) / self.scale_y,
-                (x1 - self.pad_x) / self.scale_x, (y1 - self.pad_y) / self.scale_y)
+__all__ = ["Letterbox", "as_gray", "fit_image", "letterbox", "pad_square"]
 
 
 def as_gray(image) -> np.ndarray:
@@ -52,10 +35,8 @@ def fit_image(gray: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     import cv2
 
     height, width = gray.shape
-    scale = size / max(width, height)
-    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = cv2.resize(gray, (new_width, new_height), interpolation=cv2.INTER_AREA)
-    box = Letterbox(new_width / width, new_height / height, (size - new_width) // 2, (size - new_height) // 2, size)
+    box = letterbox_geometry(width, height, size)
+    resized = cv2.resize(gray, (box.fitted_width, box.fitted_height), interpolation=cv2.INTER_AREA)
     return resized, box
 
 

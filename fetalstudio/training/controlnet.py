@@ -16,6 +16,16 @@ Loss = --lambda-roi * ROI-MSE + --lambda-ssim * (1 - SSIM):
            Decoding to pixels at every step would add a VAE decode with gradients per step, which
            the 2-core CPU cannot afford; the latent keeps the image's layout at 1/8 scale.
 
+--pre-align: FetalFlex's pre-alignment (fetalstudio.models.prealign): the layout map is encoded by
+the base's VAE, rescaled and shifted per channel to the image latents' statistics (measured on the
+training set, saved as fetalstudio_prealign.json beside the weights) and fed to a ControlNet whose
+conditioning embedding works on the latent grid; without it the ControlNet reads the layout map's
+pixels through diffusers' usual 8x-downsampling embedding.
+
+--lora: a LoRA (e.g. the plane's own, which teaches the base the plane) is fused into the frozen
+U-Net (and text encoder) before training, so the ControlNet learns on the base as it will generate
+with that LoRA; the same LoRA must then be active at generation (recorded in the card and metrics).
+
 Data: structures folders (images.csv + boxes.csv, and their ``more/``; see fetalstudio.data.structures).
 The fixed validation split (12% of images, by a hash of the file name) is never trained on; its
 ROI-MSE with and without the layout is measured at the end (metrics.json, model card). Images
@@ -45,7 +55,7 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.common import add_common_arguments
 
 TRAINING_DIR = "training"  # log, settings, cache and state: inside OUT but not part of the ControlNet folder
-FIXED_SETTINGS = ("data", "include_more", "base_hash", "plane", "resolution", "batch_size", "lr", "seed", "drop_prob",
+FIXED_SETTINGS = ("data", "include_more", "base_hash", "lora_hash", "lora_weight", "pre_align", "plane", "resolution", "batch_size", "lr", "seed", "drop_prob",
                   "lambda_roi", "lambda_ssim", "roi_margin", "max_images")
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed noise levels of the held-out measurement
 
@@ -58,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-more", dest="include_more", action="store_false", help="leave out the folders' more/ subfolders")
     parser.add_argument("--base", required=True, metavar="ID_OR_PATH",
                         help="the SD-architecture generator to steer: a model id (python -m fetalstudio models), a diffusers folder or a .safetensors")
+    parser.add_argument("--lora", metavar="ID_OR_PATH", help="a LoRA fused into the frozen base before training (use the same LoRA when generating)")
+    parser.add_argument("--lora-weight", type=float, default=1.0, help="weight of --lora when fused (default 1.0)")
+    parser.add_argument("--pre-align", action="store_true", help="FetalFlex pre-alignment: the layout map's VAE latent, rescaled to the image latents' statistics, is the condition")
     parser.add_argument("--plane", choices=sorted(ANATOMY_PLANES), default=FACIAL_SAGITTAL, help="the plane the boxes belong to (colours, caption)")
     parser.add_argument("--resolution", type=int, help="square training size in pixels, multiple of 8 (default: the base's native size, 256 for fetalstudio-tiny)")
     parser.add_argument("--drop-prob", type=float, default=0.3, help="probability of dropping the layout, and independently the prompt (FetalFlex: 0.3)")
@@ -85,18 +98,6 @@ class TrainingImage:
     caption: str
 
 
-def letterbox(image, resolution: int):
-    """The image (mode L) scaled to fit ``resolution`` square and centred on black; returns it and the
-    (scale_x, scale_y, offset_x, offset_y) that map the original's pixel coordinates onto it."""
-    from PIL import Image, ImageOps
-
-    fitted = ImageOps.contain(image, (resolution, resolution), method=Image.LANCZOS)
-    canvas = Image.new("L", (resolution, resolution), 0)
-    offset_x, offset_y = (resolution - fitted.width) // 2, (resolution - fitted.height) // 2
-    canvas.paste(fitted, (offset_x, offset_y))
-    return canvas, (fitted.width / image.width, fitted.height / image.height, offset_x, offset_y)
-
-
 def prepare_image(item, plane: str, resolution: int, roi_margin: int) -> TrainingImage:
     """Pixels, layout map, dilated-box ROI and caption of one annotated image at ``resolution``."""
     import numpy as np
@@ -104,11 +105,13 @@ def prepare_image(item, plane: str, resolution: int, roi_margin: int) -> Trainin
 
     from fetalstudio.anatomy.layout import Layout, StructureBox
     from fetalstudio.anatomy.layout_map import layout_color_map
+    from fetalstudio.imaging.letterbox import letterbox_image
     from fetalstudio.vocabulary import anatomy_caption, structures_for
 
     with Image.open(item.path) as opened:
         gray = opened.convert("L")
-        pixels, (sx, sy, ox, oy) = letterbox(gray, resolution)
+        pixels, fit = letterbox_image(gray, resolution)  # the anatomy engine letterboxes its runs the same way
+        sx, sy, ox, oy = fit.scale_x, fit.scale_y, fit.pad_x, fit.pad_y
 
     def placed(x: float, y: float) -> tuple[float, float]:  # into the letterboxed frame (boxes may touch the border)
         return min(max(x * sx + ox, 0.0), float(resolution)), min(max(y * sy + oy, 0.0), float(resolution))
@@ -225,15 +228,17 @@ def score_prediction(controlnet, unet, noise_scheduler, latents, noise, timestep
     return loss, {"roi_mse": float(roi_mse.detach()), "ssim": float(similarity.detach())}
 
 
-def drop_conditions(layout_maps, prompt_states, null_states, probability: float, generator):
-    """Replace each sample's layout map by black and, independently, its prompt by the empty prompt's
-    states with ``probability``; returns (maps, states, layout_dropped, prompt_dropped)."""
+def drop_conditions(layout_maps, prompt_states, null_states, probability: float, generator, null_condition=None):
+    """Replace each sample's layout condition by the null one (a black map, or ``null_condition``: a
+    black map's pre-aligned latent) and, independently, its prompt by the empty prompt's states with
+    ``probability``; returns (conditions, states, layout_dropped, prompt_dropped)."""
     import torch
 
     n = layout_maps.shape[0]
     layout_dropped = torch.rand(n, generator=generator) < probability
     prompt_dropped = torch.rand(n, generator=generator) < probability
-    maps = layout_maps * (~layout_dropped).view(-1, 1, 1, 1).to(layout_maps.device, layout_maps.dtype)
+    null = torch.zeros_like(layout_maps[:1]) if null_condition is None else null_condition.to(layout_maps.device, layout_maps.dtype)
+    maps = torch.where(layout_dropped.view(-1, 1, 1, 1).to(layout_maps.device), null.expand_as(layout_maps), layout_maps)
     states = torch.where(prompt_dropped.view(-1, 1, 1).to(prompt_states.device), null_states.expand_as(prompt_states), prompt_states)
     return maps, states, layout_dropped, prompt_dropped
 
@@ -269,6 +274,74 @@ def _accelerator(args):
     return accelerator
 
 
+def fuse_lora(pipeline, lora: str, weight: float) -> tuple[str, str]:
+    """Fuse a LoRA from the catalog (id or path) into the pipeline's U-Net and text encoder; (id, weights hash)."""
+    import torch
+
+    from fetalstudio.app_context import build_manager
+    from fetalstudio.models.device import DevicePlacement
+    from fetalstudio.models.entries import ModelKind
+    from fetalstudio.models.hashing import checkpoint_hash
+
+    manager = build_manager(placement=DevicePlacement(torch.device("cpu"), torch.float32))
+    entry = manager.entry(lora)
+    if entry.kind is not ModelKind.LORA:
+        raise FetalStudioError(f"--lora {lora!r} is a {entry.kind.value}, not a LoRA. Give a LoRA id (python -m fetalstudio models) or file.")
+    path = manager.local_path(entry)
+    try:
+        if path.is_dir():
+            pipeline.load_lora_weights(str(path), weight_name=entry.details.get("weights_file"), adapter_name="fused")
+        else:
+            pipeline.load_lora_weights(str(path), adapter_name="fused")
+        pipeline.fuse_lora(lora_scale=weight, adapter_names=["fused"])
+        pipeline.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    except Exception as error:
+        raise FetalStudioError(f"--lora {lora!r} does not fit the base ({type(error).__name__}: {str(error)[:200]}). "
+                               "Give a LoRA trained for this base.") from None
+    return entry.id, checkpoint_hash(path)
+
+
+class ConditionSet:
+    """The ControlNet's conditions for a set of images: layout maps in [0, 1], or (--pre-align) their
+    VAE latents aligned to the image latents' statistics; ``null`` is a black map's condition."""
+
+    def __init__(self, maps_uint8, alignment, vae, device):
+        import torch
+
+        from fetalstudio.models.prealign import encode_condition
+
+        self.alignment = alignment
+        if alignment is None:
+            self.values, self.null = maps_uint8, None
+            return
+        vae.to(device)
+        latents = torch.cat([encode_condition(vae, map_condition(maps_uint8[i:i + 16], device)) for i in range(0, len(maps_uint8), 16)])
+        self.values = alignment.align(latents).cpu()
+        self.null = alignment.align(encode_condition(vae, torch.zeros_like(maps_uint8[:1], dtype=torch.float32).to(device))).cpu()
+
+    def take(self, index, device):
+        if self.alignment is None:
+            return map_condition(self.values[index], device)
+        return self.values[index].to(device)
+
+    def blank(self, conditions):
+        """The null condition for a batch like ``conditions``."""
+        import torch
+
+        return torch.zeros_like(conditions) if self.null is None else self.null.to(conditions.device).expand_as(conditions)
+
+
+def layout_prealignment(maps_uint8, image_latents, vae, device):
+    """FetalFlex's statistics: the training layout maps' VAE latents vs the training images' latents."""
+    import torch
+
+    from fetalstudio.models.prealign import PreAlignment, encode_condition
+
+    vae.to(device)
+    latents = torch.cat([encode_condition(vae, map_condition(maps_uint8[i:i + 16], device)) for i in range(0, len(maps_uint8), 16)])
+    return PreAlignment.measure(latents.cpu(), image_latents)
+
+
 def native_resolution(pipeline) -> int:
     """The image size the base was trained at: its U-Net's latent size times the VAE's downsampling."""
     return int(pipeline.unet.config.sample_size) * 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -290,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(args.threads)
     train_items, val_items = read_split(args.data, args.include_more, args.max_images)
     pipeline, entry, base_path = load_base_pipeline(args.base)
+    lora_id, lora_hash = fuse_lora(pipeline, args.lora, args.lora_weight) if args.lora else (None, None)
     resolution = args.resolution or native_resolution(pipeline)
     out: Path = args.out
     work = out / TRAINING_DIR
@@ -299,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
         "data": [str(p) for p in args.data], "include_more": args.include_more, "base": args.base, "base_hash": checkpoint_hash(base_path),
         "plane": args.plane, "resolution": resolution, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "drop_prob": args.drop_prob, "lambda_roi": args.lambda_roi, "lambda_ssim": args.lambda_ssim, "roi_margin": args.roi_margin,
-        "max_images": args.max_images, "steps": args.steps,
+        "max_images": args.max_images, "steps": args.steps, "lora": lora_id, "lora_hash": lora_hash,
+        "lora_weight": args.lora_weight if args.lora else None, "pre_align": args.pre_align,
     }
     check_resume_settings(work, settings, FIXED_SETTINGS)
 
@@ -313,7 +388,13 @@ def run(args: argparse.Namespace) -> int:
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-    controlnet = ControlNetModel.from_unet(unet)  # the U-Net's encoder copied; zero convolutions: starts as the base
+    if args.pre_align:  # the condition is a latent: a one-block embedding at the latent grid
+        from fetalstudio.models.prealign import PREALIGNED_CONDITIONING_CHANNELS, PREALIGNED_EMBEDDING_CHANNELS
+
+        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=PREALIGNED_CONDITIONING_CHANNELS,
+                                               conditioning_embedding_out_channels=PREALIGNED_EMBEDDING_CHANNELS)
+    else:
+        controlnet = ControlNetModel.from_unet(unet)  # the U-Net's encoder copied; zero convolutions: starts as the base
     controlnet.train()
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, weight_decay=1e-2)
@@ -333,8 +414,11 @@ def run(args: argparse.Namespace) -> int:
         val_pixels, val_maps, val_roi = stack_images(val_images)
         val_mean, _ = encode_latents(work / "cache", {**latent_key, "images": [str(i.path) for i in val_images]}, val_pixels, vae, device)
     del pixels  # only the latents are trained on
-    vae.to("cpu")
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    alignment = layout_prealignment(maps, (mean - shift) * scaling, vae, device) if args.pre_align else None
+    conditions = ConditionSet(maps, alignment, vae, device)
+    val_conditions = ConditionSet(val_maps, alignment, vae, device) if val_mean is not None else None
+    vae.to("cpu")
     unet.to(device)
     text_encoder.to(device)
     captions = sorted({i.caption for i in train_images} | {i.caption for i in val_images})
@@ -359,7 +443,8 @@ def run(args: argparse.Namespace) -> int:
         index = torch.randint(0, len(train_images), (args.batch_size,), generator=generator)
         latents = ((mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) - shift) * scaling
         batch_maps, hidden, layout_dropped, prompt_dropped = drop_conditions(
-            map_condition(maps[index], device), caption_states[caption_index[index].to(device)], null_states, args.drop_prob, generator)
+            conditions.take(index, device), caption_states[caption_index[index].to(device)], null_states, args.drop_prob, generator,
+            conditions.null)
         with accelerator.autocast():
             loss, parts = controlnet_loss(controlnet, unet, noise_scheduler, latents.to(device), hidden, batch_maps,
                                           roi[index].to(device), generator, weights)
@@ -386,16 +471,20 @@ def run(args: argparse.Namespace) -> int:
     model = accelerator.unwrap_model(controlnet)
     validation = None
     if val_mean is not None:
-        validation = held_out_scores(model, unet, noise_scheduler, (val_mean - shift) * scaling, val_maps, val_roi,
+        validation = held_out_scores(model, unet, noise_scheduler, (val_mean - shift) * scaling, val_conditions, val_roi,
                                      caption_states[torch.tensor([captions.index(i.caption) for i in val_images])], null_states,
                                      weights, args.seed, device)
     if accelerator.is_main_process:
         model.save_pretrained(str(out), safe_serialization=True)
+        if alignment is not None:
+            alignment.write(out)
         metrics = {
             "finished": step >= total, "step": total, "steps": total, "resumed_from": start,
             "wall_time_s": round(seconds, 1), "seconds_per_step": round(seconds_this_run / max(1, total - start), 3),
             "device": device_description(accelerator), "torch_threads": torch.get_num_threads(),
             "base": {"id": entry.id, "given": args.base, "hash": settings["base_hash"]},
+            "lora": None if lora_id is None else {"id": lora_id, "hash": lora_hash, "weight": args.lora_weight, "fused": True},
+            "pre_align": args.pre_align,
             "controlnet_parameters": trainable, "plane": args.plane, "resolution": resolution,
             "training": {"batch_size": args.batch_size, "lr": args.lr, "optimizer": "AdamW (weight decay 0.01), constant lr, grad clip 1",
                          "seed": args.seed, "drop_prob": args.drop_prob, "lambda_roi": args.lambda_roi,
@@ -414,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def held_out_scores(controlnet, unet, noise_scheduler, latents, maps, roi, prompt_states, null_states, weights: LossWeights,
+def held_out_scores(controlnet, unet, noise_scheduler, latents, conditions: ConditionSet, roi, prompt_states, null_states, weights: LossWeights,
                     seed: int, device, batch_size: int = 8) -> dict:
     """ROI-MSE and x0-SSIM on the held-out images at fixed noise levels, with the layout and with a black map
     (what the base alone does): the layout's gain is the difference."""
@@ -433,7 +522,9 @@ def held_out_scores(controlnet, unet, noise_scheduler, latents, maps, roi, promp
                 part = slice(start, start + batch_size)
                 batch = latents[part].to(device)
                 timesteps = torch.full((len(batch),), t, dtype=torch.long, device=device)
-                batch_maps = map_condition(maps[part], device) * (1.0 if use_layout else 0.0)
+                batch_maps = conditions.take(torch.arange(len(latents))[part], device)
+                if not use_layout:
+                    batch_maps = conditions.blank(batch_maps)
                 with torch.no_grad():
                     _, parts = score_prediction(controlnet, unet, noise_scheduler, batch, noise_all[part].to(device), timesteps,
                                                 prompt_states[part].to(device), batch_maps, roi[part].to(device), weights, ssim)
@@ -461,7 +552,11 @@ def model_card(metrics: dict) -> str:
         "Trained with FetalStudio (`python -m fetalstudio train controlnet`), FetalFlex's recipe (METHODS section 3): the base's "
         "U-Net frozen, a diffusers ControlNetModel initialised from it and trained on layout maps (structure boxes, one colour "
         "per structure, fetalstudio.anatomy.layout_map).\n\n"
-        f"- Plane: {metrics['plane']} at {metrics['resolution']} px (grayscale, letterboxed). Load with "
+        + (f"- Base with LoRA **{metrics['lora']['id']}** fused at weight {metrics['lora']['weight']:g} (hash {metrics['lora']['hash']}): "
+           "generate with that LoRA active.\n" if metrics.get("lora") else "")
+        + ("- Condition: **pre-aligned** layout latent (FetalFlex; statistics in fetalstudio_prealign.json).\n" if metrics.get("pre_align")
+           else "- Condition: the layout map's pixels (diffusers' conditioning embedding).\n")
+        + f"- Plane: {metrics['plane']} at {metrics['resolution']} px (grayscale, letterboxed). Load with "
         "`ControlNetModel.from_pretrained(folder)` or through the model manager (kind controlnet).\n"
         f"- Data: {', '.join(data['folders'])} (more/ {'included' if data['include_more'] else 'left out'}): "
         f"{data['train_images']} training images; {data['validation_images_held_out']} held out ({data['split']}).\n"
