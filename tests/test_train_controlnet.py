@@ -164,3 +164,54 @@ def test_bad_inputs_get_clear_messages(trained, tiny_sd_dir, structures, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "controlnet", "--help"])
     assert exit_info.value.code == 0 and "--lambda-ssim" in capsys.readouterr().out
+
+
+def test_pre_aligned_controlnet_on_a_fused_lora_trains_loads_and_generates(tiny_sd_dir, tiny_kohya_lora, structures, tmp_path, capsys):
+    """--pre-align: the condition is the layout map's VAE latent aligned to the image latents' statistics
+    (saved beside the weights, attached on load, used at generation); --lora is fused into the frozen base."""
+    import numpy as np
+    from PIL import Image
+
+    from fetalstudio.models.prealign import PREALIGN_FILE, PreAlignment, prealignment_of
+    from fetalstudio.pipelines.inpaint import InpaintRequest, InpaintRunner
+    from fetalstudio.pipelines.settings import GenerationSettings
+
+    out = tmp_path / "models" / "aligned-cn"
+    assert _train(tiny_sd_dir, structures, out, 2, "--pre-align", "--lora", str(tiny_kohya_lora), "--lora-weight", "0.8") == 0
+    stats = json.loads((out / PREALIGN_FILE).read_text())
+    assert len(stats["layout_mean"]) == 4 and min(stats["image_std"]) > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pre_align"] is True and metrics["lora"]["weight"] == 0.8 and metrics["lora"]["fused"] is True
+    card = (out / "model_card.md").read_text()
+    assert "pre-aligned" in card and "fused at weight 0.8" in card
+    assert set(metrics["validation"]) >= {"with_layout", "without_layout"}
+
+    shutil.copytree(tiny_sd_dir, tmp_path / "models" / "tinysd")
+    manager = ModelManager(tmp_path / "empty", extra_folders=(tmp_path / "models",))
+    controlnet = manager.get(str(out))
+    alignment = prealignment_of(controlnet)
+    assert isinstance(alignment, PreAlignment) and list(alignment.image_mean) == stats["image_mean"]
+    assert controlnet.config.conditioning_channels == 4
+    latents = torch.randn(2, 4, 3, 3) * torch.tensor(alignment.layout_std).view(1, 4, 1, 1) + torch.tensor(alignment.layout_mean).view(1, 4, 1, 1)
+    aligned = alignment.align(latents)
+    assert torch.allclose(aligned.transpose(0, 1).reshape(4, -1).mean(1), torch.tensor(alignment.image_mean), atol=2.0)
+
+    with Image.open(DATA / "images/0.png") as opened:
+        source = np.asarray(opened.convert("L").resize((64, 64)).convert("RGB"))
+    layout = np.zeros_like(source)
+    layout[20:40, 10:30] = (255, 0, 0)
+    roi = np.zeros((64, 64), bool)
+    roi[16:44, 6:34] = True
+    settings = GenerationSettings(model="tinysd", prompt="fetal facial sagittal plane", sampler="ddim", steps=2, width=64, height=64, seed=3)
+    request = InpaintRequest(source=source, condition=layout, roi=roi, controlnet=str(out))
+    result = InpaintRunner(manager).generate(settings, request)
+    made = np.asarray(result.images[0].image.convert("RGB")).astype(int)
+    assert np.array_equal(made[~roi], source[~roi].astype(int))
+    assert result.images[0].metadata["task"]["prealigned"] is True
+    other = InpaintRunner(manager).generate(settings, InpaintRequest(source=source, condition=np.zeros_like(source), roi=roi,
+                                                                     controlnet=str(out)))
+    assert not np.array_equal(np.asarray(other.images[0].image), np.asarray(result.images[0].image))  # the layout steers it
+
+    capsys.readouterr()
+    assert _train(tiny_sd_dir, structures, tmp_path / "o4", 2, "--lora", str(out)) == 2
+    assert "not a LoRA" in capsys.readouterr().err

@@ -189,3 +189,26 @@ def test_resuming_with_other_settings_is_a_clear_error(trained, tiny_sd_dir, pla
     code = main(["train", "lora", "--base", str(tiny_sd_dir), "--data", str(plane_folder), "--caption", "a photo of fetal brain",
                  "--out", str(out), "--steps", "4", "--train-text-encoder", *FAST[:2], "--rank", "8", *FAST[6:]])
     assert code == 2 and "--no-resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATA / "first_trimester_structures" / "boxes.csv").is_file(), reason="shared data not available")
+def test_a_structures_folder_trains_on_its_training_split_with_the_anatomy_caption():
+    """first_trimester_structures (images.csv + boxes.csv + more/): the held-out validation images never reach a
+    generator, and each caption lists the plane and that image's annotated structures (the engine's prompt)."""
+    from fetalstudio.data.structures import read_structures, split_structures
+    from fetalstudio.training.image_datasets import collect_items, layout_plane_of
+    from fetalstudio.errors import FetalStudioError
+
+    folder = DATA / "first_trimester_structures"
+    items = collect_items([folder])
+    everything = read_structures(folder)
+    train = {item.path for item in split_structures(everything, "train")}
+    held_out = {item.path for item in split_structures(everything, "val")}
+    assert held_out and not {item.image for item in items} & held_out
+    assert {item.image for item in items} <= train and len(items) > 0.8 * len(train)  # duplicates aside
+    assert {item.label for item in items} == {"layout/facial_sagittal"}
+    first = next(item for item in items if item.image.name == "0.png" and item.image.parent.name == "images")
+    assert first.caption.startswith("An ultrasound image of a fetal facial sagittal plane, first trimester, with thalami, midbrain")
+    assert "nasal bone" in first.caption and first.caption_from == "layout"
+    with pytest.raises(FetalStudioError, match="do not all belong to one layout plane"):
+        layout_plane_of({"nasal_bone", "skull"}, folder / "boxes.csv")

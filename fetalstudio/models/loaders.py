@@ -48,9 +48,13 @@ def load_sd_pipeline(entry: ModelEntry, path: Path, dtype: torch.dtype):
 def load_controlnet(entry: ModelEntry, path: Path, dtype: torch.dtype):
     from diffusers import ControlNetModel
 
+    from fetalstudio.models.prealign import PREALIGNMENT_ATTRIBUTE, read_prealignment
+
     if path.is_file():
         return _wrap_load_errors(path, lambda: ControlNetModel.from_single_file(str(path), dtype=dtype, local_files_only=True))
-    return _wrap_load_errors(path, lambda: ControlNetModel.from_pretrained(str(path), dtype=dtype, local_files_only=True))
+    controlnet = _wrap_load_errors(path, lambda: ControlNetModel.from_pretrained(str(path), dtype=dtype, local_files_only=True))
+    setattr(controlnet, PREALIGNMENT_ATTRIBUTE, read_prealignment(path))  # FetalFlex pre-alignment statistics, if trained with them
+    return controlnet
 
 
 def load_sam(entry: ModelEntry, path: Path, dtype: torch.dtype):

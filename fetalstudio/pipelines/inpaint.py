@@ -56,6 +56,7 @@ from PIL import Image
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.hashing import checkpoint_hash
+from fetalstudio.models.prealign import encode_condition, prealignment_of
 from fetalstudio.pipelines.prepared import (
     ImageCallback, PipelineTask, PreparedPipeline, ProgressCallback, StepHook, prepare_pipeline,
 )
@@ -217,6 +218,8 @@ class ControlNetInpaint(PipelineTask):
     request: InpaintRequest
     controlnet: Any
     controlnet_record: dict[str, str]
+    #: The generator's VAE, kept by ``pipeline()`` for a pre-aligned ControlNet's condition latent.
+    _encoder: dict[str, Any] = field(default_factory=dict, repr=False)
 
     name = CONTROLNET_INPAINT
 
@@ -224,8 +227,19 @@ class ControlNetInpaint(PipelineTask):
         from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
 
         _check_fits(self.controlnet, prepared.pipeline.unet, self.controlnet_record["id"], prepared.entry.id)
+        self._encoder["vae"] = prepared.pipeline.vae
         pipeline_class = StableDiffusionControlNetPipeline if self.request.strength == 1 else StableDiffusionControlNetImg2ImgPipeline
         return prepared.derived(pipeline_class, controlnet=self.controlnet)
+
+    def control_input(self, condition: Image.Image) -> Image.Image | torch.Tensor:
+        """What the ControlNet is fed: the condition image, or for a pre-aligned ControlNet (FetalFlex) the
+        condition's VAE latent rescaled to the image latents' statistics (diffusers passes a 4-channel
+        tensor through as a latent)."""
+        alignment = prealignment_of(self.controlnet)
+        if alignment is None:
+            return condition
+        pixels = torch.from_numpy(np.asarray(condition, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        return alignment.align(encode_condition(self._encoder["vae"], pixels))
 
     def check(self, settings: GenerationSettings) -> None:
         if _sampler_key(settings.sampler) in UNBLENDABLE_SAMPLERS:
@@ -244,7 +258,8 @@ class ControlNetInpaint(PipelineTask):
         return min(int(settings.steps * self.request.strength), settings.steps)
 
     def arguments(self, settings: GenerationSettings, count: int) -> dict[str, Any]:
-        source, condition, _ = self.request.at_size(settings.width, settings.height)
+        source, condition_image, _ = self.request.at_size(settings.width, settings.height)
+        condition = self.control_input(condition_image)
         scale = self.request.conditioning_scale
         if self.request.strength == 1:
             return {"image": [condition] * count, "width": settings.width, "height": settings.height,
@@ -283,7 +298,8 @@ class ControlNetInpaint(PipelineTask):
         return paste_back(image, source, roi, self.request.feather)
 
     def inputs(self) -> dict[str, Any]:
-        return {**self.request.inputs(), "controlnet": dict(self.controlnet_record)}
+        return {**self.request.inputs(), "controlnet": dict(self.controlnet_record),
+                "prealigned": prealignment_of(self.controlnet) is not None}
 
 
 def _sampler_key(name: str) -> str | None:

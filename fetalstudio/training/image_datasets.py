@@ -9,6 +9,10 @@ A ``--data`` source is a folder or a CSV:
   head, <trimester> trimester``, the trimester from the ``trimester`` column, else from ``hc_mm``
   (``captions.trimester_from_hc``), else the ``unknown_trimester`` choice;
 * any CSV with a ``caption`` column (and ``image`` or ``filename``): that caption per image;
+* a structures folder (``images.csv`` + ``boxes.csv``, e.g. ``first_trimester_structures``, with
+  its ``more/``): the **training split** only (``data.structures.split_structures``; the held-out
+  images stay unseen by every generator), caption ``vocabulary.anatomy_caption`` of the layout plane
+  with that image's annotated structures, the prompt the Anatomy engine generates with;
 * any other folder of images: the caption from a ``.txt`` file beside each image, else the
   folder's caption (``--caption``).
 
@@ -32,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fetalstudio.data.structures import BOXES_TABLE, IMAGES_TABLE, read_structures, split_structures
 from fetalstudio.data.tables import IMAGE_SUFFIXES
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.captions import DEFAULT_UNKNOWN_TRIMESTER, head_trimester
-from fetalstudio.vocabulary import Plane, head_caption, plane_caption
+from fetalstudio.vocabulary import ANATOMY_PLANES, Plane, anatomy_caption, head_caption, plane_caption
 
 AFRICAN_COUNTRY_CODES = {"DZA", "EGY", "GHA", "MWI", "UGA"}
 AFRICAN_COUNTRY_NAMES = {"algeria", "egypt", "ghana", "malawi", "uganda"}
@@ -50,7 +55,7 @@ class ImageItem:
     label: str  # the class for balanced sampling: "plane/brain", "head/second", or the caption itself
     mask: Path | None = None
     source: str = ""
-    caption_from: str = ""  # plane | trimester | hc_proxy | default_trimester | column | txt | folder
+    caption_from: str = ""  # plane | trimester | hc_proxy | default_trimester | column | txt | folder | layout
 
 
 def collect_items(
@@ -98,6 +103,8 @@ def _read_source(source: Path, caption: str | None, unknown_trimester: str) -> l
     for table in ("labels.csv", "pairs.csv"):
         if (source / table).is_file():
             return _read_csv(source / table, caption, unknown_trimester)
+    if (source / IMAGES_TABLE).is_file() and (source / BOXES_TABLE).is_file():
+        return _read_structures_folder(source, caption)
     plane_folders = [p for p in sorted(source.iterdir()) if p.is_dir() and p.name.lower() in {x.value for x in Plane}]
     if plane_folders:
         items = []
@@ -129,6 +136,30 @@ def _read_source(source: Path, caption: str | None, unknown_trimester: str) -> l
             f"{len(uncaptioned)} image(s) in {source} have no caption, e.g. {uncaptioned[0].name}. Put a .txt file "
             "with the caption beside each image, or give one caption for the folder with --caption \"...\"."
         )
+    return items
+
+
+def layout_plane_of(structures: set[str], where: Path) -> str:
+    """The layout plane whose structure list holds every name in ``structures``."""
+    for plane in ANATOMY_PLANES.values():
+        if structures <= {s.name for s in plane.structures}:
+            return plane.name
+    raise FetalStudioError(
+        f"{where}: the structures {', '.join(sorted(structures))} do not all belong to one layout plane "
+        f"({'; '.join(f'{p.name}: ' + ', '.join(s.name for s in p.structures) for p in ANATOMY_PLANES.values())}). "
+        "Rename them in boxes.csv."
+    )
+
+
+def _read_structures_folder(source: Path, caption: str | None) -> list[ImageItem]:
+    annotated = split_structures(read_structures(source), "train")
+    plane = layout_plane_of({box[0] for item in annotated for box in item.boxes}, source / BOXES_TABLE)
+    order = [s.name for s in ANATOMY_PLANES[plane].structures]
+    items = []
+    for item in annotated:
+        text = caption or anatomy_caption(plane, sorted(set(item.structures), key=order.index))
+        items.append(ImageItem(item.path, text, f"layout/{plane}", source=str(source),
+                               caption_from="folder" if caption else "layout"))
     return items
 
 
