@@ -45,10 +45,19 @@ class CommandGroup:
     name: str
     help: str
     commands: tuple[Command, ...]
+    #: Runs when no sub-command is named (``flex --image ...`` beside ``flex presets``); its options
+    #: are the group's own. None: one of ``commands`` must be named.
+    default: Command | None = None
 
     def register(self, subparsers) -> argparse.ArgumentParser:
-        parser = subparsers.add_parser(self.name, help=self.help, description=self.help)
-        group = parser.add_subparsers(dest=f"{self.name}_command", required=True)
+        if self.default is None:
+            parser = subparsers.add_parser(self.name, help=self.help, description=self.help)
+        else:
+            parser = subparsers.add_parser(self.name, help=self.help, description=self.default.description or self.help,
+                                           formatter_class=self.default.formatter_class)
+            self.default.add_arguments(parser)
+            parser.set_defaults(handler=self.default.run)
+        group = parser.add_subparsers(dest=f"{self.name}_command", required=self.default is None)
         for command in self.commands:
             command.register(group)
         return parser

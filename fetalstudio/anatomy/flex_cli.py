@@ -1,6 +1,27 @@
-"""``python -m fetalstudio flex presets``: the anomaly presets (built-in and the user's), with their
-plane and clinical meaning. User presets are the ``*.json`` files in ``$FETALSTUDIO_PRESETS`` (default
-``outputs/presets/``); a broken one is reported on stderr and the others are still listed."""
+"""``python -m fetalstudio flex``: change the anatomy of a scan (FetalFlex) and save a project folder;
+``python -m fetalstudio flex presets``: the anomaly presets (built-in and the user's), with their plane
+and clinical meaning.
+
+An edit: the scan (``--image``; PNG, JPEG, TIFF, DICOM, ...), its layout (``--layout FILE``, a
+fetalstudio.layout JSON of this image's size, or ``--detect``: the bundled structure detector finds
+the boxes), what to change (``--preset NAME`` with ``--param NAME=VALUE``, and/or ``--edit``: an edit
+as JSON, a list of them, or a file holding either; presets are applied first, then the edits, in the
+order given), and the region to regenerate (``--roi auto``: the changed boxes before and after, grown
+by ``--roi-margin`` px; or a mask PNG of the image's size). The region is regenerated at the
+generator's square size through the layout ControlNet (``--stage``: ddim = RePaint inpainting,
+ssa = with Scale-Space Adaptive sampling, ssa+osm = then Organ-Scale Mask re-sampling, the default),
+and every pixel outside it stays the scan's own.
+
+The project folder (``--out DIR``, missing or empty; default outputs/anatomy/projects/<time>-<id>) gets
+source.png, layout_before/after (.json + map .png), condition.png, roi.png, osm_mask.png (ssa+osm),
+stage1.png, result.png (parameters inside), edits.json and project.json. A refused input writes
+nothing. Example:
+
+  python -m fetalstudio flex --image scan.png --detect --preset absent_nasal_bone --seed 3 --json
+
+User presets are the ``*.json`` files in ``$FETALSTUDIO_PRESETS`` (default ``outputs/presets/``); a
+broken one is reported on stderr and the others are still listed.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +29,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from fetalstudio.cli_args import Command
+from fetalstudio.cli_args import Command, at_least_one, device_name
+from fetalstudio.errors import FetalStudioError
+
+STAGE_CHOICES = ("ddim", "ssa", "ssa+osm")  # fetalstudio.anatomy.flex.STAGES (not imported: --help stays light)
+DETECTOR_ID = "fetalstudio-structure-detector"
 
 
 def add_presets_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,4 +64,199 @@ def run_presets(args: argparse.Namespace) -> int:
 
 
 PRESETS = Command("presets", "list the anomaly presets (built-in and user): name, plane, clinical meaning",
-                  add_presets_arguments, run_presets, description=__doc__)
+                  add_presets_arguments, run_presets,
+                  description="The anomaly presets (built-in and the user's), with their plane and clinical meaning. "
+                              "User presets are the *.json files in $FETALSTUDIO_PRESETS (default outputs/presets/); a "
+                              "broken one is reported on stderr and the others are still listed.")
+
+
+# --- flex (an edit) -----------------------------------------------------------------------------
+def parameter(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE``; the value is read as JSON (2.5, true, "x") and else kept as text (thalami)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE (e.g. factor=2.5), not {text!r}")
+    try:
+        return name.strip(), json.loads(value)
+    except ValueError:
+        return name.strip(), value
+
+
+def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", type=Path, help="the scan to edit (PNG, JPEG, BMP, TIFF or DICOM)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--layout", type=Path, help="the scan's layout: a fetalstudio.layout JSON file of the image's size")
+    source.add_argument("--detect", action="store_true", help=f"find the layout with the structure detector ({DETECTOR_ID})")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME", help="an anomaly preset to apply (see `flex presets`); repeatable")
+    parser.add_argument("--param", action="append", default=[], type=parameter, metavar="NAME=VALUE",
+                        help="a preset parameter (e.g. factor=2.5, structure=thalami); repeatable")
+    parser.add_argument("--edit", action="append", default=[], metavar="JSON_OR_FILE",
+                        help='an edit as JSON ({"op": "translate", "structure": "thalami", "dx": 10}), a list of them, '
+                             "or a file holding either; repeatable; applied after the presets")
+    parser.add_argument("--roi", default="auto", metavar="auto|MASK.png",
+                        help="region to regenerate: auto (the changed boxes, old and new, plus --roi-margin) or a mask PNG of the image's size (non-zero = regenerate)")
+    parser.add_argument("--roi-margin", type=float, default=None, metavar="PX", help="margin around the changed boxes for --roi auto (default 16 px)")
+    parser.add_argument("--stage", choices=STAGE_CHOICES, default="ssa+osm", help="ddim: RePaint inpainting; ssa: + SSA sampling; ssa+osm: then OSM stage 2 (default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (same inputs + seed = same pixels on a CPU; default 0)")
+    parser.add_argument("--steps", type=at_least_one, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--sampler", default="DDIM", help="DDIM (default, the paper's), Euler, Euler a or DPM++ 2M Karras")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--model", help="generator id or path (default: the catalog's default generator)")
+    parser.add_argument("--controlnet", metavar="ID", help="layout ControlNet id or path (default: the catalog's default ControlNet)")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--lora", metavar="ID", help="LoRA id or path (default: the plane's LoRA when installed, e.g. fetalstudio-sagittal-lora)")
+    lora.add_argument("--no-lora", action="store_true", help="apply no LoRA")
+    parser.add_argument("--osm-strength", type=float, default=0.6, help="stage 2 re-noise strength, above 0 to 1 (default 0.6)")
+    parser.add_argument("--out", type=Path, help="the project folder to write (missing or empty; default outputs/anatomy/projects/<time>-<id>)")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: $FETALSTUDIO_DEVICE, else the best available)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary (project, files, seed, models, timings)")
+
+
+def read_layout(args: argparse.Namespace, image, manager) -> Any:
+    """The layout of the scan: from --layout, or detected; its size must be the image's."""
+    from dataclasses import replace
+
+    from fetalstudio.anatomy.layout import Layout
+
+    if args.layout is not None:
+        layout = Layout.read(args.layout)
+        where = str(args.layout)
+    elif args.detect:
+        layout = detect_layout(manager, image)
+        where = "the detected layout"
+    else:
+        raise FetalStudioError("flex needs the scan's layout: give --layout FILE (a fetalstudio.layout JSON) or --detect "
+                               "(the structure detector finds the boxes).")
+    if layout.size != image.size:
+        raise FetalStudioError(f"{where} is for a {layout.width}x{layout.height} image but {image.path.name} is "
+                               f"{image.size[0]}x{image.size[1]}. Use the layout of this image (or --detect).")
+    if layout.pixel_size_mm is None and image.pixel_size_mm:
+        layout = replace(layout, pixel_size_mm=image.pixel_size_mm)
+    return layout
+
+
+def detect_layout(manager, image) -> Any:
+    from fetalstudio.anatomy.layout import Layout, StructureBox
+    from fetalstudio.detection.predict import StructureDetector
+    from fetalstudio.models.entries import ModelKind
+    from fetalstudio.vocabulary import ANATOMY_PLANES
+
+    model_id = DETECTOR_ID if DETECTOR_ID in manager.ids() else manager.default_id(ModelKind.DETECTOR)
+    detector = StructureDetector(manager.get(model_id))
+    planes = [name for name, plane in ANATOMY_PLANES.items()
+              if set(detector.structures) <= {s.name for s in plane.structures}]
+    if not planes:
+        raise FetalStudioError(f"The detector {model_id} finds {', '.join(detector.structures)}, which no layout plane has.")
+    found = detector.detect(image.gray)
+    if not found:
+        raise FetalStudioError(f"The detector found no structure on {image.path.name}. Check that it is a {planes[0]} "
+                               "scan, or give the layout with --layout.")
+    return Layout(planes[0], image.size[0], image.size[1],
+                  tuple(StructureBox(d.structure, d.x0, d.y0, d.x1, d.y1) for d in found), image.pixel_size_mm,
+                  f"detected by {model_id}")
+
+
+def read_edits(texts: list[str]) -> list[Any]:
+    """The --edit values: JSON text or a file with JSON; each an edit object or a list of them."""
+    from fetalstudio.anatomy.edits import edit_from_dict
+
+    edits = []
+    for number, text in enumerate(texts, start=1):
+        where = f"--edit {number}"
+        stripped = text.strip()
+        if not stripped.startswith(("{", "[")):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise FetalStudioError(f"{where} ({text}) is neither JSON (an edit object or a list) nor an existing file.")
+            stripped, where = path.read_text(encoding="utf-8"), f"{where} ({path.name})"
+        try:
+            data = json.loads(stripped)
+        except ValueError as error:
+            raise FetalStudioError(f"{where} is not valid JSON ({error}). Example: "
+                                   '{"op": "translate", "structure": "thalami", "dx": 10}.') from None
+        items = data if isinstance(data, list) else [data]
+        edits += [edit_from_dict(item, f"{where}, edit {i + 1}") for i, item in enumerate(items)]
+    return edits
+
+
+def apply_changes(layout, preset_names: list[str], parameters: list[tuple[str, Any]], edits: list[Any]):
+    """(edited layout, applied edits as JSON, presets as {name, parameters}); parameters go to the
+    presets that declare them."""
+    from fetalstudio.anatomy.edits import EditHistory
+    from fetalstudio.anatomy.presets import load_presets
+
+    presets = [load_presets().get(name) for name in preset_names] if preset_names else []
+    values = dict(parameters)
+    if values and not presets:
+        raise FetalStudioError("--param sets a preset parameter, but no --preset is given.")
+    unused = sorted(name for name in values if not any(name in preset.parameters for preset in presets))
+    if unused:
+        declared = ", ".join(f"{p.name}: {', '.join(p.parameters) or 'none'}" for p in presets)
+        raise FetalStudioError(f"No chosen preset has the parameter {', '.join(unused)} ({declared}).")
+    history = EditHistory(layout)
+    records = []
+    for preset in presets:
+        mine = {name: value for name, value in values.items() if name in preset.parameters}
+        preset.check_layout(history.current, mine)
+        history.apply_all(preset.edits(mine))
+        records.append({"name": preset.name, "parameters": preset.values(mine)})
+    history.apply_all(edits)
+    return history.current, [edit.to_dict() for edit in history.applied], records
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    if args.image is None:
+        raise FetalStudioError("flex needs --image (the scan to edit); `flex presets` lists the anomaly presets, "
+                               "`flex --help` shows every option.")
+    from fetalstudio.anatomy.flex import FlexOptions, flex_settings, run_flex
+    from fetalstudio.anatomy.project import check_project_folder, write_project
+    from fetalstudio.anatomy.roi import DEFAULT_MARGIN_PX, edit_roi, read_user_roi
+    from fetalstudio.app_context import build_context
+    from fetalstudio.imaging.image_input import load_image
+    from PIL import Image
+
+    if args.out is not None:
+        check_project_folder(args.out)
+    if args.roi != "auto" and args.roi_margin is not None:
+        raise FetalStudioError("--roi-margin applies to --roi auto only; a mask PNG is used as drawn.")
+    options = FlexOptions(stage=args.stage, osm_strength=args.osm_strength, controlnet=args.controlnet,
+                          lora="" if args.no_lora else args.lora)
+    edits = read_edits(args.edit)
+    image = load_image(args.image)
+    manager = build_context(device=args.device).manager  # libraries quietened, as every command
+    before = read_layout(args, image, manager)
+    after, applied, presets = apply_changes(before, args.preset, args.param, edits)
+    if args.roi == "auto":
+        margin = DEFAULT_MARGIN_PX if args.roi_margin is None else args.roi_margin
+        roi, roi_source = edit_roi(before, after, margin), f"auto (margin {margin:g} px)"
+    else:
+        roi, roi_source = read_user_roi(Path(args.roi), image.size), str(args.roi)
+    settings = flex_settings(manager, after, steps=args.steps, seed=args.seed, sampler=args.sampler,
+                             guidance_scale=args.guidance, model=args.model)
+
+    def progress(done: int, total: int, step: int, steps: int) -> None:
+        if not args.json:
+            print(f"step {step}/{steps}", file=sys.stderr, flush=True)
+
+    outcome = run_flex(manager, settings, Image.fromarray(image.gray), after, roi, options, progress, before=before)
+    if outcome.cancelled:
+        raise FetalStudioError("The edit was cancelled; nothing was written.")
+    project = write_project(outcome, args.out, image_path=str(args.image), roi_source=roi_source, edits=applied,
+                            presets=presets)
+    record = json.loads((project / "project.json").read_text(encoding="utf-8"))
+    summary = {"project": str(project), "files": record["files"], "stage": outcome.options.stage, "seed": outcome.seed,
+               "seeds": {run["stage"]: run["seeds"] for run in record["runs"]}, "models": record["models"],
+               "timings": record["timings"], "roi_pixels": record["roi"]["pixels"],
+               "osm_mask_pixels": (record["osm_mask"] or {}).get("pixels"), "presets": [p["name"] for p in presets],
+               "edits": len(applied)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"project: {project}")
+        print(f"result: {project / 'result.png'} (stage {outcome.options.stage}, seed {outcome.seed}, "
+              f"{record['timings'].get('total', 0):.1f} s)")
+    return 0
+
+
+EDIT = Command("flex", "change the anatomy of a scan (FetalFlex) and save a project folder", add_edit_arguments,
+               run_edit, description=__doc__)
