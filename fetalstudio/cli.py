@@ -159,6 +159,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
     from fetalstudio.analysis import analyze_cli
     from fetalstudio.anatomy import flex_cli
     from fetalstudio.evaluation import classifier as eval_classifier
+    from fetalstudio.evaluation import flex as eval_flex
     from fetalstudio.evaluation import segmenter as eval_segmenter
     from fetalstudio.evaluation.synthesis import command as eval_synthesis
     from fetalstudio.review import extract_cli
@@ -179,7 +180,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
                      (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND, train_controlnet.COMMAND,
                       train_detector.COMMAND)),
         CommandGroup("eval", "evaluate a model (writes a report folder)",
-                     (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND)),
+                     (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND, eval_flex.COMMAND)),
         CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): edit a scan's layout, anomaly presets", (flex_cli.PRESETS,),
                      default=flex_cli.EDIT),
     )
