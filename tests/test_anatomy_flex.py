@@ -229,6 +229,8 @@ def test_bad_inputs_are_refused_with_what_to_do(manager, scan, models_root, tmp_
         FlexOptions(stage="osm")
     with pytest.raises(FetalStudioError, match="OSM strength"):
         FlexOptions(osm_strength=0)
+    with pytest.raises(FetalStudioError, match="condition must be one of layout, canny"):
+        FlexOptions(condition="sobel")
     bare = ModelManager(tmp_path, extra_folders=(models_root / MODEL_ID,))
     with pytest.raises(FetalStudioError) as refused:
         run_flex(bare, settings(manager, after), source, after, roi)

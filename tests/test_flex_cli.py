@@ -174,3 +174,14 @@ def test_no_controlnet_installed_says_how_to_get_one(env, models_root, tmp_path,
     assert main(["flex", "--image", str(IMAGE), "--layout", str(layout_file), "--preset", "absent_nasal_bone", *FAST]) == 2
     err = capsys.readouterr().err
     assert "No layout ControlNet is installed" in err and "train controlnet" in err and projects(env) == []
+
+
+def test_an_edge_condition_regenerates_the_whole_scan_when_nothing_is_edited(env, layout_file, capsys):
+    assert main(["flex", "--image", str(IMAGE), "--layout", str(layout_file), "--condition", "canny", "--stage", "ddim",
+                 "--json", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    project = projects(env)[0]
+    record = json.loads((project / "project.json").read_text())
+    assert summary["roi_pixels"] == 697 * 480 and record["options"]["condition"] == "canny"
+    edges = np.asarray(Image.open(project / "condition.png").convert("L"))
+    assert set(np.unique(edges)) <= {0, 255} and 0 < (edges > 0).mean() < 0.5  # a Canny map, not the layout's colours

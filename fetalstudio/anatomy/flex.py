@@ -19,6 +19,10 @@ Stages (``FlexOptions.stage``):
   leaves no new box: then the mask is the layout's boxes that meet the ROI (the organs around the
   gap), and if none does, the ROI itself.
 
+``FlexOptions.condition`` other than "layout" (canny, hed, ...) conditions on the edge map of the
+letterboxed source instead (``pipelines.edges``; give an edge ControlNet): structure-preserving
+re-synthesis of the ROI.
+
 Everything runs through ``pipelines.inpaint.InpaintRunner``: lazy loading through the model manager,
 its memory budget and out-of-memory retry, progress and cancel. The same inputs and seed give the
 same pixels on a CPU.
@@ -42,6 +46,7 @@ from fetalstudio.errors import FetalStudioError, ModelNotFoundError
 from fetalstudio.imaging.letterbox import Letterbox, letterbox_geometry, letterbox_image, letterbox_mask, unletterbox_image
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.hashing import checkpoint_hash
+from fetalstudio.pipelines.edges import EDGE_DETECTORS, edge_map
 from fetalstudio.pipelines.inpaint import OSM, STAGE_ONE, InpaintRequest, InpaintRunner, MAX_FEATHER, as_roi, paste_back
 from fetalstudio.pipelines.prepared import ProgressCallback
 from fetalstudio.pipelines.settings import GenerationResult, GenerationSettings, LoraSpec
@@ -49,6 +54,7 @@ from fetalstudio.pipelines.ssa import SSAParameters
 from fetalstudio.vocabulary import FACIAL_SAGITTAL, anatomy_caption
 
 STAGES = ("ddim", "ssa", "ssa+osm")
+CONDITIONS = ("layout", *EDGE_DETECTORS)
 DEFAULT_STAGE = "ssa+osm"
 #: The LoRA that teaches the bundled generator a plane, used by default when the catalog lists it.
 PLANE_LORAS = {FACIAL_SAGITTAL: "fetalstudio-sagittal-lora"}
@@ -88,6 +94,9 @@ class FlexOptions:
     controlnet: str | None = None  # None: the catalog's default ControlNet
     lora: str | None = None  # None: the plane's LoRA when the catalog lists it; "": none
     lora_weight: float = 1.0
+    #: "layout" (the layout map, FetalFlex) or an edge detector of ``pipelines.edges`` (canny, hed, ...):
+    #: the edge map of the letterboxed source, for structure-preserving re-synthesis with an edge ControlNet.
+    condition: str = "layout"
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +114,8 @@ class FlexOptions:
             problems.append(f"the conditioning scale must be between 0 and 2 (got {self.conditioning_scale})")
         if not 0 <= self.lora_weight <= 1.5:
             problems.append(f"the LoRA weight must be between 0 and 1.5 (got {self.lora_weight})")
+        if self.condition not in CONDITIONS:
+            problems.append(f"the condition must be one of {', '.join(CONDITIONS)} (got {self.condition!r})")
         if problems:
             raise FetalStudioError("Anatomy edit options: " + "; ".join(problems) + ".")
 
@@ -119,7 +130,8 @@ class FlexOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "ssa": self.ssa.to_dict(), "osm_strength": self.osm_strength,
                 "osm_margin_px": self.osm_margin_px, "conditioning_scale": self.conditioning_scale,
-                "feather": self.feather, "controlnet": self.controlnet, "lora": self.lora, "lora_weight": self.lora_weight}
+                "feather": self.feather, "controlnet": self.controlnet, "lora": self.lora, "lora_weight": self.lora_weight,
+                "condition": self.condition}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlexOptions:
@@ -280,6 +292,8 @@ def run_flex(manager, settings: GenerationSettings, source: Image.Image, layout:
     condition, box = layout_condition(layout, size)
     square_roi, _ = letterbox_mask(roi, size)
     square_source, _ = letterbox_image(source, size)
+    if options.condition != "layout":
+        condition = edge_map(square_source, options.condition)
 
     osm_steps = int(settings.steps * options.osm_strength) if options.uses_osm else 0
     total_steps = settings.steps + osm_steps

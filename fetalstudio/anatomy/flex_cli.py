@@ -35,6 +35,7 @@ from fetalstudio.cli_args import Command, at_least_one, device_name
 from fetalstudio.errors import FetalStudioError
 
 STAGE_CHOICES = ("ddim", "ssa", "ssa+osm")  # fetalstudio.anatomy.flex.STAGES (not imported: --help stays light)
+CONDITION_CHOICES = ("layout", "canny", "hed", "pidinet", "lineart")  # fetalstudio.anatomy.flex.CONDITIONS
 DETECTOR_ID = "fetalstudio-structure-detector"
 
 
@@ -106,6 +107,10 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--lora", metavar="ID", help="LoRA id or path (default: the plane's LoRA when installed, e.g. fetalstudio-sagittal-lora)")
     lora.add_argument("--no-lora", action="store_true", help="apply no LoRA")
+    parser.add_argument("--condition", choices=CONDITION_CHOICES, default="layout",
+                        help="the ControlNet's condition: layout (the layout map, default) or the edge map of the scan "
+                             "(canny works offline; hed/pidinet/lineart need their weights) with an edge --controlnet; "
+                             "--roi auto without an edit is then the whole image")
     parser.add_argument("--osm-strength", type=float, default=0.6, help="stage 2 re-noise strength, above 0 to 1 (default 0.6)")
     parser.add_argument("--out", type=Path, help="the project folder to write (missing or empty; default outputs/anatomy/projects/<time>-<id>)")
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: $FETALSTUDIO_DEVICE, else the best available)")
@@ -212,21 +217,25 @@ def run_edit(args: argparse.Namespace) -> int:
     from fetalstudio.anatomy.project import check_project_folder, write_project
     from fetalstudio.anatomy.roi import DEFAULT_MARGIN_PX, edit_roi, read_user_roi
     from fetalstudio.app_context import build_context
-    from fetalstudio.imaging.image_input import load_image
+    import numpy as np
     from PIL import Image
+
+    from fetalstudio.imaging.image_input import load_image
 
     if args.out is not None:
         check_project_folder(args.out)
     if args.roi != "auto" and args.roi_margin is not None:
         raise FetalStudioError("--roi-margin applies to --roi auto only; a mask PNG is used as drawn.")
     options = FlexOptions(stage=args.stage, osm_strength=args.osm_strength, controlnet=args.controlnet,
-                          lora="" if args.no_lora else args.lora)
+                          lora="" if args.no_lora else args.lora, condition=args.condition)
     edits = read_edits(args.edit)
     image = load_image(args.image)
     manager = build_context(device=args.device).manager  # libraries quietened, as every command
     before = read_layout(args, image, manager)
     after, applied, presets = apply_changes(before, args.preset, args.param, edits)
-    if args.roi == "auto":
+    if args.roi == "auto" and args.condition != "layout" and after == before:
+        roi, roi_source = np.ones((image.size[1], image.size[0]), bool), "whole image"
+    elif args.roi == "auto":
         margin = DEFAULT_MARGIN_PX if args.roi_margin is None else args.roi_margin
         roi, roi_source = edit_roi(before, after, margin), f"auto (margin {margin:g} px)"
     else:
