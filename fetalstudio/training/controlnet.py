@@ -301,23 +301,27 @@ def fuse_lora(pipeline, lora: str, weight: float) -> tuple[str, str]:
     return entry.id, checkpoint_hash(path)
 
 
+def encode_layouts(maps_uint8, vae, device, batch: int = 16):
+    """The VAE latents (posterior mode, scaled) of layout maps, on the CPU."""
+    import torch
+
+    from fetalstudio.models.prealign import encode_condition
+
+    vae.to(device)
+    return torch.cat([encode_condition(vae, map_condition(maps_uint8[i:i + batch], device)).cpu()
+                      for i in range(0, len(maps_uint8), batch)])
+
+
 class ConditionSet:
     """The ControlNet's conditions for a set of images: layout maps in [0, 1], or (--pre-align) their
     VAE latents aligned to the image latents' statistics; ``null`` is a black map's condition."""
 
-    def __init__(self, maps_uint8, alignment, vae, device):
-        import torch
-
-        from fetalstudio.models.prealign import encode_condition
-
+    def __init__(self, maps_uint8, alignment=None, layout_latents=None, null_latent=None):
         self.alignment = alignment
         if alignment is None:
             self.values, self.null = maps_uint8, None
-            return
-        vae.to(device)
-        latents = torch.cat([encode_condition(vae, map_condition(maps_uint8[i:i + 16], device)) for i in range(0, len(maps_uint8), 16)])
-        self.values = alignment.align(latents).cpu()
-        self.null = alignment.align(encode_condition(vae, torch.zeros_like(maps_uint8[:1], dtype=torch.float32).to(device))).cpu()
+        else:
+            self.values, self.null = alignment.align(layout_latents), alignment.align(null_latent)
 
     def take(self, index, device):
         if self.alignment is None:
@@ -331,15 +335,20 @@ class ConditionSet:
         return torch.zeros_like(conditions) if self.null is None else self.null.to(conditions.device).expand_as(conditions)
 
 
-def layout_prealignment(maps_uint8, image_latents, vae, device):
-    """FetalFlex's statistics: the training layout maps' VAE latents vs the training images' latents."""
+def condition_sets(maps, val_maps, image_latents, pre_align: bool, vae, device):
+    """(training conditions, validation conditions or None, the pre-alignment or None). Pre-aligned:
+    FetalFlex's statistics are the training layout maps' latents vs the training images' latents."""
     import torch
 
-    from fetalstudio.models.prealign import PreAlignment, encode_condition
+    from fetalstudio.models.prealign import PreAlignment
 
-    vae.to(device)
-    latents = torch.cat([encode_condition(vae, map_condition(maps_uint8[i:i + 16], device)) for i in range(0, len(maps_uint8), 16)])
-    return PreAlignment.measure(latents.cpu(), image_latents)
+    if not pre_align:
+        return ConditionSet(maps), None if val_maps is None else ConditionSet(val_maps), None
+    latents = encode_layouts(maps, vae, device)
+    null_latent = encode_layouts(torch.zeros_like(maps[:1]), vae, device)
+    alignment = PreAlignment.measure(latents, image_latents)
+    val = None if val_maps is None else ConditionSet(val_maps, alignment, encode_layouts(val_maps, vae, device), null_latent)
+    return ConditionSet(maps, alignment, latents, null_latent), val, alignment
 
 
 def native_resolution(pipeline) -> int:
@@ -415,9 +424,8 @@ def run(args: argparse.Namespace) -> int:
         val_mean, _ = encode_latents(work / "cache", {**latent_key, "images": [str(i.path) for i in val_images]}, val_pixels, vae, device)
     del pixels  # only the latents are trained on
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
-    alignment = layout_prealignment(maps, (mean - shift) * scaling, vae, device) if args.pre_align else None
-    conditions = ConditionSet(maps, alignment, vae, device)
-    val_conditions = ConditionSet(val_maps, alignment, vae, device) if val_mean is not None else None
+    conditions, val_conditions, alignment = condition_sets(maps, val_maps if val_mean is not None else None,
+                                                           (mean - shift) * scaling, args.pre_align, vae, device)
     vae.to("cpu")
     unet.to(device)
     text_encoder.to(device)
