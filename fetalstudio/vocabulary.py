@@ -218,15 +218,23 @@ def max_structure_label() -> int:
     return max(s.label for p in ANATOMY_PLANES.values() for s in p.structures)
 
 
+#: Structures named by their clinical abbreviation in captions: the full names take 18 tokens of the
+#: bundled generator's tokenizer and pushed the 9-structure caption past CLIP's 77-token limit
+#: (the last structures were cut off); with these it is 64.
+CAPTION_WORDS = {"nuchal_translucency": "NT", "intracranial_translucency_4th_ventricle": "IT"}
+
+
 def anatomy_caption(plane: str, structure_names: tuple[str, ...] | list[str] | None = None) -> str:
     """The caption of a layout plane's images, listing the plane and its structures (FetalFlex's
     global prompt), e.g. "An ultrasound image of a fetal facial sagittal plane, first trimester,
-    with thalami, midbrain, ...". ``structure_names`` narrows the list (a layout's own structures)."""
+    with thalami, midbrain, ..., NT, IT, cisterna magna" (``CAPTION_WORDS``: NT and IT by their
+    abbreviations, so the whole caption fits CLIP's 77 tokens). ``structure_names`` narrows the
+    list (a layout's own structures)."""
     spec = anatomy_plane(plane)
     names = [s.name for s in spec.structures] if structure_names is None else list(structure_names)
     for name in names:
         structure(spec.name, name)
-    words = ", ".join(name.replace("_", " ") for name in names)
+    words = ", ".join(CAPTION_WORDS.get(name, name.replace("_", " ")) for name in names)
     if spec.name == FACIAL_SAGITTAL:
         head = "An ultrasound image of a fetal facial sagittal plane, first trimester"
     else:

@@ -48,3 +48,18 @@ def test_unknown_names_list_the_valid_ones():
 def test_caption_lists_plane_and_structures():
     assert anatomy_caption(FACIAL_SAGITTAL, ["thalami", "nasal_bone"]) == (
         "An ultrasound image of a fetal facial sagittal plane, first trimester, with thalami, nasal bone")
+
+
+def test_every_caption_fits_the_77_tokens_clip_reads():
+    """The full 9-structure caption once ran to 91 tokens of the bundled tokenizer and CLIP cut off the last
+    structures; NT and IT are now named by their abbreviations."""
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    tokenizer_folder = Path(__file__).resolve().parents[1] / "checkpoints" / "bundled" / "fetalstudio-tiny" / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    full = anatomy_caption(FACIAL_SAGITTAL)
+    assert full.endswith("nasal skin, NT, IT, cisterna magna")
+    for plane in (FACIAL_SAGITTAL, TRANS_THALAMIC):
+        assert len(tokenizer(anatomy_caption(plane)).input_ids) <= tokenizer.model_max_length == 77
