@@ -206,7 +206,9 @@ def test_pre_aligned_controlnet_on_a_fused_lora_trains_loads_and_generates(tiny_
     request = InpaintRequest(source=source, condition=layout, roi=roi, controlnet=str(out))
     result = InpaintRunner(manager).generate(settings, request)
     made = np.asarray(result.images[0].image.convert("RGB")).astype(int)
+    assert made.shape == (64, 64, 3)  # the run keeps its size (diffusers sizes it from the condition image)
     assert np.array_equal(made[~roi], source[~roi].astype(int))
+    assert not controlnet._forward_pre_hooks  # the pre-alignment hook is taken off after the run
     assert result.images[0].metadata["task"]["prealigned"] is True
     other = InpaintRunner(manager).generate(settings, InpaintRequest(source=source, condition=np.zeros_like(source), roi=roi,
                                                                      controlnet=str(out)))

@@ -56,7 +56,7 @@ from PIL import Image
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.hashing import checkpoint_hash
-from fetalstudio.models.prealign import encode_condition, prealignment_of
+from fetalstudio.models.prealign import PreAlignment, encode_condition, prealignment_of
 from fetalstudio.pipelines.prepared import (
     ImageCallback, PipelineTask, PreparedPipeline, ProgressCallback, StepHook, prepare_pipeline,
 )
@@ -218,8 +218,8 @@ class ControlNetInpaint(PipelineTask):
     request: InpaintRequest
     controlnet: Any
     controlnet_record: dict[str, str]
-    #: The generator's VAE, kept by ``pipeline()`` for a pre-aligned ControlNet's condition latent.
-    _encoder: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: While a pre-aligned ControlNet runs: the forward pre-hook that encodes its condition (``pipeline()``).
+    _hooks: list[Any] = field(default_factory=list, repr=False)
 
     name = CONTROLNET_INPAINT
 
@@ -227,19 +227,17 @@ class ControlNetInpaint(PipelineTask):
         from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
 
         _check_fits(self.controlnet, prepared.pipeline.unet, self.controlnet_record["id"], prepared.entry.id)
-        self._encoder["vae"] = prepared.pipeline.vae
+        alignment = prealignment_of(self.controlnet)
+        if alignment is not None and not self._hooks:
+            self._hooks.append(self.controlnet.register_forward_pre_hook(
+                prealigned_condition_hook(alignment, prepared.pipeline.vae), with_kwargs=True))
         pipeline_class = StableDiffusionControlNetPipeline if self.request.strength == 1 else StableDiffusionControlNetImg2ImgPipeline
         return prepared.derived(pipeline_class, controlnet=self.controlnet)
 
-    def control_input(self, condition: Image.Image) -> Image.Image | torch.Tensor:
-        """What the ControlNet is fed: the condition image, or for a pre-aligned ControlNet (FetalFlex) the
-        condition's VAE latent rescaled to the image latents' statistics (diffusers passes a 4-channel
-        tensor through as a latent)."""
-        alignment = prealignment_of(self.controlnet)
-        if alignment is None:
-            return condition
-        pixels = torch.from_numpy(np.asarray(condition, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        return alignment.align(encode_condition(self._encoder["vae"], pixels))
+    def release(self) -> None:
+        """Take the pre-alignment hook off the shared ControlNet (the run is over)."""
+        while self._hooks:
+            self._hooks.pop().remove()
 
     def check(self, settings: GenerationSettings) -> None:
         if _sampler_key(settings.sampler) in UNBLENDABLE_SAMPLERS:
@@ -258,8 +256,7 @@ class ControlNetInpaint(PipelineTask):
         return min(int(settings.steps * self.request.strength), settings.steps)
 
     def arguments(self, settings: GenerationSettings, count: int) -> dict[str, Any]:
-        source, condition_image, _ = self.request.at_size(settings.width, settings.height)
-        condition = self.control_input(condition_image)
+        source, condition, _ = self.request.at_size(settings.width, settings.height)
         scale = self.request.conditioning_scale
         if self.request.strength == 1:
             return {"image": [condition] * count, "width": settings.width, "height": settings.height,
@@ -300,6 +297,25 @@ class ControlNetInpaint(PipelineTask):
     def inputs(self) -> dict[str, Any]:
         return {**self.request.inputs(), "controlnet": dict(self.controlnet_record),
                 "prealigned": prealignment_of(self.controlnet) is not None}
+
+
+def prealigned_condition_hook(alignment: PreAlignment, vae: Any):
+    """A ControlNet forward pre-hook for FetalFlex's pre-alignment: the pipeline feeds the condition image
+    (3 channels in [0, 1], image-sized, so diffusers sizes the run from it as usual); the hook swaps in
+    its VAE latent aligned to the image latents' statistics. Encoded once per run: the condition is the
+    same at every step (keyed by the batch shape, which classifier-free guidance doubles)."""
+    encoded: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def hook(module, args, kwargs):
+        condition = kwargs.get("controlnet_cond")
+        if condition is None or condition.shape[1] != 3:
+            return None
+        key = tuple(condition.shape)
+        if key not in encoded:
+            encoded[key] = alignment.align(encode_condition(vae, condition.float()))
+        return args, {**kwargs, "controlnet_cond": encoded[key].to(condition.device, condition.dtype)}
+
+    return hook
 
 
 def _sampler_key(name: str) -> str | None:
@@ -344,6 +360,7 @@ class InpaintRunner(PipelineRunner):
                 return prepared.run(task, on_progress, cancel, on_image)
             finally:
                 if isinstance(task, ControlNetInpaint):
+                    task.release()
                     prepared.forget(task.controlnet)
 
     def generate(
