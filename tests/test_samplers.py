@@ -40,3 +40,16 @@ def test_sampler_names_by_key_or_label():
     assert len(SAMPLERS) == 5
     with pytest.raises(ValueError, match="Choose one of: euler, euler_a, unipc, ddim, dpmpp_2m_karras"):
         parse_sampler("heun")
+
+
+def test_ddim_does_not_clip_latents_unless_the_model_config_asks():
+    """The bundled generator's PNDM config has no clip_sample; DDIM's own default (True) clipped the predicted
+    latent x0 to [-1, 1] and DDIM images were texture noise."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "checkpoints/bundled/fetalstudio-tiny/scheduler/scheduler_config.json").read_text())
+    assert "clip_sample" not in config
+    assert make_scheduler("ddim", config).config.clip_sample is False
+    assert make_scheduler("ddim", {**config, "clip_sample": True}).config.clip_sample is True
+    assert "clip_sample" not in config  # the model's config is not changed

@@ -53,4 +53,9 @@ def make_scheduler(sampler: Sampler | str, base_config: dict[str, Any]):
     if isinstance(sampler, str):
         sampler = parse_sampler(sampler)
     scheduler_class = getattr(diffusers, sampler.scheduler_class)
-    return scheduler_class.from_config(dict(base_config), **sampler.overrides)
+    config = dict(base_config)
+    # DDIM and DDPM default to clipping the predicted x0 to [-1, 1], a pixel-space rule: latents are
+    # not in that range, and a model whose own config does not say (fetalstudio-tiny's PNDM config)
+    # gave texture noise with DDIM. SD's released configs say clip_sample false; so does the default here.
+    config.setdefault("clip_sample", False)
+    return scheduler_class.from_config(config, **sampler.overrides)
