@@ -85,6 +85,15 @@ def test_an_edit_writes_a_project_and_a_json_summary(env, layout_file, capsys):
     assert edits["presets"] == [{"name": "absent_nasal_bone", "parameters": {}}] and edits["edits"][0]["op"] == "remove"
 
 
+def test_sampling_options_reach_the_run_and_the_project(env, layout_file, capsys):
+    assert main(["flex", "--image", str(IMAGE), "--layout", str(layout_file), "--preset", "absent_nasal_bone", "--stage", "ssa",
+                 "--ssa-k", "0.5", "--ssa-delta", "0.05", "--ssa-iterations", "2", "--controlnet-scale", "0.8", "--json", *FAST]) == 0
+    (project,) = projects(env)
+    options = json.loads((project / "project.json").read_text())["options"]
+    assert options["ssa"] == {**options["ssa"], "k": 0.5, "delta": 0.05, "iterations": 2}
+    assert options["conditioning_scale"] == 0.8
+
+
 def test_out_is_used_when_empty_and_a_finished_project_is_never_overwritten(env, layout_file, capsys):
     out = env / "mine"
     args = ["flex", "--image", str(IMAGE), "--layout", str(layout_file), "--stage", "ddim", "--edit",
@@ -150,6 +159,8 @@ def _layout_text(width=697, height=480, x0=400.0, x1=440.0):
      "no chosen preset has the parameter factor"),
     ("bad edit json", ["--layout", "{layout}", "--edit", "{not json"], "not valid JSON"),
     ("margin with a mask", ["--layout", "{layout}", "--roi", "{mask}", "--roi-margin", "3"], "--roi auto only"),
+    ("unstable ssa step", ["--layout", "{layout}", "--preset", "absent_nasal_bone", "--ssa-delta", "0.3"], "delta must be above 0 and at most 0.25"),
+    ("controlnet scale", ["--layout", "{layout}", "--preset", "absent_nasal_bone", "--controlnet-scale", "3"], "conditioning scale must be between 0 and 2"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(env, layout_file, tmp_path, capsys, case, extra, message):
     (tmp_path / "outside.json").write_text(_layout_text(x1=760))

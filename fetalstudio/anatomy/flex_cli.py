@@ -111,10 +111,33 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the ControlNet's condition: layout (the layout map, default) or the edge map of the scan "
                              "(canny works offline; hed/pidinet/lineart need their weights) with an edge --controlnet; "
                              "--roi auto without an edit is then the whole image")
-    parser.add_argument("--osm-strength", type=float, default=0.6, help="stage 2 re-noise strength, above 0 to 1 (default 0.6)")
+    add_sampling_arguments(parser)
     parser.add_argument("--out", type=Path, help="the project folder to write (missing or empty; default outputs/anatomy/projects/<time>-<id>)")
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: $FETALSTUDIO_DEVICE, else the best available)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary (project, files, seed, models, timings)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's sampling knobs (FlexOptions), shared by ``flex`` and ``eval flex``."""
+    from fetalstudio.anatomy.flex import FlexOptions
+    from fetalstudio.pipelines.ssa import SSAParameters
+
+    ssa, options = SSAParameters(), FlexOptions()
+    parser.add_argument("--ssa-k", type=float, default=ssa.k, help=f"SSA edge threshold k, in latent units (default {ssa.k:g})")
+    parser.add_argument("--ssa-delta", type=float, default=ssa.delta, help=f"SSA diffusion step, above 0 to 0.25 (default {ssa.delta:g})")
+    parser.add_argument("--ssa-iterations", type=int, default=ssa.iterations, help=f"SSA diffusion iterations per denoising step (default {ssa.iterations})")
+    parser.add_argument("--osm-strength", type=float, default=options.osm_strength,
+                        help=f"stage 2 re-noise strength, above 0 to 1 (default {options.osm_strength:g})")
+    parser.add_argument("--controlnet-scale", type=float, default=options.conditioning_scale,
+                        help=f"ControlNet conditioning scale, 0 to 2 (default {options.conditioning_scale:g})")
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """FlexOptions keyword arguments from ``add_sampling_arguments``'s options (validated by FlexOptions)."""
+    from fetalstudio.pipelines.ssa import SSAParameters
+
+    return {"ssa": SSAParameters(k=args.ssa_k, delta=args.ssa_delta, iterations=args.ssa_iterations),
+            "osm_strength": args.osm_strength, "conditioning_scale": args.controlnet_scale}
 
 
 def read_layout(args: argparse.Namespace, image, manager) -> Any:
@@ -226,8 +249,8 @@ def run_edit(args: argparse.Namespace) -> int:
         check_project_folder(args.out)
     if args.roi != "auto" and args.roi_margin is not None:
         raise FetalStudioError("--roi-margin applies to --roi auto only; a mask PNG is used as drawn.")
-    options = FlexOptions(stage=args.stage, osm_strength=args.osm_strength, controlnet=args.controlnet,
-                          lora="" if args.no_lora else args.lora, condition=args.condition)
+    options = FlexOptions(stage=args.stage, controlnet=args.controlnet, lora="" if args.no_lora else args.lora,
+                          condition=args.condition, **sampling_options(args))
     edits = read_edits(args.edit)
     image = load_image(args.image)
     manager = build_context(device=args.device).manager  # libraries quietened, as every command

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fetalstudio.anatomy.flex_cli import add_sampling_arguments, sampling_options
 from fetalstudio.cli_args import Command, at_least_one, device_name, output_folder
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.paths import APP_ROOT
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the image draw, the hidden structure and the sampling (image i: seed + i)")
     parser.add_argument("--steps", type=at_least_one, default=20, help="denoising steps per stage")
     parser.add_argument("--stages", default=DEFAULT_STAGES, help="comma-separated stages to compare: ddim, ssa, ssa+osm")
+    add_sampling_arguments(parser)
     parser.add_argument("--model", help="generator id or path (default: the catalog's default generator)")
     parser.add_argument("--controlnet", help="layout ControlNet id or path (default: the catalog's default ControlNet)")
     parser.add_argument("--lora", help="LoRA id or path (default: the plane's LoRA when installed; 'none' for none)")
@@ -321,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     lora = resolve_lora(manager, plane, "" if (args.lora or "").lower() == "none" else args.lora)
     size = args.size or manager.native_image_size(model) or 512
     context = {"roi_margin": margin, "steps": args.steps, "seed": args.seed, "model": model,
-               "options": {"controlnet": controlnet, "lora": lora or ""}}
+               "options": {"controlnet": controlnet, "lora": lora or "", **sampling_options(args)}}
 
     started = time.perf_counter()
     collected = Collected()
@@ -337,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
         "stages": stages, "preset_stage": stages[-1], "sampler": "DDIM", "model": model, "controlnet": controlnet,
         "lora": lora, "detector": detector_entry.id, "size": size, "roi_margin": margin, "plane": plane,
         "presets": [p.name for p in presets], "score_threshold": threshold,
+        "ssa": context["options"]["ssa"].to_dict(), "osm_strength": context["options"]["osm_strength"],
+        "controlnet_scale": context["options"]["conditioning_scale"],
         "ms_ssim": {"window": MS_SSIM_WINDOW, "scales": "5 when the smaller side > 160 px, else those that fit (weights renormalised)",
                     "data_range": 1.0, "roi": "bounding rectangle of the ROI"},
         "roi_only": "bounding rectangle of the ROI (crop of both images)",
