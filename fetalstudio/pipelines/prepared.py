@@ -163,7 +163,7 @@ class PreparedPipeline:
         if pipeline is None:
             # from_pipe casts every module to its dtype argument, float32 by default: a half-precision
             # model (shared with the base pipeline) would silently become float32
-            pipeline = pipeline_class.from_pipe(self.pipeline, dtype=self.pipeline.dtype, **components)
+            pipeline = _quietly(lambda: pipeline_class.from_pipe(self.pipeline, dtype=self.pipeline.dtype, **components))
             pipeline.set_progress_bar_config(disable=True)
             self.state.derived[key] = pipeline  # holds the components, so their ids stay theirs
         if pipeline.scheduler is not self.pipeline.scheduler:
@@ -361,3 +361,16 @@ def _jsonable(config: dict) -> dict:
         else:
             out[key] = str(value)
     return out
+
+
+def _quietly(build: Callable[[], Any]) -> Any:
+    """Run ``build`` with diffusers' warnings off: ``from_pipe(dtype=...)`` warns on every call that "modules
+    in AutoencoderKL should be kept in float32: []" (an empty list: nothing is affected)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return build()
+    finally:
+        diffusers_logging.set_verbosity(previous)
