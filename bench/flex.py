@@ -213,6 +213,8 @@ class Bench:
         from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
 
         from fetalstudio.anatomy.flex import FlexOptions, flex_settings
+        from fetalstudio.models.prealign import read_prealignment
+        from fetalstudio.pipelines.inpaint import prealigned_condition_hook
         from fetalstudio.pipelines.samplers import parse_sampler
 
         self.args, self.manager, self.edit = args, manager, edit
@@ -225,10 +227,13 @@ class Bench:
         base = manager.get(model_id)
         sampler = parse_sampler("DDIM")
         self.scheduler_class = getattr(diffusers, sampler.scheduler_class)
-        self.scheduler_config = dict(base.scheduler.config)
+        self.scheduler_config = {**base.scheduler.config, "clip_sample": base.scheduler.config.get("clip_sample", False)}
         self.scheduler_overrides = sampler.overrides
         controlnet_path = manager.local_path(manager.entry(controlnet))
         plain_controlnet = ControlNetModel.from_pretrained(str(controlnet_path)).to(self.device, self.dtype)
+        alignment = read_prealignment(controlnet_path)
+        if alignment is not None:  # a pre-aligned ControlNet reads its layout through the VAE: part of the model
+            plain_controlnet.register_forward_pre_hook(prealigned_condition_hook(alignment, base.vae), with_kwargs=True)
         self.plain = StableDiffusionControlNetInpaintPipeline.from_pipe(base, controlnet=plain_controlnet)
         self.plain.set_progress_bar_config(disable=True)
 
