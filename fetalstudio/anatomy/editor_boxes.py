@@ -1,0 +1,193 @@
+"""The editor's boxes as a typed table and as ``gradio_image_annotation``'s value, both ways.
+
+Table rows are ``[structure, x0, y0, x1, y1, rotation]`` (pixels, degrees), shown rounded to
+:data:`TABLE_DECIMALS`; a row that still shows its box's rounded values keeps the box exactly, so
+re-reading an untouched table changes nothing. The annotator's value is
+``{"image": ..., "boxes": [{"xmin", "ymin", "xmax", "ymax", "label", "color"}]}`` with whole-pixel
+corners (its ``preprocess`` rounds them) and the structure's name as label; the annotator draws
+boxes upright, so a turned box shows its extent before the turn and keeps its turn when moved
+(the turn is typed in the table). Every problem is a FetalStudioError naming the row or box.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from fetalstudio.anatomy.editor import EditorState, set_boxes
+from fetalstudio.anatomy.layout import EDGE_TOLERANCE_PX, Layout, StructureBox
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.vocabulary import anatomy_plane, structure
+
+TABLE_COLUMNS = ("structure", "x0", "y0", "x1", "y1", "rotation")
+TABLE_DECIMALS = 1
+
+
+# --- the table ----------------------------------------------------------------------------------
+def _shown(box: StructureBox) -> tuple:
+    values = (box.x0, box.y0, box.x1, box.y1, box.rotation_deg)
+    return (box.structure, *(round(v, TABLE_DECIMALS) + 0.0 for v in values))
+
+
+def table_rows(layout: Layout) -> list[list[Any]]:
+    """The layout's boxes as table rows, in the layout's order."""
+    return [list(_shown(box)) for box in layout.boxes]
+
+
+def _plain_rows(rows: Any) -> list[list[Any]]:
+    """Rows from a list of lists or a pandas DataFrame (what ``gr.Dataframe`` gives)."""
+    if hasattr(rows, "to_numpy"):
+        return [list(row) for row in rows.to_numpy(dtype=object)]
+    if rows is None:
+        return []
+    if isinstance(rows, dict) and "data" in rows:  # gr.Dataframe's JSON form
+        rows = rows["data"]
+    return [list(row) for row in rows]
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def _number(value: Any, row: int, column: str, default: float | None = None) -> float:
+    if _blank(value) and default is not None:
+        return default
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        shown = "empty" if _blank(value) else repr(value)
+        raise FetalStudioError(f"Row {row}, column {column}: {shown} is not a number; type pixels (e.g. 120.5)"
+                               + (" or degrees." if column == "rotation" else "."))
+    return number
+
+
+def _table_box(plane: str, cells: list[Any], row: int) -> StructureBox:
+    if len(cells) < 5:
+        raise FetalStudioError(f"Row {row} has {len(cells)} cells; a row is {', '.join(TABLE_COLUMNS)}.")
+    name = cells[0].strip() if isinstance(cells[0], str) else cells[0]
+    try:
+        name = structure(plane, name).name
+    except ValueError as error:
+        raise FetalStudioError(f"Row {row}, column structure: {error}") from None
+    x0, y0, x1, y1 = (_number(cells[i], row, TABLE_COLUMNS[i]) for i in range(1, 5))
+    rotation = _number(cells[5] if len(cells) > 5 else None, row, "rotation", default=0.0)
+    return StructureBox(name, x0, y0, x1, y1, rotation)
+
+
+def parse_table(state: EditorState, rows: Any) -> list[StructureBox]:
+    """The boxes the table's rows describe; every row's problem in one error (one line per row).
+    Rows left wholly empty are skipped; a row that still shows a box's values keeps that box exactly."""
+    shown = {}
+    for box in state.layout.boxes:
+        shown.setdefault(_shown(box), []).append(box)
+    boxes, problems = [], []
+    for number, cells in enumerate(_plain_rows(rows), start=1):
+        if all(_blank(cell) for cell in cells):
+            continue
+        try:
+            box = _table_box(state.plane, cells, number)
+            Layout(state.plane, state.image.width, state.image.height, (box,))
+        except FetalStudioError as error:
+            message = str(error)
+            problems.append(message if message.startswith("Row ") else f"Row {number}: {message}")
+            continue
+        kept = shown.get(_shown(box))
+        boxes.append(kept.pop(0) if kept else box)
+    if problems:
+        raise FetalStudioError("The table was not applied (the layout is unchanged):\n" + "\n".join(problems))
+    return boxes
+
+
+def apply_table(state: EditorState, rows: Any) -> EditorState:
+    """``state`` with the boxes typed in the table, as one undo step."""
+    return set_boxes(state, parse_table(state, rows), "typed in the box table")
+
+
+# --- gradio_image_annotation ----------------------------------------------------------------------
+def annotator_labels(plane: str) -> tuple[list[str], list[str]]:
+    """``label_list`` and ``label_colors`` (hex) for the annotator: the plane's structures in label order."""
+    structures = anatomy_plane(plane).structures
+    return [s.name for s in structures], ["#{:02x}{:02x}{:02x}".format(*s.color_rgb) for s in structures]
+
+
+def annotator_value(state: EditorState, image: Any = None) -> dict[str, Any]:
+    """The annotator's value for the current layout; ``image`` (a path or array) defaults to the source's path."""
+    boxes = [{"xmin": round(box.x0), "ymin": round(box.y0), "xmax": round(box.x1), "ymax": round(box.y1),
+              "label": box.structure, "color": structure(state.plane, box.structure).color_rgb}
+             for box in state.layout.boxes]
+    return {"image": state.image.path if image is None else image, "boxes": boxes}
+
+
+def _corner(box: dict, key: str, number: int) -> float:
+    try:
+        value = float(box[key])
+    except (KeyError, TypeError, ValueError):
+        raise FetalStudioError(f"Box {number} has no usable {key} ({box.get(key)!r}); draw the box again.") from None
+    if not math.isfinite(value):
+        raise FetalStudioError(f"Box {number} has {key} = {value}; draw the box again.")
+    return value
+
+
+def _annotator_box(state: EditorState, box: Any, number: int) -> StructureBox:
+    if not isinstance(box, dict):
+        raise FetalStudioError(f"Box {number} is not a box ({box!r}); draw it again.")
+    names = [s.name for s in anatomy_plane(state.plane).structures]
+    label = box.get("label")
+    if not isinstance(label, str) or not label.strip():
+        raise FetalStudioError(f"Box {number} has no structure label; choose one of: {', '.join(names)}.")
+    try:
+        name = structure(state.plane, label.strip()).name
+    except ValueError as error:
+        raise FetalStudioError(f"Box {number}: {error}") from None
+    xs = sorted((_corner(box, "xmin", number), _corner(box, "xmax", number)))  # a corner dragged past the other
+    ys = sorted((_corner(box, "ymin", number), _corner(box, "ymax", number)))
+    width, height = state.image.size
+    where = f"The {name} box ({xs[0]:g}, {ys[0]:g})-({xs[1]:g}, {ys[1]:g})"
+    if xs[1] <= 0 or ys[1] <= 0 or xs[0] >= width or ys[0] >= height:
+        raise FetalStudioError(f"{where} was dragged wholly outside the {width}x{height} image; the layout was kept "
+                               "as it was. Draw boxes on the image.")
+    tolerance = EDGE_TOLERANCE_PX
+    if xs[0] < -tolerance or ys[0] < -tolerance or xs[1] > width + tolerance or ys[1] > height + tolerance:
+        raise FetalStudioError(f"{where} was dragged partly outside the {width}x{height} image; the layout was kept "
+                               "as it was. Keep every box inside the image.")
+    if xs[0] == xs[1] or ys[0] == ys[1]:
+        raise FetalStudioError(f"{where} has zero size; the layout was kept as it was. Drag out a box with a width "
+                               "and a height.")
+    return StructureBox(name, xs[0], ys[0], xs[1], ys[1])
+
+
+def parse_annotator_value(state: EditorState, value: Any) -> list[StructureBox]:
+    """The boxes of an annotator value. A box whose whole-pixel corners and label match a box of the
+    layout is that box exactly (turn and sub-pixel corners kept); a moved or resized box keeps the
+    turn of the unmatched box of its structure it replaces; the rest are new upright boxes."""
+    if not isinstance(value, dict) or value.get("image") is None:
+        raise FetalStudioError("The image was removed from the editor; the layout was kept. Open the image again "
+                               "(or undo) to go on editing.")
+    drawn = [_annotator_box(state, box, number) for number, box in enumerate(value.get("boxes") or [], start=1)]
+    unmatched = list(state.layout.boxes)
+
+    def rounded(box: StructureBox) -> tuple:
+        return (box.structure, round(box.x0), round(box.y0), round(box.x1), round(box.y1))
+
+    result: list[StructureBox | None] = []
+    for box in drawn:
+        same = next((old for old in unmatched if rounded(old) == rounded(box)), None)
+        if same is not None:
+            unmatched.remove(same)
+        result.append(same)
+    for i, box in enumerate(drawn):
+        if result[i] is None:
+            replaced = next((old for old in unmatched if old.structure == box.structure), None)
+            if replaced is not None:
+                unmatched.remove(replaced)
+                box = replace(box, rotation_deg=replaced.rotation_deg)
+            result[i] = box
+    return [box for box in result if box is not None]
+
+
+def apply_annotator_value(state: EditorState, value: Any) -> EditorState:
+    """``state`` with the boxes as the mouse left them (one undo step; the same boxes: no step)."""
+    return set_boxes(state, parse_annotator_value(state, value), "moved with the mouse")
