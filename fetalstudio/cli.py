@@ -181,7 +181,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
                       train_detector.COMMAND)),
         CommandGroup("eval", "evaluate a model (writes a report folder)",
                      (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND, eval_flex.COMMAND)),
-        CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): edit a scan's layout, anomaly presets", (flex_cli.PRESETS,),
+        CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): edit a scan's layout, anomaly presets", (flex_cli.PRESETS, flex_cli.PAIRS),
                      default=flex_cli.EDIT),
     )
 

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fetalstudio.cli_args import Command, at_least_one, device_name
+from fetalstudio.cli_args import Command, at_least_one, device_name, output_folder
 from fetalstudio.errors import FetalStudioError
 
 STAGE_CHOICES = ("ddim", "ssa", "ssa+osm")  # fetalstudio.anatomy.flex.STAGES (not imported: --help stays light)
@@ -292,3 +292,83 @@ def run_edit(args: argparse.Namespace) -> int:
 
 EDIT = Command("flex", "change the anatomy of a scan (FetalFlex) and save a project folder", add_edit_arguments,
                run_edit, description=__doc__)
+
+
+# --- flex pairs (counterfactual pairs) --------------------------------------------------------------
+PAIRS_DESCRIPTION = """Counterfactual pairs: for each scan of --data whose layout has the preset's structures, a normal
+and an abnormal image (fetalstudio.anatomy.pairs): the preset's edit region (ROI) regenerated from the
+scan's own layout and from the edited layout, with the same seed, ROI and options, so outside the ROI
+both are the scan's own pixels and inside only the anatomy differs (both sides synthetic: a detector
+trained on them cannot tell "abnormal" by "synthetic").
+
+--data: a structures folder (images.csv + boxes.csv, e.g. ../shared/data/first_trimester_structures:
+the annotated layouts), a folder of images or a CSV with an 'image' column (layouts found by the
+structure detector). Scan i gets seed --seed + i. --out DIR gets metadata.csv (one row per pair: normal,
+abnormal, roi, preset, roi_x0, roi_y0, roi_x1, roi_y1 (x1/y1 exclusive), source, plane, edits, parameters,
+seed, stage, models and hashes), normal/, abnormal/, roi/, pairs.json (the settings) and skipped.csv (scans
+the preset does not fit, with the reason). Run the same command again to resume (finished pairs are kept,
+--limit counts them); a different command into the same folder is refused. Example:
+
+  python -m fetalstudio flex pairs --data ../shared/data/first_trimester_structures --preset absent_nasal_bone \\
+      --limit 20 --seed 0 --out outputs/pairs/absent-nasal-bone
+"""
+
+
+def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, metavar="FOLDER_OR_CSV",
+                        help="a structures folder (images.csv + boxes.csv), a folder of images or a CSV with an 'image' column (layouts detected)")
+    parser.add_argument("--preset", required=True, metavar="NAME", help="the anomaly preset of the abnormal images (see `flex presets`)")
+    parser.add_argument("--param", action="append", default=[], type=parameter, metavar="NAME=VALUE",
+                        help="a preset parameter (e.g. factor=2.5); repeatable")
+    parser.add_argument("--limit", type=at_least_one, help="at most N pairs in the folder (default: one per scan the preset fits)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: scan i (its place in --data) gets seed + i (default 0)")
+    parser.add_argument("--roi-margin", type=float, default=None, metavar="PX", help="margin around the changed boxes (default 16 px)")
+    parser.add_argument("--stage", choices=STAGE_CHOICES, default="ssa+osm", help="ddim, ssa or ssa+osm (default)")
+    parser.add_argument("--steps", type=at_least_one, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--sampler", default="DDIM", help="DDIM (default, the paper's), Euler, Euler a or DPM++ 2M Karras")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--model", help="generator id or path (default: the catalog's default generator)")
+    parser.add_argument("--controlnet", metavar="ID", help="layout ControlNet id or path (default: the catalog's default ControlNet)")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--lora", metavar="ID", help="LoRA id or path (default: the plane's LoRA when installed)")
+    lora.add_argument("--no-lora", action="store_true", help="apply no LoRA")
+    add_sampling_arguments(parser)
+    parser.add_argument("--out", type=output_folder, required=True, help="the pairs folder (created; the same command resumes it)")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: $FETALSTUDIO_DEVICE, else the best available)")
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    import time
+
+    from fetalstudio.anatomy.flex import FlexOptions
+    from fetalstudio.anatomy.pairs import SKIPPED_FILE, PairsRequest, export_pairs
+    from fetalstudio.anatomy.roi import DEFAULT_MARGIN_PX
+    from fetalstudio.app_context import build_context
+
+    options = FlexOptions(stage=args.stage, controlnet=args.controlnet, lora="" if args.no_lora else args.lora,
+                          **sampling_options(args))
+    request = PairsRequest(data=args.data, out=args.out, preset=args.preset, parameters=dict(args.param), limit=args.limit,
+                           seed=args.seed, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                           model=args.model, roi_margin=DEFAULT_MARGIN_PX if args.roi_margin is None else args.roi_margin,
+                           options=options)
+    manager = build_context(device=args.device).manager
+    started = time.perf_counter()
+
+    def progress(pairs: int, wanted: int | None, row: dict) -> None:
+        print(f"[{pairs}/{wanted or '-'}] {row['source']} -> {row['normal']}, {row['abnormal']} (seed {row['seed']}, "
+              f"{time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    report = export_pairs(manager, request, progress)
+    if report.skipped:
+        examples = "; ".join(f"{source}: {reason}" for source, reason in report.skipped[:3])
+        print(f"skipped {len(report.skipped)} scan(s) the preset does not fit (all in {report.out / SKIPPED_FILE}): {examples}",
+              file=sys.stderr)
+    print(f"{report.pairs} pair(s) in {report.out} ({report.written} new, {report.existing} already there)")
+    if report.pairs == 0:
+        raise FetalStudioError(f"No scan of {args.data} fits preset {args.preset} (see {report.out / SKIPPED_FILE}); "
+                               "choose another preset or data with the structures it changes.")
+    return 0
+
+
+PAIRS = Command("pairs", "write counterfactual normal/abnormal pairs for a set of scans and a preset (resumable)",
+                add_pairs_arguments, run_pairs, description=PAIRS_DESCRIPTION)
