@@ -256,6 +256,8 @@ class _PairsFolder:
 
     def _sweep(self, kept: set[str]) -> None:
         """Remove what an interrupted run left: temporary files and images no row names."""
+        for path in self.out.glob(f".*{TEMP_SUFFIX}"):
+            path.unlink()
         for side in SIDES:
             folder = self.out / side
             for path in folder.iterdir() if folder.is_dir() else []:
