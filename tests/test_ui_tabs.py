@@ -45,12 +45,12 @@ def _toy_tab(target: str = "analysis", tab_id: str = "toy") -> types.ModuleType:
 
 
 def test_every_tab_module_follows_the_protocol_and_the_shell_joins_their_page_scripts(context):
-    assert [tab.ID for tab in TABS] == ["synthesis", "review", "analysis", "models"]
+    assert [tab.ID for tab in TABS] == ["synthesis", "review", "analysis", "anatomy", "models"]
     for tab in TABS:
         assert isinstance(tab.TITLE, str) and callable(tab.build) and callable(tab.wire)
     page = build_ui(context)
     labels = [block.label for block in page.blocks.blocks.values() if isinstance(block, gr.Tab) and block.id in {t.ID for t in TABS}]
-    assert labels == ["Synthesis", "Mask review", "Analysis", "Models"]
+    assert labels == ["Synthesis", "Mask review", "Analysis", "Anatomy editor", "Models"]
     assert page.js == review_tab.SHORTCUTS_JS  # the one tab with a page script: passed on unchanged
     assert all(fn.queue and fn.api_visibility == "private" for fn in page.blocks.fns.values())  # hide_internal_events ran
     joined = join_page_js(["() => { a(); }", "", "() => { b(); }"])

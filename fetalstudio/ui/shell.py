@@ -12,12 +12,12 @@ import gradio as gr
 import fetalstudio
 from fetalstudio.app_context import AppContext
 from fetalstudio.paths import app_file
-from fetalstudio.ui import analysis_tab, models_tab, review_tab, synthesis_tab
+from fetalstudio.ui import anatomy_tab, analysis_tab, models_tab, review_tab, synthesis_tab
 from fetalstudio.ui.common import hide_internal_events, user_errors
 from fetalstudio.ui.tab import Receiver, Sender, TabLinks, TabModule
 
 #: The tabs, in the order they are shown.
-TABS: list[TabModule] = [synthesis_tab, review_tab, analysis_tab, models_tab]
+TABS: list[TabModule] = [synthesis_tab, review_tab, analysis_tab, anatomy_tab, models_tab]
 
 #: System fonts only: the page must render with no request leaving the machine.
 THEME = gr.themes.Default(
