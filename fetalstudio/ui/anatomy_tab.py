@@ -80,7 +80,8 @@ def build(context: AppContext) -> AnatomyComponents:
                 "Research use only — not for diagnosis.")
     with gr.Row():
         with gr.Column(scale=1):
-            example = gr.Dropdown([e.title for e in list_examples()], value=None, label="Example",
+            titles = [e.title for e in list_examples()]
+            example = gr.Dropdown(titles, value=titles[0] if titles else None, label="Example",
                                   elem_id="anatomy-example")
             open_example = gr.Button("Open example", elem_id="anatomy-open-example")
             upload = gr.File(label=f"…or upload an image ({', '.join(supported_suffixes())})", type="filepath",
@@ -131,8 +132,9 @@ def difference_picture(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def _write_png(path: Path, pixels: np.ndarray, what: str) -> str:
+    """Write gray or RGB ``pixels`` (png_bytes encodes OpenCV's BGR order, so RGB is swapped first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, png_bytes(pixels, what))
+    atomic_write_bytes(path, png_bytes(pixels[..., ::-1].copy() if pixels.ndim == 3 else pixels, what))
     return str(path)
 
 
