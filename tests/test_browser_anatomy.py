@@ -88,3 +88,17 @@ def test_open_preset_undo_generate(page, folders):
     assert json.loads((project / "edits.json").read_text())["presets"][0]["name"] == "absent_nasal_bone"
     assert "nasal_bone" not in json.loads((project / "layout_after.json").read_text())["boxes"].__repr__()
 
+
+
+def test_a_reload_restores_the_document_and_its_undo_history(page, folders):
+    """The editor's document is kept per browser (a cookie id), so reloading the page reopens it."""
+    _open_example(page)
+    choose(page, "anatomy-preset", "Absent nasal bone")
+    page.click("#anatomy-apply-preset")
+    page.wait_for_function("() => !document.querySelector('#anatomy-table').innerText.includes('nasal_bone')")
+    page.reload()
+    page.get_by_role("tab", name="Anatomy editor").click()
+    wait_for_text(page, "#anatomy-status", "Restored your last document", 60)
+    assert "nasal_bone" not in page.inner_text("#anatomy-table")
+    page.click("#anatomy-undo")
+    page.wait_for_function("() => document.querySelector('#anatomy-table').innerText.includes('nasal_bone')")

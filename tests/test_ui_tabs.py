@@ -51,7 +51,10 @@ def test_every_tab_module_follows_the_protocol_and_the_shell_joins_their_page_sc
     page = build_ui(context)
     labels = [block.label for block in page.blocks.blocks.values() if isinstance(block, gr.Tab) and block.id in {t.ID for t in TABS}]
     assert labels == ["Synthesis", "Mask review", "Analysis", "Anatomy editor", "Models"]
-    assert page.js == review_tab.SHORTCUTS_JS  # the one tab with a page script: passed on unchanged
+    from fetalstudio.ui import anatomy_tab
+
+    # the two tabs with a page script (review's shortcuts, the editor's session cookie), joined in tab order
+    assert page.js == join_page_js([review_tab.SHORTCUTS_JS, anatomy_tab.SESSION_COOKIE_JS])
     assert all(fn.queue and fn.api_visibility == "private" for fn in page.blocks.fns.values())  # hide_internal_events ran
     joined = join_page_js(["() => { a(); }", "", "() => { b(); }"])
     assert joined == "() => {\n(() => { a(); })();\n(() => { b(); })();\n}"

@@ -2,11 +2,14 @@
 regenerate the edited region with FetalFlex and show before | after | difference.
 
 A thin shell over ``fetalstudio.anatomy``: the document is an ``EditorState`` saved after every change in
-an ``EditorSession`` keyed by the browser session (Gradio's ``session_hash``), so two browser sessions
-never share a layout and a refused input leaves the saved document as it was.
+an ``EditorSession`` keyed by the browser (a random id in a cookie, ``SESSION_COOKIE``), so two browsers
+never share a layout, a reload reopens the document with its undo history, and a refused input leaves
+the saved document as it was.
 """
 
 from __future__ import annotations
+
+import re
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from fetalstudio.imaging.files import atomic_write_bytes, png_bytes
 from fetalstudio.imaging.image_input import load_image, supported_suffixes
 from fetalstudio.paths import app_file
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
-from fetalstudio.ui.tab import TabLinks
+from fetalstudio.ui.tab import Handler, TabLinks
 from fetalstudio.vocabulary import ANATOMY_PLANES, FACIAL_SAGITTAL
 
 TITLE = "Anatomy editor"
@@ -123,6 +126,27 @@ def build(context: AppContext) -> AnatomyComponents:
                              status, before, after, difference)
 
 
+#: The editor's document is kept per browser: a random id in this cookie (set once by SESSION_COOKIE_JS,
+#: sent with every event, kept across reloads); two browsers never share one. Without it (the very first
+#: event of a first visit, cookies off) Gradio's per-page session hash is used.
+SESSION_COOKIE = "fetalstudio_anatomy_session"
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,80}")
+SESSION_COOKIE_JS = (
+    "() => { if (!document.cookie.split('; ').some(c => c.startsWith('" + SESSION_COOKIE + "='))) {"
+    " const id = (window.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2) + Date.now());"
+    " document.cookie = '" + SESSION_COOKIE + "=' + id.replace(/[^A-Za-z0-9_-]/g, '') + '; path=/; max-age=31536000; SameSite=Strict'; } }"
+)
+
+
+def editor_session_id(request: gr.Request | None) -> str:
+    """The browser's editor id (its cookie, when well formed), else the page's session hash."""
+    cookies = getattr(request, "cookies", None) if request is not None else None
+    cookie = cookies.get(SESSION_COOKIE) if cookies is not None else None
+    if isinstance(cookie, str) and SESSION_ID_PATTERN.fullmatch(cookie):
+        return cookie
+    return getattr(request, "session_hash", None) or "default"
+
+
 def difference_picture(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """The result in gray with the pixels that changed by more than :data:`CHANGED_LEVEL` tinted red (RGB)."""
     changed = np.abs(before.astype(np.int16) - after.astype(np.int16)) > CHANGED_LEVEL
@@ -146,8 +170,12 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     cancel_flags = CancelFlags()
 
     def session_of(request: gr.Request | None) -> EditorSession:
-        return EditorSession.open(getattr(request, "session_hash", None) or "default",
-                                  Path(context.outputs_dir) / "anatomy" / "sessions")
+        return EditorSession.open(editor_session_id(request), Path(context.outputs_dir) / "anatomy" / "sessions")
+
+    @user_errors
+    def on_page_load(request: gr.Request) -> dict:
+        state = session_of(request).load().state
+        return {} if state is None else shown(state, "Restored your last document (with its undo history).")
 
     def current(request: gr.Request | None) -> tuple[EditorSession, editor.EditorState]:
         session = session_of(request)
@@ -273,4 +301,4 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     c.margin.release(change(editor.set_roi_margin, "ROI margin set."), [c.margin], document)
     c.generate.click(on_generate, [c.steps, c.seed, c.stage], [c.before, c.after, c.difference, c.status], **gpu)
     c.cancel.click(on_cancel, None, None, concurrency_limit=None)
-    return TabLinks()
+    return TabLinks(on_page_load=[Handler(on_page_load, [], c.document)], page_js=SESSION_COOKIE_JS)
