@@ -99,14 +99,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roi-margin", type=float, default=None, metavar="PX", help="margin around the changed boxes for --roi auto (default 16 px)")
     parser.add_argument("--stage", choices=STAGE_CHOICES, default="ssa+osm", help="ddim: RePaint inpainting; ssa: + SSA sampling; ssa+osm: then OSM stage 2 (default)")
     parser.add_argument("--seed", type=int, default=0, help="seed (same inputs + seed = same pixels on a CPU; default 0)")
-    parser.add_argument("--steps", type=at_least_one, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--sampler", default="DDIM", help="DDIM (default, the paper's), Euler, Euler a or DPM++ 2M Karras")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--model", help="generator id or path (default: the catalog's default generator)")
-    parser.add_argument("--controlnet", metavar="ID", help="layout ControlNet id or path (default: the catalog's default ControlNet)")
-    lora = parser.add_mutually_exclusive_group()
-    lora.add_argument("--lora", metavar="ID", help="LoRA id or path (default: the plane's LoRA when installed, e.g. fetalstudio-sagittal-lora)")
-    lora.add_argument("--no-lora", action="store_true", help="apply no LoRA")
+    add_model_arguments(parser)
     parser.add_argument("--condition", choices=CONDITION_CHOICES, default="layout",
                         help="the ControlNet's condition: layout (the layout map, default) or the edge map of the scan "
                              "(canny works offline; hed/pidinet/lineart need their weights) with an edge --controlnet; "
@@ -115,6 +108,18 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="the project folder to write (missing or empty; default outputs/anatomy/projects/<time>-<id>)")
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: $FETALSTUDIO_DEVICE, else the best available)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary (project, files, seed, models, timings)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Steps, sampler, guidance and the models of a run, shared by ``flex`` and ``flex pairs``."""
+    parser.add_argument("--steps", type=at_least_one, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--sampler", default="DDIM", help="DDIM (default, the paper's), Euler, Euler a or DPM++ 2M Karras")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--model", help="generator id or path (default: the catalog's default generator)")
+    parser.add_argument("--controlnet", metavar="ID", help="layout ControlNet id or path (default: the catalog's default ControlNet)")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--lora", metavar="ID", help="LoRA id or path (default: the plane's LoRA when installed, e.g. fetalstudio-sagittal-lora)")
+    lora.add_argument("--no-lora", action="store_true", help="apply no LoRA")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -324,14 +329,7 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed: scan i (its place in --data) gets seed + i (default 0)")
     parser.add_argument("--roi-margin", type=float, default=None, metavar="PX", help="margin around the changed boxes (default 16 px)")
     parser.add_argument("--stage", choices=STAGE_CHOICES, default="ssa+osm", help="ddim, ssa or ssa+osm (default)")
-    parser.add_argument("--steps", type=at_least_one, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--sampler", default="DDIM", help="DDIM (default, the paper's), Euler, Euler a or DPM++ 2M Karras")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--model", help="generator id or path (default: the catalog's default generator)")
-    parser.add_argument("--controlnet", metavar="ID", help="layout ControlNet id or path (default: the catalog's default ControlNet)")
-    lora = parser.add_mutually_exclusive_group()
-    lora.add_argument("--lora", metavar="ID", help="LoRA id or path (default: the plane's LoRA when installed)")
-    lora.add_argument("--no-lora", action="store_true", help="apply no LoRA")
+    add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--out", type=output_folder, required=True, help="the pairs folder (created; the same command resumes it)")
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: $FETALSTUDIO_DEVICE, else the best available)")
