@@ -322,7 +322,7 @@ def _apply_loras(manager: ModelManager, pipeline, state: PipelineState, specs: t
         digest = checkpoint_hash(path)
         adapter_name = "lora_" + digest
         if adapter_name not in state.adapters:
-            _load_adapter(pipeline, path, adapter_name, entry.details.get("weights_file"))
+            load_lora_adapter(pipeline, path, adapter_name, entry.details.get("weights_file"))
             state.adapters[adapter_name] = str(path)
             state.active_adapters = None  # loading activates the new adapter
         name = re.sub(r"\.(safetensors|ckpt|pt|bin)$", "", path.name)
@@ -338,7 +338,8 @@ def _apply_loras(manager: ModelManager, pipeline, state: PipelineState, specs: t
     return resolved
 
 
-def _load_adapter(pipeline, path, adapter_name: str, weights_file: str | None) -> None:
+def load_lora_adapter(pipeline, path, adapter_name: str, weights_file: str | None) -> None:
+    """Load a LoRA file or folder into ``pipeline`` as ``adapter_name``; a ModelLoadError when it does not fit."""
     try:
         if path.is_dir():
             pipeline.load_lora_weights(str(path), weight_name=weights_file, adapter_name=adapter_name)

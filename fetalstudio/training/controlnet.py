@@ -282,22 +282,16 @@ def fuse_lora(pipeline, lora: str, weight: float) -> tuple[str, str]:
     from fetalstudio.models.device import DevicePlacement
     from fetalstudio.models.entries import ModelKind
     from fetalstudio.models.hashing import checkpoint_hash
+    from fetalstudio.pipelines.prepared import load_lora_adapter
 
     manager = build_manager(placement=DevicePlacement(torch.device("cpu"), torch.float32))
     entry = manager.entry(lora)
     if entry.kind is not ModelKind.LORA:
         raise FetalStudioError(f"--lora {lora!r} is a {entry.kind.value}, not a LoRA. Give a LoRA id (python -m fetalstudio models) or file.")
     path = manager.local_path(entry)
-    try:
-        if path.is_dir():
-            pipeline.load_lora_weights(str(path), weight_name=entry.details.get("weights_file"), adapter_name="fused")
-        else:
-            pipeline.load_lora_weights(str(path), adapter_name="fused")
-        pipeline.fuse_lora(lora_scale=weight, adapter_names=["fused"])
-        pipeline.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    except Exception as error:
-        raise FetalStudioError(f"--lora {lora!r} does not fit the base ({type(error).__name__}: {str(error)[:200]}). "
-                               "Give a LoRA trained for this base.") from None
+    load_lora_adapter(pipeline, path, "fused", entry.details.get("weights_file"))  # the app's loader: same files, same errors
+    pipeline.fuse_lora(lora_scale=weight, adapter_names=["fused"])
+    pipeline.unload_lora_weights()  # the fused weights stay; the adapter layers go
     return entry.id, checkpoint_hash(path)
 
 
