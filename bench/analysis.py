@@ -54,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from machine import cpu_name  # noqa: E402  (bench/ is on sys.path when a script runs)
+from machine import cpu_name, load_average  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -83,13 +83,6 @@ def machine_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def synchronize(device: torch.device) -> None:
@@ -411,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else pick_dtype(device)
     dtype_name = str(dtype).removeprefix("torch.")
     machine = machine_info(device)
-    load_before = load_average()
+    load_before = load_average(digits=2, separator="/")
     clock = Clock(device)
     target_ms = PROMPT_TARGET_MS[device.type]
     manager = ModelManager(REPO_ROOT / "checkpoints", placement=DevicePlacement(device, dtype))
@@ -474,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t['batch']:<18}{t['runs']:>6}{t['median_ms_per_batch']:>11.1f}{t['ms_per_image']:>10.2f}"
                   f"{t['images_per_s']:>10.1f}{t['images_per_s_best']:>12.1f}{t['cpu_ms_per_image']:>12.2f}")
     print()
-    load_after = load_average()
+    load_after = load_average(digits=2, separator="/")
     print(f"machine: CPU {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}); "
           f"GPU {machine['gpu'] or 'none'}; torch {machine['torch']}, timm {machine['timm']}, "
           f"OpenCV {machine['opencv']}, Python {machine['python']}; load average {load_before} -> {load_after}")

@@ -57,7 +57,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from machine import cpu_name  # noqa: E402  (bench/ is on sys.path when a script runs)
+from machine import cpu_name, load_average  # noqa: E402  (bench/ is on sys.path when a script runs)
 from synthesis import DTYPES, synchronize  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -111,13 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.lora = 1, "none"
     return args
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def machine_line(device: torch.device) -> str:

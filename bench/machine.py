@@ -1,7 +1,8 @@
-"""The CPU's name for the benchmarks' machine lines (from /proc/cpuinfo, else the platform)."""
+"""The benchmarks' machine lines: the CPU's name (from /proc/cpuinfo, else the platform) and the load average."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -14,3 +15,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def load_average(digits: int = 1, separator: str = " / ") -> str:
+    """The 1/5/15-minute load average, or "unknown" where the system has none."""
+    try:
+        return separator.join(f"{value:.{digits}f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
