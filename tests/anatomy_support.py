@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from collections import defaultdict
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,17 @@ def real_layout(image: str = "images/0.png", subfolder: str = "") -> Layout:
 
 def real_images(subfolder: str = "") -> list[str]:
     return sorted(_rows(subfolder)[0])
+
+
+def write_structures_folder(folder: Path, image_rows: list[dict], box_rows: list[dict], copies: dict[str, Path]) -> Path:
+    """A structures folder: images.csv and boxes.csv holding the given rows, and each image copied in
+    (``copies``: its path in the folder -> the file to copy)."""
+    (folder / "images").mkdir(parents=True)
+    for name, table in (("images.csv", image_rows), ("boxes.csv", box_rows)):
+        with (folder / name).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    for name, source in copies.items():
+        shutil.copy(source, folder / name)
+    return folder

@@ -29,19 +29,15 @@ from fetalstudio.models.manager import ModelManager
 from fetalstudio.pipelines.metadata import read_png_text
 from fetalstudio.vocabulary import anatomy_caption
 from tests.data_support import DATA
-from tests.synthesis_support import LORA_ID, MODEL_ID, build_model_folder
-from tests.tiny_models import save_tiny_controlnet
+from tests.synthesis_support import CONTROLNET_ID, LORA_ID, MODEL_ID, build_flex_model_folder
 
-CONTROLNET_ID = "controlnets/tiny_layout"
 STRUCTURES = DATA / "first_trimester_structures"
 pytestmark = pytest.mark.skipif(not (STRUCTURES / "boxes.csv").is_file(), reason="shared data not found")
 
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
-    root = build_model_folder(tmp_path_factory.mktemp("models"))
-    save_tiny_controlnet(root / MODEL_ID, root / CONTROLNET_ID)
-    return root
+    return build_flex_model_folder(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

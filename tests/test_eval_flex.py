@@ -13,10 +13,8 @@ from fetalstudio.evaluation.flex_metrics import (
     bounding_crop, hidden_structure, ms_ssim, ms_ssim_levels, outside_max_abs_diff, psnr, reconstruction_scores,
 )
 from tests.anatomy_support import STRUCTURES, needs_structures, real_layout
-from tests.synthesis_support import MODEL_ID, build_model_folder
-from tests.tiny_models import save_tiny_controlnet
+from tests.synthesis_support import CONTROLNET_ID, MODEL_ID, build_flex_model_folder
 
-CONTROLNET_ID = "controlnets/tiny_layout"
 DETECTOR_FILE = "detectors/tiny_detector.safetensors"
 
 
@@ -125,8 +123,7 @@ def models_root(tmp_path_factory):
     from fetalstudio.models.detector import CenterNetDetector, DetectorConfig, save_detector
     from fetalstudio.vocabulary import FACIAL_SAGITTAL, structures_for
 
-    root = build_model_folder(tmp_path_factory.mktemp("models"))
-    save_tiny_controlnet(root / MODEL_ID, root / CONTROLNET_ID)
+    root = build_flex_model_folder(tmp_path_factory.mktemp("models"))
     torch.manual_seed(0)
     config = DetectorConfig(classes=tuple(s.name for s in structures_for(FACIAL_SAGITTAL)), backbone="resnet10t", input_size=64, width=8)
     save_detector(CenterNetDetector(config), root / DETECTOR_FILE)

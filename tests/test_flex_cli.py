@@ -13,8 +13,7 @@ from fetalstudio.cli import build_parser, main
 from fetalstudio.data.structures import read_structures
 from fetalstudio.pipelines.metadata import read_png_text
 from tests.data_support import DATA
-from tests.synthesis_support import MODEL_ID, build_model_folder
-from tests.tiny_models import save_tiny_controlnet
+from tests.synthesis_support import MODEL_ID, build_flex_model_folder, use_models_folder
 
 STRUCTURES = DATA / "first_trimester_structures"
 IMAGE = STRUCTURES / "images" / "0.png"
@@ -24,9 +23,7 @@ FAST = ["--steps", "3", "--seed", "4"]
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
-    root = build_model_folder(tmp_path_factory.mktemp("models"))
-    save_tiny_controlnet(root / MODEL_ID, root / "controlnets" / "tiny_layout")
-    return root
+    return build_flex_model_folder(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +34,7 @@ def layout_file(tmp_path_factory):
 
 @pytest.fixture()
 def env(models_root, tmp_path, monkeypatch):
-    (tmp_path / "checkpoints").mkdir()
-    monkeypatch.setenv("FETALSTUDIO_CHECKPOINTS", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("FETALSTUDIO_MODELS", str(models_root))
-    monkeypatch.setenv("FETALSTUDIO_OUTPUTS", str(tmp_path / "outputs"))
-    monkeypatch.setenv("FETALSTUDIO_DEVICE", "cpu")
-    return tmp_path
+    return use_models_folder(monkeypatch, tmp_path, models_root)
 
 
 def projects(env):

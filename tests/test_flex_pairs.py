@@ -3,7 +3,6 @@ pairs from real first-trimester scans, tiny models (64 px, 2 steps) through $FET
 
 import csv
 import json
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,9 +13,9 @@ from PIL import Image
 from fetalstudio.anatomy import pairs as pairs_module
 from fetalstudio.cli import main
 from fetalstudio.imaging.files import folder_lock
+from tests.anatomy_support import write_structures_folder
 from tests.data_support import DATA
-from tests.synthesis_support import MODEL_ID, build_model_folder
-from tests.tiny_models import save_tiny_controlnet
+from tests.synthesis_support import MODEL_ID, build_flex_model_folder, use_models_folder
 
 STRUCTURES = DATA / "first_trimester_structures"
 pytestmark = pytest.mark.skipif(not (STRUCTURES / "boxes.csv").is_file(), reason="shared data not found")
@@ -27,16 +26,13 @@ NO_NASAL_BONE = "images/0.png"  # copied as images/no_nb.png with its nasal bone
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
-    root = build_model_folder(tmp_path_factory.mktemp("models"))
-    save_tiny_controlnet(root / MODEL_ID, root / "controlnets" / "tiny_layout")
-    return root
+    return build_flex_model_folder(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
 def structures(tmp_path_factory) -> Path:
     """Two real annotated scans, then a third (a copy of the first) whose nasal bone is not annotated."""
     folder = tmp_path_factory.mktemp("structures") / "ft"
-    (folder / "images").mkdir(parents=True)
     with (STRUCTURES / "images.csv").open(newline="", encoding="utf-8") as handle:
         rows = {row["image"]: row for row in csv.DictReader(handle)}
     with (STRUCTURES / "boxes.csv").open(newline="", encoding="utf-8") as handle:
@@ -44,27 +40,15 @@ def structures(tmp_path_factory) -> Path:
     images = [rows[name] for name in SCANS] + [{**rows[NO_NASAL_BONE], "image": "images/no_nb.png"}]
     kept = [b for b in boxes if b["image"] in SCANS]
     kept += [{**b, "image": "images/no_nb.png"} for b in boxes if b["image"] == NO_NASAL_BONE and b["structure"] != "nasal_bone"]
-    for name, table in (("images.csv", images), ("boxes.csv", kept)):
-        with (folder / name).open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-    for name in SCANS:
-        shutil.copy(STRUCTURES / name, folder / name)
-    shutil.copy(STRUCTURES / NO_NASAL_BONE, folder / "images" / "no_nb.png")
-    return folder
+    copies = {name: STRUCTURES / name for name in SCANS} | {"images/no_nb.png": STRUCTURES / NO_NASAL_BONE}
+    return write_structures_folder(folder, images, kept, copies)
 
 
 @pytest.fixture()
 def env(models_root, tmp_path, monkeypatch):
-    (tmp_path / "checkpoints").mkdir()
     (tmp_path / "presets").mkdir()
-    monkeypatch.setenv("FETALSTUDIO_CHECKPOINTS", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("FETALSTUDIO_MODELS", str(models_root))
-    monkeypatch.setenv("FETALSTUDIO_OUTPUTS", str(tmp_path / "outputs"))
     monkeypatch.setenv("FETALSTUDIO_PRESETS", str(tmp_path / "presets"))
-    monkeypatch.setenv("FETALSTUDIO_DEVICE", "cpu")
-    return tmp_path
+    return use_models_folder(monkeypatch, tmp_path, models_root)
 
 
 def pairs_command(data: Path, out: Path, *extra: str) -> list[str]:

@@ -22,10 +22,8 @@ from fetalstudio.pipelines.prepared import prepare_pipeline
 from fetalstudio.pipelines.runners import TextToImageRunner
 from fetalstudio.pipelines.ssa import SSAParameters
 from tests.data_support import DATA
-from tests.synthesis_support import LORA_ID, MODEL_ID, build_model_folder, small_settings
-from tests.tiny_models import save_tiny_controlnet
+from tests.synthesis_support import CONTROLNET_ID, LORA_ID, MODEL_ID, build_flex_model_folder, small_settings
 
-CONTROLNET_ID = "controlnets/tiny_layout"
 STRUCTURES = DATA / "first_trimester_structures"
 needs_structures = pytest.mark.skipif(not (STRUCTURES / "boxes.csv").is_file(), reason="shared data not found")
 pytestmark = needs_structures
@@ -34,9 +32,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
-    root = build_model_folder(tmp_path_factory.mktemp("models"))
-    save_tiny_controlnet(root / MODEL_ID, root / CONTROLNET_ID)
-    return root
+    return build_flex_model_folder(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture()

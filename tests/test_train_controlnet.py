@@ -18,6 +18,7 @@ from fetalstudio.models.entries import ModelKind
 from fetalstudio.models.manager import ModelManager
 from fetalstudio.training import lora
 from fetalstudio.training.controlnet import drop_conditions
+from tests.anatomy_support import write_structures_folder
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "first_trimester_structures"
 pytestmark = [
@@ -38,15 +39,7 @@ def _write_structures_folder(folder: Path, n_train: int, n_val: int) -> Path:
     names = {r["image"] for r in keep}
     with (DATA / "boxes.csv").open(newline="", encoding="utf-8") as handle:
         boxes = [b for b in csv.DictReader(handle) if b["image"] in names]
-    (folder / "images").mkdir(parents=True)
-    for name, table in (("images.csv", keep), ("boxes.csv", boxes)):
-        with (folder / name).open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-    for row in keep:
-        shutil.copy(DATA / row["image"], folder / row["image"])
-    return folder
+    return write_structures_folder(folder, keep, boxes, {row["image"]: DATA / row["image"] for row in keep})
 
 
 @pytest.fixture(scope="module")
