@@ -99,6 +99,10 @@ def test_a_reload_restores_the_document_and_its_undo_history(page, folders):
     page.reload()
     page.get_by_role("tab", name="Anatomy editor").click()
     wait_for_text(page, "#anatomy-status", "Restored your last document", 60)
-    assert "nasal_bone" not in page.inner_text("#anatomy-table")
+    page.wait_for_function("() => document.querySelector('#anatomy-table').innerText.includes('thalami')")
+    assert "nasal_bone" not in page.inner_text("#anatomy-table")  # the restored table is the edited layout
+    page.wait_for_timeout(1000)  # the annotator's echo of its new value must not fail (it did, restored on page load)
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert "Restored your last document" in page.inner_text("#anatomy-status")  # the echo changed nothing
     page.click("#anatomy-undo")
     page.wait_for_function("() => document.querySelector('#anatomy-table').innerText.includes('nasal_bone')")

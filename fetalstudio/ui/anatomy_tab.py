@@ -173,9 +173,13 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         return EditorSession.open(editor_session_id(request), Path(context.outputs_dir) / "anatomy" / "sessions")
 
     @user_errors
-    def on_page_load(request: gr.Request) -> dict:
+    def on_show(request: gr.Request) -> dict:
+        """The browser's document when the tab is opened (after a reload too). Not on page load: the annotator
+        must be on screen to take a value, or it echoes the box colours back in a form it cannot read."""
         state = session_of(request).load().state
-        return {} if state is None else shown(state, "Restored your last document (with its undo history).")
+        if state is None:
+            return {component: gr.skip() for component in c.document}
+        return shown(state, "Restored your last document (with its undo history).")
 
     def current(request: gr.Request | None) -> tuple[EditorSession, editor.EditorState]:
         session = session_of(request)
@@ -216,6 +220,8 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
             except FetalStudioError as error:
                 gr.Warning(str(error))
                 return shown(state, f"⚠ {error}")
+            if changed is state:  # nothing changed (e.g. the annotator echoing the value it was given): no save, no note
+                return {component: gr.skip() for component in c.document}
             return saved(session, changed, note, with_annotator)
 
         def with_value(value, request: gr.Request) -> dict:
@@ -301,4 +307,4 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     c.margin.release(change(editor.set_roi_margin, "ROI margin set."), [c.margin], document)
     c.generate.click(on_generate, [c.steps, c.seed, c.stage], [c.before, c.after, c.difference, c.status], **gpu)
     c.cancel.click(on_cancel, None, None, concurrency_limit=None)
-    return TabLinks(on_page_load=[Handler(on_page_load, [], c.document)], page_js=SESSION_COOKIE_JS)
+    return TabLinks(on_show=[Handler(on_show, [], c.document)], page_js=SESSION_COOKIE_JS)
