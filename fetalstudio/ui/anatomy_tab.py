@@ -34,7 +34,7 @@ from fetalstudio.imaging.files import atomic_write_bytes, png_bytes
 from fetalstudio.imaging.image_input import load_image, supported_suffixes
 from fetalstudio.paths import app_file
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
-from fetalstudio.ui.tab import Handler, TabLinks
+from fetalstudio.ui.tab import Handler, Receiver, TabLinks
 from fetalstudio.vocabulary import ANATOMY_PLANES, FACIAL_SAGITTAL
 
 TITLE = "Anatomy editor"
@@ -70,6 +70,7 @@ class AnatomyComponents:
     before: gr.Image
     after: gr.Image
     difference: gr.Image
+    inbox_path: gr.State
 
     @property
     def document(self) -> list:
@@ -121,9 +122,10 @@ def build(context: AppContext) -> AnatomyComponents:
         after = gr.Image(label="After", type="filepath", interactive=False, elem_id="anatomy-after")
         difference = gr.Image(label="Difference (changed pixels in red)", type="filepath", interactive=False,
                               elem_id="anatomy-difference")
+    inbox_path = gr.State(None)  # an image sent from another tab (a checked server path)
     return AnatomyComponents(example, open_example, upload, plane, detect, annotator, table, apply_table_button, undo,
                              redo, preset, preset_meaning, apply_preset, margin, steps, seed, stage, generate, cancel,
-                             status, before, after, difference)
+                             status, before, after, difference, inbox_path)
 
 
 #: The editor's document is kept per browser: a random id in this cookie (set once by SESSION_COOKIE_JS,
@@ -247,6 +249,14 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         return saved(session_of(request), state, "Opened with no boxes: detect structures, or draw them.")
 
     @user_errors
+    def on_received(path: str | None, request: gr.Request) -> dict:
+        if not path:
+            raise FetalStudioError("Nothing was sent: pick an image in the other tab first.")
+        state = editor.open_image(load_image(app_file(path)), FACIAL_SAGITTAL)
+        return saved(session_of(request), state, "Opened the image sent from another tab, with no boxes: detect "
+                                                 "structures, or draw them.")
+
+    @user_errors
     def on_detect(request: gr.Request) -> dict:
         session, state = current(request)
         image = load_image(state.image.path)
@@ -307,4 +317,5 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     c.margin.release(change(editor.set_roi_margin, "ROI margin set."), [c.margin], document)
     c.generate.click(on_generate, [c.steps, c.seed, c.stage], [c.before, c.after, c.difference, c.status], **gpu)
     c.cancel.click(on_cancel, None, None, concurrency_limit=None)
-    return TabLinks(on_show=[Handler(on_show, [], c.document)], page_js=SESSION_COOKIE_JS)
+    return TabLinks(receiver=Receiver(c.inbox_path, on_received, document), on_show=[Handler(on_show, [], c.document)],
+                    page_js=SESSION_COOKIE_JS)
