@@ -59,3 +59,34 @@ def list_examples(folder: Path | None = None) -> list[Example]:
                 raise FetalStudioError(f"{index}, example {number}: {path.name} is not a file of {folder}.")
         examples.append(example)
     return examples
+
+
+def write_examples_folder(folder: Path, plane: str, examples: list[Example] | None = None) -> Path:
+    """A structures folder (``images.csv`` + ``boxes.csv``, the format ``flex pairs --data`` reads) listing the
+    examples of ``plane`` in place (absolute paths, nothing copied), so counterfactual pairs can be made from
+    them; written atomically. A clear error when no example is of that plane."""
+    import csv
+    import io
+
+    from fetalstudio.data.structures import BOX_COLUMNS, BOXES_TABLE, IMAGES_TABLE
+    from fetalstudio.imaging.files import atomic_write_bytes
+
+    chosen = [example for example in (list_examples() if examples is None else examples) if example.plane == plane]
+    if not chosen:
+        raise FetalStudioError(f"No bundled example is a {plane} scan: upload images of that plane, or choose a preset "
+                               "of another plane.")
+    images, boxes = io.StringIO(), io.StringIO()
+    image_rows = csv.DictWriter(images, ["image", "width", "height"], lineterminator="\n")
+    box_rows = csv.DictWriter(boxes, list(BOX_COLUMNS), lineterminator="\n")
+    image_rows.writeheader()
+    box_rows.writeheader()
+    for example in chosen:
+        layout, key = example.layout(), str(example.image.resolve())
+        image_rows.writerow({"image": key, "width": layout.width, "height": layout.height})
+        for box in layout.boxes:
+            box_rows.writerow({"image": key, "structure": box.structure, "x_min": box.x0, "y_min": box.y0,
+                               "x_max": box.x1, "y_max": box.y1})
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / IMAGES_TABLE, images.getvalue().encode("utf-8"))
+    atomic_write_bytes(folder / BOXES_TABLE, boxes.getvalue().encode("utf-8"))
+    return folder

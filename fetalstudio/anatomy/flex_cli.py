@@ -168,23 +168,53 @@ def read_layout(args: argparse.Namespace, image, manager) -> Any:
     return layout
 
 
-def detect_layout(manager, image) -> Any:
-    from fetalstudio.anatomy.layout import Layout, StructureBox
+def structure_detector(manager) -> tuple[Any, str]:
+    """The structure detector (the bundled one, else the catalog's default detector) and its catalog id."""
     from fetalstudio.detection.predict import StructureDetector
     from fetalstudio.models.entries import ModelKind
-    from fetalstudio.vocabulary import ANATOMY_PLANES
 
     model_id = DETECTOR_ID if DETECTOR_ID in manager.ids() else manager.default_id(ModelKind.DETECTOR)
-    detector = StructureDetector(manager.get(model_id))
-    planes = [name for name, plane in ANATOMY_PLANES.items()
-              if set(detector.structures) <= {s.name for s in plane.structures}]
+    return StructureDetector(manager.get(model_id)), model_id
+
+
+def detector_planes(detector) -> list[str]:
+    """The layout planes whose structures include every class the detector finds."""
+    from fetalstudio.vocabulary import ANATOMY_PLANES
+
+    return [name for name, plane in ANATOMY_PLANES.items()
+            if set(detector.structures) <= {s.name for s in plane.structures}]
+
+
+def detector_for_plane(manager, plane: str) -> Any | None:
+    """The structure detector when it finds structures of ``plane``, else None (no detector knows that plane)."""
+    detector, _ = structure_detector(manager)
+    return detector if plane in detector_planes(detector) else None
+
+
+def detect_structures(manager, image, plane: str | None = None) -> list[Any]:
+    """The detector's boxes (``detection.predict.Detection``, with scores) on ``image``, checked to be of ``plane``
+    (default: the detector's plane); a clear error when the detector knows no such plane or finds nothing."""
+    detector, model_id = structure_detector(manager)
+    planes = detector_planes(detector)
     if not planes:
         raise FetalStudioError(f"The detector {model_id} finds {', '.join(detector.structures)}, which no layout plane has.")
+    if plane is not None and plane not in planes:
+        raise FetalStudioError(f"The structure detector {model_id} finds {', '.join(planes)} structures, not {plane} ones: "
+                               "draw the boxes by hand (or in the table), or give a layout file.")
     found = detector.detect(image.gray)
     if not found:
         raise FetalStudioError(f"The detector found no structure on {image.path.name}. Check that it is a {planes[0]} "
-                               "scan, or give the layout with --layout.")
-    return Layout(planes[0], image.size[0], image.size[1],
+                               "scan, or draw the boxes by hand (CLI: give the layout with --layout).")
+    return found
+
+
+def detect_layout(manager, image) -> Any:
+    """The layout the structure detector finds on ``image`` (its plane: the detector's)."""
+    from fetalstudio.anatomy.layout import Layout, StructureBox
+
+    detector, model_id = structure_detector(manager)
+    found = detect_structures(manager, image)
+    return Layout(detector_planes(detector)[0], image.size[0], image.size[1],
                   tuple(StructureBox(d.structure, d.x0, d.y0, d.x1, d.y1) for d in found), image.pixel_size_mm,
                   f"detected by {model_id}")
 

@@ -14,7 +14,7 @@ from fetalstudio.app_context import AppContext
 from fetalstudio.paths import app_file
 from fetalstudio.ui import anatomy_tab, analysis_tab, models_tab, review_tab, synthesis_tab
 from fetalstudio.ui.common import hide_internal_events, user_errors
-from fetalstudio.ui.tab import Receiver, Sender, TabLinks, TabModule
+from fetalstudio.ui.tab import Receiver, Sender, TabLinks, TabModule, join_page_js
 
 #: The tabs, in the order they are shown.
 TABS: list[TabModule] = [synthesis_tab, review_tab, analysis_tab, anatomy_tab, models_tab]
@@ -60,14 +60,6 @@ def build_ui(context: AppContext, tabs: list[TabModule] | None = None) -> AppPag
                 blocks.load(**handler.listener())
     hide_internal_events(blocks)
     return AppPage(blocks, join_page_js([tab_links.page_js for tab_links in links.values()]))
-
-
-def join_page_js(scripts: list[str]) -> str | None:
-    """One page-load script from the tabs' scripts (each an arrow function), run in tab order."""
-    scripts = [script for script in scripts if script.strip()]
-    if len(scripts) <= 1:
-        return scripts[0] if scripts else None
-    return "() => {\n" + "\n".join(f"({script.strip()})();" for script in scripts) + "\n}"
 
 
 def _check_ids(tab_modules: list[TabModule]) -> None:

@@ -88,3 +88,11 @@ class TabModule(Protocol):
     def build(self, context: AppContext) -> Any: ...
 
     def wire(self, context: AppContext, components: Any) -> TabLinks: ...
+
+
+def join_page_js(scripts: list[str]) -> str | None:
+    """One page-load script from the tabs' scripts (each an arrow function), run in tab order."""
+    scripts = [script for script in scripts if script.strip()]
+    if len(scripts) <= 1:
+        return scripts[0] if scripts else None
+    return "() => {\n" + "\n".join(f"({script.strip()})();" for script in scripts) + "\n}"
