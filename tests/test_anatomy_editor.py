@@ -178,18 +178,22 @@ def test_table_round_trip_keeps_exact_boxes(state):
     turned = editor.apply_edit(state, Rotate("palate", degrees=12.345))
     turned = editor.apply_edit(turned, Translate("thalami", dx=0.04))  # sub-pixel: shown rounded
     rows = editor_boxes.table_rows(turned.layout)
-    assert editor_boxes.TABLE_COLUMNS == ("structure", "x0", "y0", "x1", "y1", "rotation")
+    assert editor_boxes.TABLE_COLUMNS == ("structure", "x0", "y0", "x1", "y1", "rotation", "confidence")
     assert [row[0] for row in rows] == [box.structure for box in turned.layout.boxes]
+    assert editor_boxes.table_rows(turned) == rows and {row[6] for row in rows} == {""}  # drawn by hand: no confidence
     assert editor_boxes.apply_table(turned, rows) is turned
     frame = pd.DataFrame(rows, columns=editor_boxes.TABLE_COLUMNS)
     assert editor_boxes.apply_table(turned, frame) is turned
-    assert editor_boxes.apply_table(turned, rows + [["", None, float("nan"), "", "", ""]]) is turned
+    assert editor_boxes.apply_table(turned, rows + [["", None, float("nan"), "", "", "", ""]]) is turned
+    six_columns = [row[:6] for row in rows]  # a table saved before the confidence column
+    assert editor_boxes.apply_table(turned, six_columns) is turned
+    assert editor_boxes.apply_table(turned, pd.DataFrame(six_columns, columns=editor_boxes.TABLE_COLUMNS[:6])) is turned
 
 
 def test_typed_rows_change_the_layout(state):
     rows = editor_boxes.table_rows(state.layout)
     i = nasal_bone_index(state)
-    rows[i] = ["nasal_bone", "401.5", 92, 455, 106, ""]
+    rows[i] = ["nasal_bone", "401.5", 92, 455, 106, "", ""]
     del rows[0]
     typed = editor_boxes.apply_table(state, pd.DataFrame(rows, columns=editor_boxes.TABLE_COLUMNS))
     assert typed.layout.box("nasal_bone") == StructureBox("nasal_bone", 401.5, 92, 455, 106, 0)
@@ -217,6 +221,73 @@ def test_table_problems_name_each_row_and_column(state):
     twice = editor_boxes.table_rows(state.layout) + [["thalami", 1, 1, 20, 20, 0]]
     refused(editor_boxes.apply_table, state, twice, match="2 thalami boxes")
     refused(editor_boxes.apply_table, state, [["thalami", 1, 2]], match="Row 1 has 3 cells")
+
+
+# --- the detector's boxes and their confidence ----------------------------------------------------------------
+DETECTED = [Detection("thalami", 250.25, 180, 330, 240.5, 0.913), Detection("nasal_bone", 640, 100, 720, 120, 0.456),
+            Detection("palate", -30, -5, -1, 10, 0.4)]  # nasal bone clipped at the edge; the palate wholly outside
+
+
+def test_detected_boxes_become_the_layout_with_their_scores(state):
+    detected = editor.set_detected(state, DETECTED)
+    assert [b.structure for b in detected.layout.boxes] == ["thalami", "nasal_bone"]
+    assert detected.layout.box("nasal_bone") == StructureBox("nasal_bone", 640, 100, 697, 120)
+    assert detected.detections == (editor.DetectedBox("thalami", 250.25, 180, 330, 240.5, 0.913),
+                                   editor.DetectedBox("nasal_bone", 640, 100, 697, 120, 0.456))
+    assert detected.history.steps[-1].action == "detected structures" and editor.undo(detected).layout == state.layout
+    assert detected.layout == editor.layout_from_detections("facial_sagittal", (697, 480), DETECTED)
+    assert editor.set_detected(detected, DETECTED) is detected  # detecting again: no new undo step
+    twice = editor.set_detected(state, [Detection("palate", 100, 100, 140, 120, 0.7),
+                                        Detection("palate", 150, 100, 190, 120, 0.6)], action="detected again")
+    assert len(twice.layout.boxes_of("palate")) == 2 and twice.history.steps[-1].action == "detected again"
+    refused(editor.set_detected, state, [Detection("skull", 1, 1, 9, 9, 0.5)], match="Unknown structure 'skull'")
+
+
+def test_confidence_shows_while_a_box_is_as_detected(state):
+    detected = editor.set_detected(state, DETECTED)
+    thalami = detected.layout.box("thalami")
+    assert editor.box_confidence(detected, thalami) == 0.913
+    assert editor.box_confidence(state, thalami) is None  # a document without detections
+    nudged = editor.set_box(detected, 0, replace(thalami, x0=thalami.x0 + 0.4))  # within half a pixel
+    assert editor.box_confidence(nudged, nudged.layout.box("thalami")) == 0.913
+    moved = editor.set_box(detected, 0, replace(thalami, x0=thalami.x0 + 1))
+    turned = editor.apply_edit(detected, Rotate("thalami", degrees=5))
+    assert editor.box_confidence(moved, moved.layout.box("thalami")) is None
+    assert editor.box_confidence(turned, turned.layout.box("thalami")) is None
+    assert editor.box_confidence(editor.undo(moved), thalami) == 0.913  # undo brings the detected box back
+    added = editor.add_box(moved, "palate", 100, 100, 140, 120)
+    rows = editor_boxes.table_rows(added)
+    assert [row[6] for row in rows] == ["", 0.46, ""]  # thalami moved, nasal bone as detected, palate drawn
+    assert rows[1][:6] == ["nasal_bone", 640.0, 100.0, 697.0, 120.0, 0.0]
+
+
+def test_the_confidence_column_is_ignored_when_the_table_is_applied(state):
+    detected = editor.set_detected(state, DETECTED)
+    rows = editor_boxes.table_rows(detected)
+    assert rows[0][6] == 0.91
+    rows[0][6], rows[1][6] = 0.1, "high"  # typed over: shown only, never read
+    assert editor_boxes.apply_table(detected, rows) is detected
+    rows[1][1] = 600
+    typed = editor_boxes.apply_table(detected, rows)
+    assert typed.layout.box("nasal_bone").x0 == 600 and typed.detections == detected.detections
+    assert [row[6] for row in editor_boxes.table_rows(typed)] == [0.91, ""]
+
+
+def test_detections_survive_the_json_round_trip_and_old_documents_still_open(state, tmp_path):
+    detected = editor.apply_edit(editor.set_detected(state, DETECTED), Translate("thalami", dx=3))
+    data = json.loads(json.dumps(editor.state_to_dict(detected)))
+    assert data["detections"][0] == {"structure": "thalami", "x0": 250.25, "y0": 180, "x1": 330, "y1": 240.5,
+                                     "score": 0.913}
+    back = editor.state_from_dict(data)
+    assert back == detected and editor.box_confidence(editor.undo(back), editor.undo(back).layout.box("thalami")) == 0.913
+    older = {key: value for key, value in editor.state_to_dict(state).items() if key != "detections"}
+    assert editor.state_from_dict(older) == state and editor.state_from_dict(older).detections == ()
+    session = editor_store.EditorSession.open("detected", tmp_path)
+    session.save(detected)
+    assert session.load().state == detected
+    data["detections"][0]["score"] = "very"
+    with pytest.raises(FetalStudioError, match="the editor state is incomplete or damaged"):
+        editor.state_from_dict(data)
 
 
 # --- gradio_image_annotation's value ------------------------------------------------------------------------

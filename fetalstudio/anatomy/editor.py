@@ -7,7 +7,10 @@ preset and the last run's project folder. Every transition returns a new state; 
 that changes nothing returns the same state (no undo step), so a UI's change events that echo a
 value back cost nothing.
 
-The box table (structure, x0, y0, x1, y1, rotation) and ``gradio_image_annotation``'s value
+Boxes the structure detector found keep their scores (:attr:`EditorState.detections`, set by
+:func:`set_detected`); :func:`box_confidence` gives a box's score while the box is still as detected.
+
+The box table (structure, x0, y0, x1, y1, rotation, confidence) and ``gradio_image_annotation``'s value
 (``{"image": ..., "boxes": [{"xmin", "ymin", "xmax", "ymax", "label", "color"}]}``) convert both
 ways in :mod:`fetalstudio.anatomy.editor_boxes`; each browser session's document lives on disk through
 :mod:`fetalstudio.anatomy.editor_store`.
@@ -142,6 +145,21 @@ class History:
 
 
 @dataclass(frozen=True)
+class DetectedBox:
+    """A box the structure detector found (clipped to the image), with its confidence score."""
+
+    structure: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+
+    def as_box(self) -> StructureBox:
+        return StructureBox(self.structure, self.x0, self.y0, self.x1, self.y1)
+
+
+@dataclass(frozen=True)
 class EditorState:
     """One editor document. Build it with :func:`open_image`; change it with the module's transitions."""
 
@@ -151,6 +169,7 @@ class EditorState:
     roi: RoiSettings = field(default_factory=RoiSettings)
     preset: PresetChoice | None = None
     project: str | None = None  # the folder of the last run's project
+    detections: tuple[DetectedBox, ...] = ()  # the detector's last boxes on this image, with their scores
 
     @property
     def layout(self) -> Layout:
@@ -192,19 +211,25 @@ def open_image(image: LoadedImage | SourceImage, plane: str, layout: Layout | No
     return EditorState(source, History((Step(layout, f"opened ({origin})"),)), origin)
 
 
-def layout_from_detections(plane: str, size: tuple[int, int], detections: Iterable[Any],
-                           pixel_size_mm: float | None = None, source: str = "") -> Layout:
-    """A layout from detector boxes (objects with structure, x0, y0, x1, y1: ``detection.predict.Detection``),
-    clipped to the image; a box left with no size after clipping is dropped."""
+def clipped_detections(plane: str, size: tuple[int, int], detections: Iterable[Any]) -> list[DetectedBox]:
+    """Detector boxes (objects with structure, x0, y0, x1, y1 and optionally score:
+    ``detection.predict.Detection``) clipped to the image; a box left with no size is dropped."""
     width, height = size
-    boxes = []
+    kept = []
     for found in detections:
-        _check_label(plane, found.structure, "The detector's box")
+        name = _check_label(plane, found.structure, "The detector's box")
         x0, x1 = max(0.0, float(found.x0)), min(float(width), float(found.x1))
         y0, y1 = max(0.0, float(found.y0)), min(float(height), float(found.y1))
         if x1 > x0 and y1 > y0:
-            boxes.append(StructureBox(found.structure, x0, y0, x1, y1))
-    return Layout(plane, width, height, tuple(boxes), pixel_size_mm, source)
+            kept.append(DetectedBox(name, x0, y0, x1, y1, float(getattr(found, "score", 1.0))))
+    return kept
+
+
+def layout_from_detections(plane: str, size: tuple[int, int], detections: Iterable[Any],
+                           pixel_size_mm: float | None = None, source: str = "") -> Layout:
+    """A layout from detector boxes, clipped to the image (see :func:`clipped_detections`)."""
+    boxes = [found.as_box() for found in clipped_detections(plane, size, detections)]
+    return Layout(plane, size[0], size[1], tuple(boxes), pixel_size_mm, source)
 
 
 # --- layout changes -----------------------------------------------------------------------------
@@ -328,6 +353,34 @@ def set_boxes(state: EditorState, boxes: Iterable[StructureBox], action: str) ->
     return with_layout(state, layout, action)
 
 
+def set_detected(state: EditorState, detections: Iterable[Any], action: str = "detected structures") -> EditorState:
+    """The detector's boxes (``detection.predict.Detection``: structure, corners, score) as the layout, clipped
+    to the image, in one undo step; their scores are kept for :func:`box_confidence`. The detector's answer
+    replaces the whole layout, so it may hold as many boxes of a structure as the detector found."""
+    found = tuple(clipped_detections(state.plane, state.image.size, detections))
+    changed = with_layout(state, state.layout.with_boxes(box.as_box() for box in found), action)
+    if changed is state and found == state.detections:
+        return state
+    return replace(changed, detections=found)
+
+
+#: How far (pixels) a box's corners may be from the detector's and still count as the detected box.
+DETECTED_TOLERANCE_PX = 0.5
+
+
+def box_confidence(state: EditorState, box: StructureBox) -> float | None:
+    """The detector's score of ``box`` while it is still as detected (same structure, upright, corners
+    within :data:`DETECTED_TOLERANCE_PX`); None for a box drawn, typed or changed by hand."""
+    if box.rotation_deg:
+        return None
+    corners = np.array([box.x0, box.y0, box.x1, box.y1])
+    for found in state.detections:
+        if found.structure == box.structure and np.all(
+                np.abs(corners - (found.x0, found.y0, found.x1, found.y1)) <= DETECTED_TOLERANCE_PX):
+            return found.score
+    return None
+
+
 # --- ROI, preset, project -----------------------------------------------------------------------
 def set_roi_mode(state: EditorState, mode: str) -> EditorState:
     if mode not in ROI_MODES:
@@ -384,6 +437,8 @@ def state_to_dict(state: EditorState) -> dict[str, Any]:
                 "mask_png": None if state.roi.mask_png is None else base64.b64encode(state.roi.mask_png).decode("ascii")},
         "preset": None if state.preset is None else {"name": state.preset.name, "parameters": state.preset.values()},
         "project": state.project,
+        "detections": [{"structure": d.structure, "x0": d.x0, "y0": d.y0, "x1": d.x1, "y1": d.y1, "score": d.score}
+                       for d in state.detections],
         "history": {"position": state.history.position,
                     "steps": [{"action": step.action, "edits": [edit.to_dict() for edit in step.edits],
                                "layout": step.layout.to_dict()} for step in state.history.steps]},
@@ -402,11 +457,13 @@ def state_from_dict(data: Any, where: str = "the editor state") -> EditorState:
         position = int(history["position"])
         mask = None if roi["mask_png"] is None else base64.b64decode(roi["mask_png"], validate=True)
         preset = data["preset"]
+        detections = tuple(DetectedBox(str(d["structure"]), *(float(d[k]) for k in ("x0", "y0", "x1", "y1", "score")))
+                           for d in data.get("detections") or ())  # older documents have none
         state = EditorState(
             source, History(steps, position), str(data["origin"]),
             RoiSettings(str(roi["mode"]), float(roi["margin_px"]), mask),
             None if preset is None else PresetChoice(str(preset["name"]), tuple(dict(preset["parameters"]).items())),
-            data["project"])
+            data["project"], detections)
     except FetalStudioError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as error:

@@ -1,8 +1,10 @@
 """The editor's boxes as a typed table and as ``gradio_image_annotation``'s value, both ways.
 
-Table rows are ``[structure, x0, y0, x1, y1, rotation]`` (pixels, degrees), shown rounded to
-:data:`TABLE_DECIMALS`; a row that still shows its box's rounded values keeps the box exactly, so
-re-reading an untouched table changes nothing. The annotator's value is
+Table rows are ``[structure, x0, y0, x1, y1, rotation, confidence]`` (pixels, degrees), shown rounded
+to :data:`TABLE_DECIMALS`; a row that still shows its box's rounded values keeps the box exactly, so
+re-reading an untouched table changes nothing. ``confidence`` is the detector's score while the box
+is as detected (blank for boxes drawn, typed or changed by hand); it is only shown: applying a table
+ignores it, and a table of the first six columns is read as well. The annotator's value is
 ``{"image": ..., "boxes": [{"xmin", "ymin", "xmax", "ymax", "label", "color"}]}`` with whole-pixel
 corners (its ``preprocess`` rounds them) and the structure's name as label; the annotator draws
 boxes upright, so a turned box shows its extent before the turn and keeps its turn when moved
@@ -15,13 +17,14 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from fetalstudio.anatomy.editor import EditorState, set_boxes
+from fetalstudio.anatomy.editor import EditorState, box_confidence, set_boxes
 from fetalstudio.anatomy.layout import EDGE_TOLERANCE_PX, Layout, StructureBox
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.vocabulary import anatomy_plane, structure
 
-TABLE_COLUMNS = ("structure", "x0", "y0", "x1", "y1", "rotation")
+TABLE_COLUMNS = ("structure", "x0", "y0", "x1", "y1", "rotation", "confidence")
 TABLE_DECIMALS = 1
+CONFIDENCE_DECIMALS = 2
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -30,9 +33,15 @@ def _shown(box: StructureBox) -> tuple:
     return (box.structure, *(round(v, TABLE_DECIMALS) + 0.0 for v in values))
 
 
-def table_rows(layout: Layout) -> list[list[Any]]:
-    """The layout's boxes as table rows, in the layout's order."""
-    return [list(_shown(box)) for box in layout.boxes]
+def table_rows(document: EditorState | Layout) -> list[list[Any]]:
+    """The boxes of a document (with the detector's confidence where a box is as detected) or of a
+    layout (no confidence) as table rows, in the layout's order."""
+    layout = document if isinstance(document, Layout) else document.layout
+
+    def confidence(box: StructureBox) -> float | str:
+        score = None if isinstance(document, Layout) else box_confidence(document, box)
+        return "" if score is None else round(score, CONFIDENCE_DECIMALS)
+    return [[*_shown(box), confidence(box)] for box in layout.boxes]
 
 
 def _plain_rows(rows: Any) -> list[list[Any]]:
@@ -66,7 +75,8 @@ def _number(value: Any, row: int, column: str, default: float | None = None) -> 
 
 def _table_box(plane: str, cells: list[Any], row: int) -> StructureBox:
     if len(cells) < 5:
-        raise FetalStudioError(f"Row {row} has {len(cells)} cells; a row is {', '.join(TABLE_COLUMNS)}.")
+        raise FetalStudioError(f"Row {row} has {len(cells)} cells; a row is {', '.join(TABLE_COLUMNS[:6])} "
+                               "(rotation may be left blank).")
     name = cells[0].strip() if isinstance(cells[0], str) else cells[0]
     try:
         name = structure(plane, name).name
@@ -79,13 +89,14 @@ def _table_box(plane: str, cells: list[Any], row: int) -> StructureBox:
 
 def parse_table(state: EditorState, rows: Any) -> list[StructureBox]:
     """The boxes the table's rows describe; every row's problem in one error (one line per row).
-    Rows left wholly empty are skipped; a row that still shows a box's values keeps that box exactly."""
+    Rows left wholly empty are skipped; a row that still shows a box's values keeps that box exactly;
+    the confidence column is ignored."""
     shown = {}
     for box in state.layout.boxes:
         shown.setdefault(_shown(box), []).append(box)
     boxes, problems = [], []
     for number, cells in enumerate(_plain_rows(rows), start=1):
-        if all(_blank(cell) for cell in cells):
+        if all(_blank(cell) for cell in cells[:6]):
             continue
         try:
             box = _table_box(state.plane, cells, number)
