@@ -15,6 +15,8 @@ A project folder (default ``outputs/anatomy/projects/<YYYYmmdd-HHMMSS>-<6 hex>``
     edits.json            the edits and presets applied (``fetalstudio.anatomy.edits`` JSON)
     project.json          schema "fetalstudio.flex-project" version 1: parameters, seeds, model ids and
                           hashes, stage, options, letterbox, timings, FetalStudio version, file list
+    ...                   the caller's extra files (``extra_files``: e.g. the editor's editor.json), listed
+                          in project.json's file list too
 
 The folder is built beside its target (``.<name>.partial-<hex>``) and renamed into place when
 complete, so a crash, a cancel or a full disk leaves no half-written project. An existing folder is
@@ -51,6 +53,9 @@ PROJECT_VERSION = 1
 PROJECT_FILE = "project.json"
 PARTIAL_MARK = ".partial-"
 IMAGE_FILES = ("source", "layout_before", "layout_after", "condition", "roi", "osm_mask", "stage1", "result")
+#: Every file a project may hold besides the caller's extra files.
+STANDARD_FILES = frozenset([f"{name}.png" for name in IMAGE_FILES] + ["layout_before.json", "layout_after.json",
+                                                                      "edits.json", PROJECT_FILE])
 
 
 def projects_dir() -> Path:
@@ -127,16 +132,38 @@ def project_record(outcome: FlexOutcome, folder_name: str, files: list[str], *, 
     }
 
 
+def check_extra_files(extra_files: dict[str, bytes] | None) -> dict[str, bytes]:
+    """``extra_files`` if each is a plain file name (no folder, not hidden, not a standard project file)
+    with bytes; else a clear error naming the file."""
+    checked = {}
+    for name, data in (extra_files or {}).items():
+        plain = isinstance(name, str) and name.strip() == name and name not in ("", ".", "..") \
+            and not name.startswith(".") and not any(c in name for c in "/\\\0")
+        if not plain:
+            raise FetalStudioError(f"The extra project file {name!r} is not a plain file name; give a name such as "
+                                   "editor.json (no folder, not hidden). Nothing was written.")
+        if name in STANDARD_FILES:
+            raise FetalStudioError(f"The extra project file {name} would replace the project's own {name}; give it "
+                                   "another name. Nothing was written.")
+        if not isinstance(data, (bytes, bytearray)):
+            raise FetalStudioError(f"The extra project file {name} must be bytes, not {type(data).__name__}. "
+                                   "Nothing was written.")
+        checked[name] = bytes(data)
+    return checked
+
+
 def write_project(outcome: FlexOutcome, out: Path | None = None, *, image_path: str | None = None,
                   roi_source: str = "given", edits: list[dict] | None = None, presets: list[dict] | None = None,
-                  extra: dict[str, Any] | None = None) -> Path:
+                  extra: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the project folder of a finished edit (see the module doc) and return its path.
 
     ``out``: the folder (missing or empty; default a new one under :func:`projects_dir`); ``edits``:
     the applied edits as JSON objects; ``presets``: ``{"name", "parameters"}`` of the presets applied;
-    ``roi_source``: how the ROI was chosen ("auto", a mask file); ``extra``: more project.json keys."""
+    ``roi_source``: how the ROI was chosen ("auto", a mask file); ``extra``: more project.json keys;
+    ``extra_files``: more files, plain name -> contents (see :func:`check_extra_files`)."""
     if outcome.cancelled or outcome.final is None or outcome.stage1 is None:
         raise FetalStudioError("The edit was cancelled, so there is no result to save; nothing was written.")
+    extra_files = check_extra_files(extra_files)
     out = check_project_folder(out if out is not None else new_project_folder())
     edits, presets = list(edits or []), list(presets or [])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +171,9 @@ def write_project(outcome: FlexOutcome, out: Path | None = None, *, image_path: 
     try:
         building.mkdir()
         files = _write_files(outcome, building, out.name, edits, presets)
+        for name, data in extra_files.items():
+            atomic_write_bytes(building / name, data)
+            files.append(name)
         atomic_write_json(building / PROJECT_FILE, project_record(
             outcome, out.name, files + [PROJECT_FILE], image_path=image_path, roi_source=roi_source, edits=edits,
             presets=presets, extra=extra))
