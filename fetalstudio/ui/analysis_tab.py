@@ -30,12 +30,12 @@ from fetalstudio.analysis.session import AnalysisSession, checked_pixel_size
 from fetalstudio.app_context import AppContext
 from fetalstudio.errors import FetalStudioError, ModelNotFoundError
 from fetalstudio.imaging.extract import fit_label
-from fetalstudio.imaging.files import atomic_write_bytes
-from fetalstudio.imaging.image_input import model_view, supported_suffixes
+from fetalstudio.imaging.files import atomic_write_bytes, write_png
+from fetalstudio.imaging.image_input import load_image, model_view, supported_suffixes
 from fetalstudio.paths import app_file
 from fetalstudio.segmentation.predictor import BoxPromptPredictor
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
-from fetalstudio.ui.tab import Handler, Receiver, TabLinks
+from fetalstudio.ui.tab import Handler, Receiver, Sender, TabLinks
 
 TITLE = "Analysis"
 ID = "analysis"
@@ -58,6 +58,15 @@ class UserAnalysis:
     predictor: CachedPredictor | None = None
     segmenter: str | None = None
     display_factor: float = 1.0  # original pixels per displayed pixel
+
+
+@dataclass(frozen=True)
+class AnalysedImage:
+    """The file (and frame) the tab analyses, kept per browser (a server-side state) to send it to another tab."""
+
+    path: str
+    frame: int = 0
+    frame_count: int = 1
 
 
 class UserAnalyses:
@@ -143,7 +152,9 @@ def default_models(manager) -> tuple[list[str], str | None]:
 class AnalysisComponents:
     upload: gr.File
     inbox_path: gr.State
+    analysed: gr.State
     image_info: gr.Markdown
+    send_anatomy: gr.Button
     frame: gr.Number
     annotator: image_annotator
     picture: gr.Image
@@ -191,7 +202,7 @@ class AnalysisComponents:
     @property
     def load_outputs(self) -> list:
         """What loading an image sets (and clearing the upload empties)."""
-        return [self.annotator, self.image_info, self.frame, self.pixel_size, self.status, self.planes, self.saliency,
+        return [self.analysed, self.annotator, self.image_info, self.frame, self.pixel_size, self.status, self.planes, self.saliency,
                 *self.result_components]
 
 
@@ -205,7 +216,9 @@ def build(context: AppContext) -> AnalysisComponents:
             upload = gr.File(label=f"Image ({', '.join(supported_suffixes())})", type="filepath", elem_id="analysis-upload",
                              file_types=list(supported_suffixes()), height=110)
             inbox_path = gr.State(None)
+            analysed = gr.State(None)  # AnalysedImage of the loaded image
             image_info = gr.Markdown("", elem_id="analysis-image-info")
+            send_anatomy = gr.Button("Send this image to the Anatomy editor", size="sm", elem_id="analysis-send-anatomy")
             frame = gr.Number(0, label="Frame (multi-frame DICOM)", precision=0, minimum=0, visible=False, elem_id="analysis-frame")
             annotator = image_annotator(label="Draw a box around the head", label_list=["head"], label_colors=[(0, 200, 255)],
                                         single_box=True, use_default_label=True, sources=[], image_type="filepath", show_clear_button=False,
@@ -261,7 +274,7 @@ def build(context: AppContext) -> AnalysisComponents:
         batch_downloads = gr.File(label="Report CSV, overlays and exports (zip)", file_count="multiple", interactive=False,
                                   elem_id="analysis-batch-downloads")
     return AnalysisComponents(
-        upload, inbox_path, image_info, frame, annotator, picture, point_kind, clear, status, planes, classifier,
+        upload, inbox_path, analysed, image_info, send_anatomy, frame, annotator, picture, point_kind, clear, status, planes, classifier,
         segmenter, saliency_button, saliency, auto, multimask, candidate, box_x0, box_y0, box_x1, box_y1, coords,
         pixel_size, measurements, downloads, batch_source, batch_files, batch_name, batch_tasks, batch_pixel,
         batch_formats, batch_heads_only, batch_run, batch_cancel, batch_status, batch_table, batch_downloads)
@@ -305,7 +318,8 @@ def wire(context: AppContext, c: AnalysisComponents) -> TabLinks:
         user = users.get(request)
         image = user.session.load(app_file(path), int(frame_number or 0))
         view_path, user.display_factor = display_file(root, image.gray, "image")
-        return {c.annotator: {"image": view_path, "boxes": []}, c.image_info: image_text(user.session),
+        return {c.analysed: AnalysedImage(str(image.path), image.frame, image.frame_count),
+                c.annotator: {"image": view_path, "boxes": []}, c.image_info: image_text(user.session),
                 c.frame: gr.update(visible=image.frame_count > 1, maximum=image.frame_count - 1, value=image.frame),
                 c.pixel_size: image.pixel_size_mm or 0, c.status: "⏳ Encoding the image…", c.planes: None,
                 c.saliency: gr.update(visible=False), **result_outputs(user, request)}
@@ -313,7 +327,7 @@ def wire(context: AppContext, c: AnalysisComponents) -> TabLinks:
     def on_upload_cleared(request: gr.Request) -> dict:
         """The upload's ✕: forget the image and everything computed from it, and say so."""
         users.get(request).session = AnalysisSession()
-        return {c.annotator: None, c.image_info: "", c.frame: gr.update(visible=False, value=0), c.pixel_size: 0,
+        return {c.analysed: None, c.annotator: None, c.image_info: "", c.frame: gr.update(visible=False, value=0), c.pixel_size: 0,
                 c.status: NO_IMAGE, c.planes: None, c.saliency: gr.update(value=None, visible=False), c.picture: None,
                 c.measurements: "", c.downloads: None, c.candidate: gr.update(choices=[], value=None, visible=False),
                 **dict.fromkeys(c.box_fields)}
@@ -489,7 +503,23 @@ def wire(context: AppContext, c: AnalysisComponents) -> TabLinks:
     c.batch_run.click(on_batch, [c.batch_source, c.batch_files, c.batch_name, c.batch_tasks, c.batch_pixel, c.batch_formats,
                                  c.batch_heads_only, c.classifier, c.segmenter], [c.batch_status, c.batch_table, c.batch_downloads], **gpu)
     c.batch_cancel.click(on_cancel, None, None, concurrency_limit=None)
-    return TabLinks(receiver=Receiver(c.inbox_path, receive, load_outputs, follow_up=follow_up))
+    return TabLinks(senders=[Sender("anatomy", c.send_anatomy, lambda analysed: analysed_image_path(analysed, root), [c.analysed])],
+                    receiver=Receiver(c.inbox_path, receive, load_outputs, follow_up=follow_up))
+
+
+def analysed_image_path(analysed: AnalysedImage | None, root: Path) -> str:
+    """The analysed image as a file another tab opens: the file itself, or, for one frame of a multi-frame
+    DICOM, a PNG of that frame under ``root``/sent (a receiving tab opens a file's first frame)."""
+    if analysed is None:
+        raise FetalStudioError("Load an image first (upload one, or send one from another tab), then send it to the Anatomy editor.")
+    if analysed.frame_count == 1:
+        return analysed.path
+    frame = load_image(analysed.path, analysed.frame)
+    digest = hashlib.sha256(analysed.path.encode("utf-8")).hexdigest()[:12]  # two users' files of one name stay apart
+    out = root / "sent" / f"{Path(analysed.path).stem}_{digest}_frame{analysed.frame}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_png(out, frame.gray)
+    return str(out)
 
 
 BATCH_COLUMNS = ("name", "status", "plane", "plane_probability", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "warning",

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -202,6 +203,7 @@ class ReviewComponents:
     undo: gr.Button
     redo: gr.Button
     send: gr.Button
+    send_anatomy: gr.Button
     ellipse_tab: gr.Tab
     center_x: gr.Slider
     center_y: gr.Slider
@@ -289,6 +291,7 @@ def build(context: AppContext) -> ReviewComponents:
         undo = gr.Button("Undo (u)", elem_id="review-undo")
         redo = gr.Button("Redo (y)", elem_id="review-redo")
         send = gr.Button("Send to Analysis", elem_id="review-send-analysis")
+        send_anatomy = gr.Button("Send to Anatomy editor", elem_id="review-send-anatomy")
     with gr.Tabs():
         with gr.Tab("Ellipse") as ellipse_tab:
             with gr.Row(elem_id="review-ellipse-fields"):
@@ -321,7 +324,7 @@ def build(context: AppContext) -> ReviewComponents:
     return ReviewComponents(
         session_name, open_session, banner, trimester, count, sampler, steps, seed, lora, lora_weight, threshold_generate,
         generate, cancel, import_source, import_button, decision_filter, item_info, picture, show_mask, show_ellipse, opacity,
-        raw_mask, previous, accept, reject, following, undo, redo, send, ellipse_tab, center_x, center_y, axis_a, axis_b, angle,
+        raw_mask, previous, accept, reject, following, undo, redo, send, send_anatomy, ellipse_tab, center_x, center_y, axis_a, axis_b, angle,
         save_ellipse, reextract_tab, threshold, reextract, brush_tab, editor, save_brush, segmenter_tab, segment, export_tab,
         formats, export, export_status, export_file, view_state)
 
@@ -583,7 +586,8 @@ def wire(context: AppContext, c: ReviewComponents) -> TabLinks:
         other.select(brush_closed, c.view_state, c.view_state)
     for control in c.looks:
         control.input(look_change, view_and_looks, c.display)
-    return TabLinks(senders=[Sender("analysis", c.send, shown_image_path, [c.view_state])],
+    return TabLinks(senders=[Sender("analysis", c.send, shown_image_path, [c.view_state]),
+                             Sender("anatomy", c.send_anatomy, partial(shown_image_path, target="the Anatomy editor"), [c.view_state])],
                     on_page_load=[Handler(on_load, view_and_looks, session_display)], page_js=SHORTCUTS_JS)
 
 
@@ -627,9 +631,9 @@ def _seed_to_use(session: ReviewSession | None):
     return gr.update(value=next_seed(session) if session is not None else None)
 
 
-def shown_image_path(view: View) -> str:
-    """The image of the item on screen, for the Analysis tab."""
+def shown_image_path(view: View, target: str = "Analysis") -> str:
+    """The image of the item on screen, to send to another tab (``target`` names it in the error)."""
     if not view.folder or not view.item:
-        raise FetalStudioError("Open a session and show an item first, then send it to Analysis.")
+        raise FetalStudioError(f"Open a session and show an item first, then send it to {target}.")
     session = _session(view)
     return str(session.image_path(session.get(view.item)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -91,6 +92,7 @@ class SynthesisComponents:
     gallery: gr.Gallery
     status: gr.Markdown
     send: gr.Button
+    send_anatomy: gr.Button
     last_seed: gr.State
     selected: gr.State
     export_planes: gr.CheckboxGroup
@@ -106,10 +108,10 @@ def _sampler_choices() -> list[tuple[str, str]]:
     return [(s.label, s.key) for s in SAMPLERS.values()]
 
 
-def picked_image(images, index) -> str:
-    """The gallery image to send to Analysis: the selected one, else the first."""
+def picked_image(images, index, target: str = "Analysis") -> str:
+    """The gallery image to send to another tab (``target`` names it in the error): the selected one, else the first."""
     if not images:
-        raise FetalStudioError("Generate an image first, then select it in the gallery and send it to Analysis.")
+        raise FetalStudioError(f"Generate an image first, then select it in the gallery and send it to {target}.")
     entry = images[index] if isinstance(index, int) and 0 <= index < len(images) else images[0]
     return str(entry[0] if isinstance(entry, (list, tuple)) else entry)
 
@@ -166,7 +168,10 @@ def build(context: AppContext) -> SynthesisComponents:
             gallery = gr.Gallery(label="Results", columns=4, height=520, format="png", type="filepath", interactive=False,
                                  buttons=["download", "fullscreen"], elem_id="synthesis-gallery")
             status = gr.Markdown("", elem_id="synthesis-status")
-            send = gr.Button("Send the selected image to Analysis", size="sm", elem_id="synthesis-send-analysis")
+            with gr.Row():
+                send = gr.Button("Send the selected image to Analysis", size="sm", elem_id="synthesis-send-analysis")
+                send_anatomy = gr.Button("Send the selected image to the Anatomy editor", size="sm",
+                                         elem_id="synthesis-send-anatomy")
             last_seed = gr.State(-1)
             selected = gr.State(0)
             with gr.Accordion("Dataset export", open=False, elem_id="dataset-export"):
@@ -183,7 +188,7 @@ def build(context: AppContext) -> SynthesisComponents:
                         batch_size, batch_count, color, lora_dropdowns, lora_weights)
     return SynthesisComponents(
         controls, rescan, subject, trimester, generate, cancel, random_seed, reuse_seed, lora_accordion, lora_rows,
-        shown_slots, add_lora, params_png, gallery, status, send, last_seed, selected, export_planes, export_samplers,
+        shown_slots, add_lora, params_png, gallery, status, send, send_anatomy, last_seed, selected, export_planes, export_samplers,
         export_count, export_seed, export_name, export, export_status)
 
 
@@ -289,7 +294,9 @@ def wire(context: AppContext, c: SynthesisComponents) -> TabLinks:
     c.params_png.upload(load_parameters, c.params_png, _parameter_outputs(c))
     export_inputs = {c.export_planes, c.export_samplers, c.export_count, c.export_seed, c.export_name, *controls.as_inputs()}
     c.export.click(run_export, export_inputs, c.export_status, **gpu)
-    return TabLinks(senders=[Sender("analysis", c.send, picked_image, [c.gallery, c.selected])])
+    picked = [c.gallery, c.selected]
+    return TabLinks(senders=[Sender("analysis", c.send, picked_image, picked),
+                             Sender("anatomy", c.send_anatomy, partial(picked_image, target="the Anatomy editor"), picked)])
 
 
 def _start_generation(context: AppContext, settings: GenerationSettings, cancel: threading.Event) -> queue.Queue:
