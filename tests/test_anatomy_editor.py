@@ -261,6 +261,28 @@ def test_confidence_shows_while_a_box_is_as_detected(state):
     assert rows[1][:6] == ["nasal_bone", 640.0, 100.0, 697.0, 120.0, 0.0]
 
 
+def test_detection_is_the_baseline_the_edit_and_its_roi_count_from(state):
+    from fetalstudio.anatomy.presets import load_presets
+
+    detected = editor.set_detected(state, DETECTED)
+    assert detected.original == detected.layout  # what the scan shows: no edit yet, so no ROI
+    refused(editor.roi_mask, detected, match="equals the original")
+    edited = editor.apply_edit(detected, Translate("thalami", dx=20))
+    assert edited.original == detected.layout and [e.to_dict()["op"] for e in edited.history.applied_edits()] == ["translate"]
+    roi = editor.roi_mask(edited)
+    nasal = detected.layout.box("nasal_bone")
+    assert roi[int(detected.layout.box("thalami").center[1]), 340] and not roi[int(nasal.center[1]), int(nasal.center[0])]
+    assert editor.undo(editor.undo(edited)).original == state.layout  # undoing the detection: the opened layout again
+    back = editor.state_from_dict(json.loads(json.dumps(editor.state_to_dict(edited))))
+    assert back == edited and back.original == detected.layout
+    many = detected
+    for number in range(editor.UNDO_LIMIT + 5):  # the baseline survives the undo limit
+        many = editor.apply_edit(many, Translate("thalami", dx=1 if number % 2 else -1))
+    assert many.original == detected.layout and len(many.history.steps) == editor.UNDO_LIMIT + 1
+    preset = editor.apply_preset(state, load_presets().presets["absent_nasal_bone"])
+    assert preset.original == state.layout  # no detection: the opened layout is the baseline
+
+
 def test_the_confidence_column_is_ignored_when_the_table_is_applied(state):
     detected = editor.set_detected(state, DETECTED)
     rows = editor_boxes.table_rows(detected)

@@ -102,16 +102,22 @@ class PresetChoice:
 @dataclass(frozen=True)
 class Step:
     """One state of the layout and how it was reached (``action``, shown to the user; ``edits``: the
-    engine edits that made it, when it was made by edits or a preset)."""
+    engine edits that made it, when it was made by edits or a preset). A ``baseline`` step says what the
+    scan shows (the opened layout, the detector's boxes): edits, and so the ROI, count from the last one."""
 
     layout: Layout
     action: str
     edits: tuple[Edit, ...] = ()
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
 class History:
-    """The layout's steps (``steps[0]`` the opened layout) and the position of the current one."""
+    """The layout's steps (``steps[0]`` the opened layout) and the position of the current one.
+
+    ``original`` is the layout of the last baseline step up to the current one (``steps[0]`` counts as one):
+    after Detect structures the detected boxes are what the scan shows, and the edit (and its ROI) is what
+    was changed since; undoing the detection makes the opened layout the original again."""
 
     steps: tuple[Step, ...]
     position: int = 0
@@ -121,8 +127,12 @@ class History:
         return self.steps[self.position].layout
 
     @property
+    def baseline_index(self) -> int:
+        return max([0] + [i for i, step in enumerate(self.steps[: self.position + 1]) if step.baseline])
+
+    @property
     def original(self) -> Layout:
-        return self.steps[0].layout
+        return self.steps[self.baseline_index].layout
 
     @property
     def can_undo(self) -> bool:
@@ -136,12 +146,15 @@ class History:
         """The history with ``step`` after the current one (undone steps are dropped)."""
         steps = self.steps[: self.position + 1] + (step,)
         if len(steps) > UNDO_LIMIT + 1:
-            steps = steps[:1] + steps[len(steps) - UNDO_LIMIT:]
+            kept = steps[len(steps) - UNDO_LIMIT:]
+            dropped_baselines = [s for s in steps[1: len(steps) - UNDO_LIMIT] if s.baseline]
+            # the newest baseline among the dropped steps stays: it is what the kept edits are edits of
+            steps = steps[:1] + tuple(dropped_baselines[-1:]) + kept[len(dropped_baselines[-1:]):]
         return History(steps, len(steps) - 1)
 
     def applied_edits(self) -> list[Edit]:
-        """The engine edits of the steps up to the current one (table and mouse changes have none)."""
-        return [edit for step in self.steps[1: self.position + 1] for edit in step.edits]
+        """The engine edits since the baseline up to the current step (table and mouse changes have none)."""
+        return [edit for step in self.steps[self.baseline_index + 1: self.position + 1] for edit in step.edits]
 
 
 @dataclass(frozen=True)
@@ -253,14 +266,16 @@ def check_duplicates(before: Layout, after: Layout) -> None:
                                    "makes two). Move or resize the existing box, or delete it first.")
 
 
-def with_layout(state: EditorState, layout: Layout, action: str, edits: tuple[Edit, ...] = ()) -> EditorState:
-    """``state`` with ``layout`` as a new undo step; ``state`` itself when the layout is unchanged."""
+def with_layout(state: EditorState, layout: Layout, action: str, edits: tuple[Edit, ...] = (),
+                baseline: bool = False) -> EditorState:
+    """``state`` with ``layout`` as a new undo step (a ``baseline`` one: what the scan shows, see :class:`History`);
+    ``state`` itself when the layout is unchanged."""
     if layout.plane != state.plane or layout.size != state.layout.size:
         raise FetalStudioError(f"The new layout is for a {layout.plane} image of {layout.width}x{layout.height} pixels; "
                                f"this document is {state.plane}, {state.image.width}x{state.image.height}.")
     if layout == state.layout:
         return state
-    return replace(state, history=state.history.pushed(Step(layout, action, tuple(edits))))
+    return replace(state, history=state.history.pushed(Step(layout, action, tuple(edits), baseline)))
 
 
 def apply_edit(state: EditorState, edit: Edit | dict) -> EditorState:
@@ -356,9 +371,10 @@ def set_boxes(state: EditorState, boxes: Iterable[StructureBox], action: str) ->
 def set_detected(state: EditorState, detections: Iterable[Any], action: str = "detected structures") -> EditorState:
     """The detector's boxes (``detection.predict.Detection``: structure, corners, score) as the layout, clipped
     to the image, in one undo step; their scores are kept for :func:`box_confidence`. The detector's answer
-    replaces the whole layout, so it may hold as many boxes of a structure as the detector found."""
+    replaces the whole layout, so it may hold as many boxes of a structure as the detector found. It is a
+    baseline step: what the scan shows, so edits (and the ROI) count from it."""
     found = tuple(clipped_detections(state.plane, state.image.size, detections))
-    changed = with_layout(state, state.layout.with_boxes(box.as_box() for box in found), action)
+    changed = with_layout(state, state.layout.with_boxes(box.as_box() for box in found), action, baseline=True)
     if changed is state and found == state.detections:
         return state
     return replace(changed, detections=found)
@@ -441,7 +457,8 @@ def state_to_dict(state: EditorState) -> dict[str, Any]:
                        for d in state.detections],
         "history": {"position": state.history.position,
                     "steps": [{"action": step.action, "edits": [edit.to_dict() for edit in step.edits],
-                               "layout": step.layout.to_dict()} for step in state.history.steps]},
+                               "layout": step.layout.to_dict(), "baseline": step.baseline}
+                              for step in state.history.steps]},
     }
 
 
@@ -452,7 +469,8 @@ def state_from_dict(data: Any, where: str = "the editor state") -> EditorState:
         source = SourceImage(str(image["path"]), str(image["sha256"]), int(image["width"]), int(image["height"]),
                              image.get("pixel_size_mm"))
         steps = tuple(Step(Layout.from_dict(step["layout"], f"{where}, step {i}"), str(step["action"]),
-                           tuple(edit_from_dict(e, f"{where}, step {i}") for e in step["edits"]))
+                           tuple(edit_from_dict(e, f"{where}, step {i}") for e in step["edits"]),
+                           bool(step.get("baseline", False)))  # older documents: no baseline after the first step
                       for i, step in enumerate(history["steps"]))
         position = int(history["position"])
         mask = None if roi["mask_png"] is None else base64.b64decode(roi["mask_png"], validate=True)
