@@ -13,7 +13,8 @@ from fetalstudio.anatomy import flex as flex_module
 from fetalstudio.anatomy import project as project_module
 from fetalstudio.anatomy.edits import Translate
 from fetalstudio.anatomy.flex import (
-    NO_CONTROLNET_HELP, FlexOptions, flex_settings, layout_condition, organ_mask, resolve_lora, run_flex, square_layout,
+    BUNDLED_EDGE_CONTROLNET, NO_CONTROLNET_HELP, FlexOptions, flex_settings, layout_condition, organ_mask, resolve_controlnet,
+    resolve_lora, run_flex, square_layout,
 )
 from fetalstudio.anatomy.layout import Layout
 from fetalstudio.anatomy.layout_map import box_mask
@@ -240,6 +241,79 @@ def test_lora_defaults_to_the_planes_when_listed(manager, monkeypatch):
     assert resolve_lora(manager, "facial_sagittal", "") is None
     with pytest.raises(FetalStudioError, match="not a LoRA"):
         resolve_lora(manager, "facial_sagittal", CONTROLNET_ID)
+
+
+# --- edge mode: ControlNets know their condition -------------------------------------------------------
+EDGE_CONTROLNET_ID = "controlnets/tiny_canny"
+
+
+@pytest.fixture(scope="module")
+def edge_manager(models_root, tmp_path_factory):
+    """The tiny layout ControlNet, and a copy of it that says it was trained on Canny maps (its fetalstudio_condition.json)."""
+    import json
+    import shutil
+
+    from fetalstudio.models.entries import CONDITION_FILE
+
+    root = tmp_path_factory.mktemp("edge-models")
+    (root / MODEL_ID).symlink_to(models_root / MODEL_ID, target_is_directory=True)
+    shutil.copytree(models_root / CONTROLNET_ID, root / CONTROLNET_ID)
+    shutil.copytree(models_root / CONTROLNET_ID, root / EDGE_CONTROLNET_ID)
+    (root / EDGE_CONTROLNET_ID / CONDITION_FILE).write_text(json.dumps({"condition": "canny"}))
+    return ModelManager(tmp_path_factory.mktemp("checkpoints"), extra_folders=(root,))
+
+
+def test_the_controlnet_is_picked_by_its_condition(edge_manager, manager, caplog):
+    assert edge_manager.entry(CONTROLNET_ID).condition == "layout" and edge_manager.entry(EDGE_CONTROLNET_ID).condition == "canny"
+    assert resolve_controlnet(edge_manager, None) == CONTROLNET_ID  # the layout one stays the layouts' default
+    assert resolve_controlnet(edge_manager, None, "canny") == EDGE_CONTROLNET_ID
+    assert resolve_controlnet(edge_manager, EDGE_CONTROLNET_ID, "canny") == EDGE_CONTROLNET_ID
+    assert resolve_controlnet(edge_manager, CONTROLNET_ID, "layout") == CONTROLNET_ID
+    with caplog.at_level("WARNING", logger="fetalstudio.anatomy.flex"):  # no edge ControlNet installed: the layout one, with a warning
+        assert resolve_controlnet(manager, None, "canny") == CONTROLNET_ID
+    assert "No ControlNet trained on canny edges is installed" in caplog.text and "--condition canny" in caplog.text
+
+
+def test_a_controlnet_trained_on_another_condition_is_refused_with_what_to_pick(edge_manager, models_root, tmp_path):
+    with pytest.raises(FetalStudioError) as refused:
+        resolve_controlnet(edge_manager, CONTROLNET_ID, "canny")
+    assert str(refused.value).startswith(
+        f"{CONTROLNET_ID} was trained on layout maps; edge mode needs a ControlNet trained on canny edges: pick "
+        f"{EDGE_CONTROLNET_ID} or train one with `python -m fetalstudio train controlnet --condition canny ")
+    with pytest.raises(FetalStudioError) as refused:
+        resolve_controlnet(edge_manager, EDGE_CONTROLNET_ID, "hed")
+    assert "trained on canny edges; edge mode needs a ControlNet trained on hed edges: train one with" in str(refused.value)
+    with pytest.raises(FetalStudioError) as refused:
+        resolve_controlnet(edge_manager, EDGE_CONTROLNET_ID)
+    assert (f"{EDGE_CONTROLNET_ID} was trained on canny edges; a layout edit needs a ControlNet trained on layout maps: "
+            f"pick {CONTROLNET_ID} or train one") in str(refused.value)
+    with pytest.raises(FetalStudioError, match="is a sd_pipeline, not a ControlNet"):
+        resolve_controlnet(edge_manager, MODEL_ID, "canny")
+    only_edges = tmp_path / "only-edges"
+    only_edges.mkdir()
+    (only_edges / "tiny_canny").symlink_to(edge_manager.entry(EDGE_CONTROLNET_ID).path, target_is_directory=True)
+    with pytest.raises(FetalStudioError) as refused:  # a layout edit never takes an edge ControlNet
+        resolve_controlnet(ModelManager(tmp_path / "c1", extra_folders=(only_edges,)), None)
+    assert str(refused.value) == NO_CONTROLNET_HELP
+    with pytest.raises(FetalStudioError) as refused:
+        resolve_controlnet(ModelManager(tmp_path / "c2", extra_folders=(models_root / MODEL_ID,)), None, "canny")
+    assert "edge mode needs one trained on canny edges" in str(refused.value) and BUNDLED_EDGE_CONTROLNET in str(refused.value)
+
+
+def test_edge_mode_with_an_edge_controlnet_keeps_the_pixels_outside_the_roi(edge_manager, scan):
+    source, before, after, roi = scan
+    outcome = run_flex(edge_manager, settings(edge_manager, after), source, after, roi, FlexOptions(condition="canny"),
+                       before=before)
+    assert outcome.controlnet["id"] == EDGE_CONTROLNET_ID and not outcome.cancelled and len(outcome.results) == 2
+    edges = np.asarray(outcome.condition.convert("L"))
+    assert outcome.condition.size == (64, 64) and set(np.unique(edges)) <= {0, 255} and edges.any()
+    made, original = gray(outcome.final), gray(source)
+    assert outcome.final.size == source.size and np.array_equal(made[~roi], original[~roi])
+    assert np.array_equal(gray(outcome.stage1)[~roi], original[~roi])
+    assert np.abs(made[roi] - original[roi]).mean() > 5  # the ROI is regenerated
+    with pytest.raises(FetalStudioError, match="was trained on layout maps; edge mode needs"):
+        run_flex(edge_manager, settings(edge_manager, after), source, after, roi,
+                 FlexOptions(condition="canny", controlnet=CONTROLNET_ID), before=before)
 
 
 # --- project folders -----------------------------------------------------------------------------

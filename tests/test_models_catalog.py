@@ -323,6 +323,53 @@ def test_loads_discovered_controlnet_through_manager(tmp_checkpoints, tiny_sd_di
     assert model.dtype == torch.float32
 
 
+def test_a_controlnet_knows_its_condition_from_the_manifest_its_folder_or_layout(tmp_checkpoints, tiny_sd_dir):
+    import json
+
+    from fetalstudio.models.entries import CONDITION_FILE
+
+    for name in ("edge-listed", "edge-file", "both", "plain"):
+        write_controlnet_folder(tiny_sd_dir, tmp_checkpoints / name)
+    (tmp_checkpoints / "edge-file" / CONDITION_FILE).write_text(json.dumps({"condition": "hed"}))
+    (tmp_checkpoints / "both" / CONDITION_FILE).write_text(json.dumps({"condition": "lineart"}))
+    write_manifest(tmp_checkpoints, """
+[[model]]
+id = "edge-listed"
+kind = "controlnet"
+path = "edge-listed"
+condition = "canny"
+
+[[model]]
+id = "both"
+kind = "controlnet"
+path = "both"
+condition = "pidinet"
+""")
+    catalog = build_catalog(tmp_checkpoints)
+    assert catalog["edge-listed"].condition == "canny"  # the manifest key
+    assert catalog["edge-file"].condition == "hed"  # discovered: fetalstudio_condition.json beside the weights
+    assert catalog["both"].condition == "pidinet"  # the manifest wins over the file
+    assert catalog["plain"].condition == "layout"  # a ControlNet from before edge conditions
+    assert catalog["edge-listed"].details["condition"] == "canny"
+    (tmp_checkpoints / "edge-file" / CONDITION_FILE).write_text("{broken")
+    with pytest.raises(FetalStudioError, match="could not be read as JSON.*restore it from the ControlNet's training output"):
+        build_catalog(tmp_checkpoints)["edge-file"].condition
+    (tmp_checkpoints / "edge-file" / CONDITION_FILE).write_text(json.dumps({"detector": "canny"}))
+    with pytest.raises(FetalStudioError, match="does not name a condition"):
+        build_catalog(tmp_checkpoints)["edge-file"].condition
+
+
+def test_condition_is_only_for_controlnets_and_must_be_a_name(tmp_checkpoints, tiny_kohya_lora):
+    manifest = write_manifest(tmp_checkpoints, '[[model]]\nid = "a"\nkind = "lora"\npath = "x.safetensors"\ncondition = "canny"\n')
+    with pytest.raises(ManifestError, match="condition is only for ControlNets"):
+        parse_manifest(manifest)
+    manifest = write_manifest(tmp_checkpoints, '[[model]]\nid = "a"\nkind = "controlnet"\npath = "cn"\ncondition = 3\n')
+    with pytest.raises(ManifestError, match="condition must be a quoted name such as \"canny\""):
+        parse_manifest(manifest)
+    manifest = write_manifest(tmp_checkpoints, '[[model]]\nid = "a"\nkind = "lora"\npath = "x.safetensors"\n')
+    assert parse_manifest(manifest)[0].condition is None  # not a ControlNet
+
+
 @pytest.mark.parametrize(("embed_dim", "variant"), [(768, "vit_b"), (1024, "vit_l"), (1280, "vit_h"), (512, "custom")])
 def test_discovers_sam_variant_from_encoder_width(tmp_checkpoints, embed_dim, variant):
     write_sam_pth(tmp_checkpoints / "sam" / f"sam_{embed_dim}.pth", embed_dim)

@@ -210,3 +210,122 @@ def test_pre_aligned_controlnet_on_a_fused_lora_trains_loads_and_generates(tiny_
     capsys.readouterr()
     assert _train(tiny_sd_dir, structures, tmp_path / "o4", 2, "--lora", str(out)) == 2
     assert "not a LoRA" in capsys.readouterr().err
+
+
+# --- edge conditions ---------------------------------------------------------------------------------
+HC18 = DATA.parent / "hc18_heads" / "images"
+
+
+@pytest.fixture(scope="module")
+def plain_heads(tmp_path_factory) -> Path:
+    """A plain folder of HC18 heads without layouts, each with a .txt caption: 3 of the training side, 1 held
+    out (one examination: 023_HC and 023_2HC)."""
+    from fetalstudio.training.controlnet import is_held_out
+
+    folder = tmp_path_factory.mktemp("heads") / "heads"
+    folder.mkdir()
+    names = ["000_HC.png", "001_HC.png", "002_HC.png", "023_HC.png"]
+    assert [is_held_out(Path(n)) for n in names] == [False, False, False, True]
+    for name in names:
+        shutil.copy(HC18 / name, folder / name)
+        (folder / name).with_suffix(".txt").write_text("An ultrasound image of a fetal head, second trimester")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def edge_trained(tiny_sd_dir, structures, plain_heads, tmp_path_factory):
+    out = tmp_path_factory.mktemp("edge-controlnets") / "canny-cn"
+    assert _train(tiny_sd_dir, structures, out, 2, "--condition", "canny", "--data", str(plain_heads), "--save-dtype", "fp16",
+                  "--embedding-channels", "8,8,16,16") == 0
+    return out
+
+
+@pytest.mark.skipif(not HC18.is_dir(), reason="hc18_heads not available")
+def test_a_canny_controlnet_trains_on_images_without_layouts_and_records_its_condition(edge_trained, tmp_path):
+    from diffusers import ControlNetModel
+
+    from fetalstudio.models.entries import CONDITION_FILE
+
+    out = edge_trained
+    assert json.loads((out / CONDITION_FILE).read_text()) == {"condition": "canny"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["condition"] == "canny" and metrics["pre_align"] is False and metrics["plane"] is None
+    assert metrics["edge_settings"]["detector"] == "canny" and metrics["edge_settings"]["low_threshold"] == 100
+    data = metrics["data"]
+    assert data["train_images"] == 6 + 3 and data["validation_images_held_out"] == 2 + 1  # the structures' split + one examination
+    assert sorted(n["train"] for n in data["sources"].values()) == [3, 6]
+    assert set(metrics["validation"]) >= {"with_edges", "without_edges", "without_controlnet"}
+    assert data["captions"]["An ultrasound image of a fetal head, second trimester"] == 3
+    card = (out / "model_card.md").read_text()
+    assert "Canny-edge ControlNet" in card and "--condition canny" in card and "9 training images; 3 held out" in card
+    assert "float16" in card and "without the ControlNet" in card
+    weights = load_file(str(out / WEIGHTS))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    manager = ModelManager(tmp_path / "empty", extra_folders=(out.parent,))
+    entry = manager.entry(str(out))
+    assert entry.kind is ModelKind.CONTROLNET and entry.condition == "canny"
+    controlnet = manager.get(str(out))
+    assert isinstance(controlnet, ControlNetModel) and controlnet.config.conditioning_channels == 3
+    assert list(controlnet.config.conditioning_embedding_out_channels) == metrics["embedding_channels"] == [8, 8, 16, 16]
+
+
+def test_a_layout_controlnet_says_layout_beside_its_weights(trained, tmp_path):
+    from fetalstudio.models.entries import CONDITION_FILE
+
+    out, _ = trained
+    assert json.loads((out / CONDITION_FILE).read_text()) == {"condition": "layout"}
+    assert json.loads((out / "metrics.json").read_text())["condition"] == "layout"
+    assert ModelManager(tmp_path / "empty", extra_folders=(out.parent,)).entry(str(out)).condition == "layout"
+
+
+def test_the_edge_condition_is_the_edge_map_of_the_letterboxed_training_image(plain_heads):
+    import numpy as np
+    from PIL import Image
+
+    from fetalstudio.imaging.letterbox import letterbox_image
+    from fetalstudio.pipelines.edges import edge_map
+    from fetalstudio.training.controlnet import map_condition, prepare_edge_image, stack_images
+    from fetalstudio.training.image_datasets import ImageItem
+
+    item = ImageItem(plain_heads / "000_HC.png", "a head", "a head")
+    prepared = prepare_edge_image(item, "canny", 128)
+    with Image.open(item.image) as opened:
+        square, box = letterbox_image(opened.convert("L"), 128)
+    assert np.array_equal(prepared.pixels, np.asarray(square))
+    assert np.array_equal(prepared.condition_map, np.asarray(edge_map(square, "canny"))[..., 0])
+    assert set(np.unique(prepared.condition_map)) == {0, 255}
+    left, top, right, bottom = box.window
+    assert prepared.roi[top:bottom, left:right].all() and prepared.roi.sum() == (right - left) * (bottom - top) < 128 * 128
+    _, maps, _ = stack_images([prepared, prepared])
+    condition = map_condition(maps, "cpu")
+    assert maps.shape == (2, 1, 128, 128) and condition.shape == (2, 3, 128, 128)
+    assert torch.equal(condition[:, 0], condition[:, 2]) and condition.max() == 1.0
+
+
+def test_the_edge_split_holds_out_patients_and_examinations_together():
+    from fetalstudio.data.structures import read_structures, split_structures
+    from fetalstudio.training.controlnet import held_out_group, is_held_out
+
+    assert held_out_group(Path("images/010_2HC.png")) == held_out_group(Path("010_HC.png")) == "hc18-010"
+    assert held_out_group(Path("brain/Patient00305_Plane3_2_of_5.png")) == held_out_group(Path("Patient00305_Plane3_1_of_5.png"))
+    assert is_held_out(Path("023_HC.png")) and is_held_out(Path("023_2HC.png")) and not is_held_out(Path("000_HC.png"))
+    items = read_structures(DATA, include_more=False)
+    assert {i.path for i in items if is_held_out(i.path)} == {i.path for i in split_structures(items, "val")}
+
+
+def test_edge_conditions_refuse_pre_alignment_layout_refuses_a_caption_and_african_images_stay_out(
+        tiny_sd_dir, structures, tmp_path, capsys):
+    assert _train(tiny_sd_dir, structures, tmp_path / "o1", 2, "--condition", "canny", "--pre-align") == 2
+    err = capsys.readouterr().err
+    assert "Leave out --pre-align with --condition canny" in err and not (tmp_path / "o1").exists()
+    assert _train(tiny_sd_dir, structures, tmp_path / "o2", 2, "--caption", "a head") == 2
+    assert "--caption is for edge conditions" in capsys.readouterr().err
+    assert _train(tiny_sd_dir, structures, tmp_path / "o5", 2, "--condition", "canny", "--embedding-channels", "8,16") == 2
+    assert "--embedding-channels needs 4 numbers for this base" in capsys.readouterr().err
+    african = DATA.parent / "african" / "train"
+    if african.is_dir():
+        assert _train(tiny_sd_dir, african, tmp_path / "o3", 2, "--condition", "canny") == 2
+        assert "African" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "controlnet", "--condition", "sobel", "--data", str(structures), "--base", "x", "--out", str(tmp_path / "o4")])
+    assert "invalid choice: 'sobel'" in capsys.readouterr().err

@@ -20,8 +20,9 @@ Stages (``FlexOptions.stage``):
   gap), and if none does, the ROI itself.
 
 ``FlexOptions.condition`` other than "layout" (canny, hed, ...) conditions on the edge map of the
-letterboxed source instead (``pipelines.edges``; give an edge ControlNet): structure-preserving
-re-synthesis of the ROI.
+letterboxed source instead (``pipelines.edges``): structure-preserving re-synthesis of the ROI, with a
+ControlNet trained on that condition (``resolve_controlnet``: a ControlNet's catalog entry knows its
+condition; the bundled edge one is fetalstudio-tiny-canny-controlnet).
 
 Everything runs through ``pipelines.inpaint.InpaintRunner``: lazy loading through the model manager,
 its memory budget and out-of-memory retry, progress and cancel. The same inputs and seed give the
@@ -30,6 +31,7 @@ same pixels on a CPU.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -44,7 +46,7 @@ from fetalstudio.anatomy.layout_map import box_mask, layout_color_map
 from fetalstudio.anatomy.roi import boxes_roi
 from fetalstudio.errors import FetalStudioError, ModelNotFoundError
 from fetalstudio.imaging.letterbox import Letterbox, letterbox_geometry, letterbox_image, letterbox_mask, unletterbox_image
-from fetalstudio.models.entries import ModelKind
+from fetalstudio.models.entries import LAYOUT_CONDITION, ModelKind
 from fetalstudio.models.hashing import checkpoint_hash
 from fetalstudio.pipelines.edges import EDGE_DETECTORS, edge_map
 from fetalstudio.pipelines.inpaint import OSM, STAGE_ONE, InpaintRequest, InpaintRunner, MAX_FEATHER, as_roi, paste_back
@@ -53,12 +55,16 @@ from fetalstudio.pipelines.settings import GenerationResult, GenerationSettings,
 from fetalstudio.pipelines.ssa import SSAParameters
 from fetalstudio.vocabulary import FACIAL_SAGITTAL, anatomy_caption
 
+log = logging.getLogger(__name__)
+
 STAGES = ("ddim", "ssa", "ssa+osm")
-CONDITIONS = ("layout", *EDGE_DETECTORS)
+CONDITIONS = (LAYOUT_CONDITION, *EDGE_DETECTORS)
 DEFAULT_STAGE = "ssa+osm"
 #: The LoRA that teaches the bundled generator a plane, used by default when the catalog lists it.
 PLANE_LORAS = {FACIAL_SAGITTAL: "fetalstudio-sagittal-lora"}
 BUNDLED_CONTROLNET = "fetalstudio-tiny-layout-controlnet"
+#: The bundled ControlNet for edge mode ("Keep this scan's structure"), trained on Canny maps.
+BUNDLED_EDGE_CONTROLNET = "fetalstudio-tiny-canny-controlnet"
 DEFAULT_STEPS = 20
 DEFAULT_SEED = 0
 DEFAULT_SAMPLER = "DDIM"
@@ -182,15 +188,57 @@ def flex_settings(manager, layout: Layout, *, steps: int = DEFAULT_STEPS, seed: 
                               seed=seed)
 
 
-def resolve_controlnet(manager, requested: str | None) -> str:
-    """The ControlNet's catalog id: the requested one (checked to be a ControlNet) or the default one."""
-    runner = InpaintRunner(manager)
+def resolve_controlnet(manager, requested: str | None, condition: str = LAYOUT_CONDITION) -> str:
+    """The ControlNet's catalog id for a run conditioned on ``condition`` ("layout" or an edge detector):
+    the requested one (checked to be a ControlNet trained on that condition), else the default among the
+    installed ControlNets trained on it. A layout run never takes an edge ControlNet; an edge run with no
+    ControlNet trained on its edges takes the default one, with a warning (it follows the edges only as far
+    as they look like its own condition)."""
     if requested:
-        return runner.controlnet_entry(requested).id
+        entry = InpaintRunner(manager).controlnet_entry(requested)
+        if entry.condition != condition:
+            raise FetalStudioError(_condition_mismatch(manager, entry.id, entry.condition, condition))
+        return entry.id
+    matching = [entry for entry in manager.entries(ModelKind.CONTROLNET) if entry.is_local and entry.condition == condition]
+    chosen = next((e for e in matching if e.details.get("default", "").lower() == "true"), matching[0] if matching else None)
+    if chosen is not None:
+        return chosen.id
+    if condition == LAYOUT_CONDITION:
+        raise FetalStudioError(NO_CONTROLNET_HELP)
     try:
-        return manager.default_id(ModelKind.CONTROLNET)
+        fallback = manager.default_id(ModelKind.CONTROLNET)
     except ModelNotFoundError:
-        raise FetalStudioError(NO_CONTROLNET_HELP) from None
+        raise FetalStudioError(_no_edge_controlnet_help(condition)) from None
+    log.warning("No ControlNet trained on %s edges is installed; using %s, trained on %s: %s", condition, fallback,
+                _condition_words(manager.entry(fallback).condition), _train_hint(condition))
+    return fallback
+
+
+def _condition_words(condition: str | None) -> str:
+    return "layout maps" if condition == LAYOUT_CONDITION else f"{condition} edges"
+
+
+def _train_hint(condition: str) -> str:
+    if condition == LAYOUT_CONDITION:
+        return ("train one with `python -m fetalstudio train controlnet --data ../shared/data/first_trimester_structures "
+                "--base fetalstudio-tiny --out outputs/tiny-layout-controlnet`")
+    return (f"train one with `python -m fetalstudio train controlnet --condition {condition} --data FOLDER_OR_CSV "
+            f"--base fetalstudio-tiny --out outputs/tiny-{condition}-controlnet`")
+
+
+def _condition_mismatch(manager, controlnet: str, trained_on: str | None, condition: str) -> str:
+    """Why a requested ControlNet does not fit the run's condition, and what to pick or train instead."""
+    run = "a layout edit" if condition == LAYOUT_CONDITION else "edge mode"
+    fitting = [e.id for e in manager.entries(ModelKind.CONTROLNET) if e.is_local and e.condition == condition]
+    pick = f"pick {' or '.join(fitting)} or " if fitting else ""
+    return (f"{controlnet} was trained on {_condition_words(trained_on)}; {run} needs a ControlNet trained on "
+            f"{_condition_words(condition)}: {pick}{_train_hint(condition)} (and put its folder in checkpoints/).")
+
+
+def _no_edge_controlnet_help(condition: str) -> str:
+    bundled = f"The bundled one is '{BUNDLED_EDGE_CONTROLNET}' (checkpoints/manifest.toml); or " if condition == "canny" else "Please "
+    return (f"No ControlNet is installed, and edge mode needs one trained on {condition} edges. {bundled}"
+            f"{_train_hint(condition)} and put its folder in checkpoints/ (or give it with --controlnet PATH).")
 
 
 def resolve_lora(manager, plane: str, requested: str | None) -> str | None:
@@ -281,7 +329,7 @@ def run_flex(manager, settings: GenerationSettings, source: Image.Image, layout:
     if settings.width != settings.height:
         raise FetalStudioError(f"An anatomy edit runs in the generator's square; got {settings.width}x{settings.height}. "
                                "Use flex_settings (the generator's native size).")
-    controlnet = resolve_controlnet(manager, options.controlnet)
+    controlnet = resolve_controlnet(manager, options.controlnet, options.condition)
     lora = resolve_lora(manager, layout.plane, options.lora)
     if lora is not None and all(spec.source != lora for spec in settings.loras):
         settings = replace(settings, loras=settings.loras + (LoraSpec(lora, options.lora_weight),))

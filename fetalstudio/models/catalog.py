@@ -9,7 +9,9 @@ Manifest format (TOML), one table per model::
     # or: hub_repo = "org/name" (+ hub_file = "file.safetensors" for single files)
     licence = "CreativeML OpenRAIL-M"
     notes = "..."
-    # kind-specific: architecture = "resnet18", variant = "vit_b", format = "kohya_lora"
+    # kind-specific: architecture = "resnet18", variant = "vit_b", format = "kohya_lora",
+    #                condition = "canny" (ControlNet: what it was trained on; default: its folder's
+    #                fetalstudio_condition.json, else "layout")
 
 Files dropped into checkpoints/ (or a folder in $FETALSTUDIO_MODELS) are discovered and get the
 file or folder name (without suffix) as id; manifest entries win on id clashes.
@@ -78,6 +80,7 @@ def _entry_from_table(table: dict, manifest: Path, number: int) -> ModelEntry:
     hub = None
     if "hub_repo" in table:
         hub = HubSource(table["hub_repo"], table.get("hub_file"), table.get("hub_revision"))
+    _check_condition(table, kind, f"{where} ({model_id})")
     details = {k: str(v) for k, v in table.items() if k not in _KNOWN_KEYS}
     return ModelEntry(
         id=model_id,
@@ -90,6 +93,18 @@ def _entry_from_table(table: dict, manifest: Path, number: int) -> ModelEntry:
         origin="manifest",
         details=details,
     )
+
+
+def _check_condition(table: dict, kind: ModelKind, where: str) -> None:
+    """``condition`` (what a ControlNet was trained on: "layout", "canny", ...) belongs to ControlNets only."""
+    if "condition" not in table:
+        return
+    value = table["condition"]
+    if kind is not ModelKind.CONTROLNET:
+        raise ManifestError(f"{where}: condition is only for ControlNets (what they were trained on); remove it from this {kind.value}.")
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"{where}: condition must be a quoted name such as \"canny\" or \"layout\" (what the ControlNet "
+                            "was trained on).")
 
 
 def _declared_format(table: dict, kind: ModelKind, path: Path | None, hub, where: str) -> ModelFormat:

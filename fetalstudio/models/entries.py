@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.imaging.files import read_json
+
+#: What a ControlNet follows when nothing says otherwise: a layout map (every ControlNet before edge conditions).
+LAYOUT_CONDITION = "layout"
+#: Written beside a ControlNet's weights by ``train controlnet``: ``{"condition": "canny"}``.
+CONDITION_FILE = "fetalstudio_condition.json"
+
 
 class ModelKind(str, Enum):
     SD_PIPELINE = "sd_pipeline"
@@ -70,3 +78,27 @@ class ModelEntry:
     @property
     def is_local(self) -> bool:
         return self.path is not None and self.path.exists()
+
+    @property
+    def condition(self) -> str | None:
+        """What a ControlNet was trained to follow ("layout", "canny", ...): the manifest's ``condition``, else
+        ``fetalstudio_condition.json`` in its folder, else "layout"; None for other kinds of model."""
+        if self.kind is not ModelKind.CONTROLNET:
+            return None
+        declared = self.details.get("condition", "").strip()
+        if declared:
+            return declared
+        if self.path is not None and (self.path / CONDITION_FILE).is_file():
+            return read_condition_file(self.path / CONDITION_FILE)
+        return LAYOUT_CONDITION
+
+
+def read_condition_file(path: Path) -> str:
+    """The condition named in a ControlNet's ``fetalstudio_condition.json``."""
+    hint = "; restore it from the ControlNet's training output, or delete it if the ControlNet was trained on layout maps"
+    data = read_json(path, hint)
+    condition = data.get("condition") if isinstance(data, dict) else None
+    if not isinstance(condition, str) or not condition.strip():
+        raise FetalStudioError(f"{path} does not name a condition (expected {{\"condition\": \"canny\"}} or "
+                               f"{{\"condition\": \"layout\"}}){hint}.")
+    return condition.strip()
