@@ -490,3 +490,24 @@ def test_a_damaged_state_is_refused_by_name():
         editor.state_from_dict({**editor.state_to_dict(editor.open_image(editor.SourceImage("x", "0", 10, 10),
                                                                          "facial_sagittal", layout)),
                                 "roi": {"mode": "mask", "margin_px": 3, "mask_png": None}})
+
+
+def test_a_stale_echo_of_a_sent_value_is_recognised_and_a_drag_is_not(state):
+    echoes = editor_boxes.PendingEchoes(limit=3, ttl_s=10)
+    detected = editor.set_detected(state, DETECTED)
+    sent_a, sent_b = editor_boxes.annotator_value(state), editor_boxes.annotator_value(detected)
+    echoes.sent("s1", sent_a, now=0)
+    echoes.sent("s1", sent_b, now=1)
+    assert not echoes.is_echo("s2", sent_a, now=2)  # another browser's values are not this one's
+    assert echoes.is_echo("s1", sent_a, now=2)  # undo's value arriving after redo was sent: ignored
+    assert not echoes.is_echo("s1", sent_a, now=2)  # each sent value is echoed once
+    dragged = json.loads(json.dumps(sent_b))
+    dragged["boxes"][0]["xmin"] += 5
+    assert not echoes.is_echo("s1", dragged, now=3)
+    assert echoes.is_echo("s1", json.loads(json.dumps(sent_b)), now=3)  # order of boxes and floats do not matter
+    echoes.sent("s1", sent_a, now=4)
+    assert not echoes.is_echo("s1", sent_a, now=20)  # expired: a hidden annotator never echoed it
+    for moment in range(5):
+        echoes.sent("s1", {"boxes": [{"label": "thalami", "xmin": moment, "ymin": 0, "xmax": 9, "ymax": 9}]}, now=30)
+    assert not echoes.is_echo("s1", {"boxes": [{"label": "thalami", "xmin": 0, "ymin": 0, "xmax": 9, "ymax": 9}]}, now=31)
+    assert editor_boxes.annotator_key({"boxes": [{"label": "x"}]}) == ("unreadable",)

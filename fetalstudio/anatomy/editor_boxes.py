@@ -14,6 +14,8 @@ boxes upright, so a turned box shows its extent before the turn and keeps its tu
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -202,3 +204,48 @@ def parse_annotator_value(state: EditorState, value: Any) -> list[StructureBox]:
 def apply_annotator_value(state: EditorState, value: Any) -> EditorState:
     """``state`` with the boxes as the mouse left them (one undo step; the same boxes: no step)."""
     return set_boxes(state, parse_annotator_value(state, value), "moved with the mouse")
+
+
+def annotator_key(value: Any) -> tuple:
+    """What identifies an annotator value's boxes (label and whole-pixel corners, in any order)."""
+    boxes = (value or {}).get("boxes") or [] if isinstance(value, dict) else []
+    try:
+        return tuple(sorted((str(box.get("label")), *(round(float(box[k])) for k in ("xmin", "ymin", "xmax", "ymax")))
+                            for box in boxes))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ("unreadable",)
+
+
+class PendingEchoes:
+    """The annotator values a server sent and the browser has not echoed back yet, per editor session.
+
+    ``gradio_image_annotation`` has only a ``change`` event, which fires for a value the server sets as well as
+    for a drag; a quick undo-then-redo can make the first value's echo arrive after the second was sent, and
+    that stale echo would look like a drag back to the old layout. An incoming value that matches a pending
+    sent value is that echo (it is consumed and ignored); anything else is the user's edit. Entries expire
+    after ``ttl_s`` (a hidden annotator does not echo) and at most ``limit`` are kept per session.
+    """
+
+    def __init__(self, limit: int = 8, ttl_s: float = 30.0) -> None:
+        self.limit, self.ttl_s = limit, ttl_s
+        self._sent: dict[str, list[tuple[tuple, float]]] = {}
+        self._lock = threading.Lock()
+
+    def sent(self, session: str, value: Any, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            fresh = [(key, when) for key, when in self._sent.get(session, []) if now - when < self.ttl_s]
+            self._sent[session] = (fresh + [(annotator_key(value), now)])[-self.limit:]
+
+    def is_echo(self, session: str, value: Any, now: float | None = None) -> bool:
+        """True (and forgotten) when ``value`` is an echo of a value sent to ``session``'s annotator."""
+        now = time.monotonic() if now is None else now
+        key = annotator_key(value)
+        with self._lock:
+            pending = [(k, when) for k, when in self._sent.get(session, []) if now - when < self.ttl_s]
+            for index, (sent_key, _) in enumerate(pending):
+                if sent_key == key:
+                    self._sent[session] = pending[:index] + pending[index + 1:]
+                    return True
+            self._sent[session] = pending
+            return False

@@ -200,7 +200,7 @@ def detect_structures(manager, image, plane: str | None = None) -> list[Any]:
         raise FetalStudioError(f"The detector {model_id} finds {', '.join(detector.structures)}, which no layout plane has.")
     if plane is not None and plane not in planes:
         raise FetalStudioError(f"The structure detector {model_id} finds {', '.join(planes)} structures, not {plane} ones: "
-                               "draw the boxes by hand (or in the table), or give a layout file.")
+                               "draw the boxes by hand (mouse or table; CLI: give them with --layout).")
     found = detector.detect(image.gray)
     if not found:
         raise FetalStudioError(f"The detector found no structure on {image.path.name}. Check that it is a {planes[0]} "

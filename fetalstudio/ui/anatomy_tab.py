@@ -25,8 +25,8 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from fetalstudio.anatomy import editor
-from fetalstudio.anatomy.editor_boxes import (TABLE_COLUMNS, annotator_labels, annotator_value, apply_annotator_value,
-                                              apply_table, table_rows)
+from fetalstudio.anatomy.editor_boxes import (TABLE_COLUMNS, PendingEchoes, annotator_labels, annotator_value,
+                                              apply_annotator_value, apply_table, table_rows)
 from fetalstudio.anatomy.editor_store import EditorSession
 from fetalstudio.anatomy.examples import list_examples
 from fetalstudio.anatomy.flex import CONDITIONS, STAGES, FlexOptions, flex_settings, run_flex
@@ -347,6 +347,7 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     views = outputs / "view"
     projects = projects_dir()
     cancel_flags = CancelFlags()
+    echoes = PendingEchoes()
 
     def session_of(request: gr.Request | None) -> EditorSession:
         return EditorSession.open(editor_session_id(request), outputs / "sessions")
@@ -412,7 +413,7 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
             return f"ROI ({how}): none yet — edit a box or apply a preset."
         return f"ROI ({how}): {int(roi.sum())} pixels ({100 * roi.mean():.1f} % of the image)."
 
-    def shown(state: editor.EditorState, note: str, with_annotator: bool = True) -> dict:
+    def shown(state: editor.EditorState, note: str, with_annotator: bool = True, session_id: str | None = None) -> dict:
         history = state.history
         line = (f"**{Path(state.image.path).name}** · {state.plane} · {len(state.layout.boxes)} boxes · "
                 f"step {history.position} of {len(history.steps) - 1}: {history.steps[history.position].action} · "
@@ -421,13 +422,15 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
                   c.margin: state.roi.margin_px, c.plane: state.plane, c.roi_preview: roi_picture(state)}
         if with_annotator:
             labels, colors = annotator_labels(state.plane)
-            result[c.annotator] = gr.update(value=annotator_value(state, view_of(state)), label_list=labels,
-                                            label_colors=colors)
+            value = annotator_value(state, view_of(state))
+            if session_id is not None:
+                echoes.sent(session_id, value)
+            result[c.annotator] = gr.update(value=value, label_list=labels, label_colors=colors)
         return result
 
     def saved(session: EditorSession, state: editor.EditorState, note: str, with_annotator: bool = True) -> dict:
         session.save(state)
-        return shown(state, note, with_annotator)
+        return shown(state, note, with_annotator, session.id)
 
     def unchanged() -> dict:
         return {component: gr.skip() for component in c.document}
@@ -437,11 +440,13 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         (the annotator is reset to the kept layout, so a refused drag does not stay on screen)."""
         def apply(value, request: gr.Request | None) -> dict:
             session, state = current(request)
+            if transition is apply_annotator_value and echoes.is_echo(session.id, value):
+                return unchanged()  # the annotator showing a value the server sent, not a drag
             try:
                 changed = transition(state, value) if takes_value else transition(state)
             except FetalStudioError as error:
                 gr.Warning(str(error))
-                return shown(state, f"⚠ {error}")
+                return shown(state, f"⚠ {error}", session_id=session.id)
             if changed is state:  # nothing changed (e.g. the annotator echoing the value it was given): no save, no note
                 return unchanged()
             return saved(session, changed, note, with_annotator)
@@ -496,7 +501,8 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         state = session_of(request).load().state
         if state is None:
             return {**unchanged(), c.project: gr.update(choices=project_choices())}
-        return {**shown(state, "Restored your last document (with its undo history)."), **results_of(state)}
+        restored = shown(state, "Restored your last document (with its undo history).", session_id=editor_session_id(request))
+        return {**restored, **results_of(state)}
 
     def opened(request: gr.Request, state: editor.EditorState, note: str) -> dict:
         session = session_of(request)
