@@ -86,3 +86,25 @@ def test_uploaded_images_are_staged_into_a_fresh_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == ["0000_a.png", "0001_a.png"]
     with pytest.raises(FetalStudioError, match="Upload the images first"):
         staged_uploads([], folder)
+
+
+def test_a_refused_click_becomes_a_warning_and_a_status_note_not_an_error():
+    import gradio as gr
+
+    from fetalstudio.ui.common import refusals_as_warnings
+
+    status = gr.Markdown()
+
+    @refusals_as_warnings(status)
+    def handler(value):
+        if value < 0:
+            raise FetalStudioError("Type a positive number.")
+        if value == 0:
+            raise ValueError("a bug")
+        return {status: "fine"}
+
+    assert handler(1) == {status: "fine"}
+    with pytest.warns(UserWarning, match="Type a positive number"):
+        assert handler(-1) == {status: "⚠ Type a positive number."}
+    with pytest.raises(ValueError):
+        handler(0)

@@ -323,7 +323,9 @@ def annotation_plane(sources: list[PairSource], wanted: str) -> str | None:
 
 
 def _file_name(index: int, key: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(key).with_suffix(""))).strip("._") or "image"
+    name = Path(key).with_suffix("")
+    name = Path(name.name) if name.is_absolute() else name  # a file listed by absolute path: its own name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "image"
     return f"{index:05d}_{stem}.png"
 
 

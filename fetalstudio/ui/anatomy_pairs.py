@@ -23,7 +23,7 @@ from fetalstudio.data.tables import read_csv_rows
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.image_input import supported_suffixes
 from fetalstudio.paths import app_file
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, server_source, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, refusals_as_warnings, server_source
 from fetalstudio.ui.tab import TabLinks
 
 SOURCES = [("The bundled examples (their annotated layouts)", "examples"),
@@ -132,7 +132,7 @@ def wire(context: AppContext, c: PairsComponents) -> TabLinks:
             return staged_uploads(files, root / "pair-inputs" / name)
         return server_source(context, path, "a folder or CSV of scans")
 
-    @user_errors
+    @refusals_as_warnings(c.status)
     def on_run(source: str, files, path: str | None, preset_name: str | None, count: float | None, seed: float | None,
                steps: float, name: str | None, request: gr.Request, progress=gr.Progress()) -> dict:
         from fetalstudio.anatomy.presets import load_presets
@@ -164,7 +164,7 @@ def wire(context: AppContext, c: PairsComponents) -> TabLinks:
                                        "source")} for row in rows[:SHOWN_ROWS]]
         import pandas as pd
 
-        archive = zip_folder(out, root / "downloads" / f"pairs-{folder_name}.zip") if rows else None
+        archive = str(zip_folder(out, root / "downloads" / f"pairs-{folder_name}.zip")) if rows else None
         return {c.status: text, c.gallery: pictures, c.table: pd.DataFrame(shown), c.download: archive}
 
     def on_cancel(request: gr.Request) -> None:

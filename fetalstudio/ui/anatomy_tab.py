@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import wraps
 from pathlib import Path
 
 import gradio as gr
@@ -48,7 +46,7 @@ from fetalstudio.paths import app_file
 from fetalstudio.pipelines.samplers import SAMPLERS
 from fetalstudio.pipelines.ssa import SSAParameters
 from fetalstudio.ui import anatomy_pairs
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, refusals_as_warnings, user_errors
 from fetalstudio.ui.tab import Handler, Receiver, Sender, TabLinks, join_page_js
 from fetalstudio.vocabulary import ANATOMY_PLANES, FACIAL_SAGITTAL
 
@@ -352,17 +350,7 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     def session_of(request: gr.Request | None) -> EditorSession:
         return EditorSession.open(editor_session_id(request), outputs / "sessions")
 
-    def answered(handler: Callable) -> Callable:
-        """A refused click (a FetalStudioError) answers with a warning and a note in the status line; the other
-        outputs keep what they show (an error there would badge every output and look like lost work)."""
-        @wraps(handler)
-        def wrapper(*args, **kwargs):
-            try:
-                return handler(*args, **kwargs)
-            except FetalStudioError as error:
-                gr.Warning(str(error))
-                return {c.status: f"⚠ {error}"}
-        return user_errors(wrapper)
+    answered = refusals_as_warnings(c.status)
 
     def current(request: gr.Request | None) -> tuple[EditorSession, editor.EditorState]:
         session = session_of(request)
@@ -495,9 +483,12 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
 
     # --- handlers ---------------------------------------------------------------------------------------
     @answered
-    def on_show(request: gr.Request) -> dict:
-        """The browser's document when the tab is opened (after a reload too). Not on page load: the annotator
-        must be on screen to take a value, or it echoes the box colours back in a form it cannot read."""
+    def on_show(shown_value, request: gr.Request) -> dict:
+        """The browser's document when the tab is opened after a (re)load. Not on page load: the annotator
+        must be on screen to take a value, or it echoes the box colours back in a form it cannot read. When the
+        page already shows a document nothing is done (an image sent from another tab is opening right now)."""
+        if shown_value:
+            return {}
         state = session_of(request).load().state
         if state is None:
             return {**unchanged(), c.project: gr.update(choices=project_choices())}
@@ -672,5 +663,5 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     pairs_links = anatomy_pairs.wire(context, c.pairs)
     return TabLinks(senders=[Sender("analysis", c.send_analysis, sent_result, [c.after])],
                     receiver=Receiver(c.inbox_path, on_received, opening),
-                    on_show=[Handler(on_show, [], [*document, *c.results]), *pairs_links.on_show],
+                    on_show=[Handler(on_show, [c.annotator], [*document, *c.results]), *pairs_links.on_show],
                     page_js=PAGE_JS)

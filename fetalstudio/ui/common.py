@@ -43,6 +43,28 @@ def user_errors(handler: Callable) -> Callable:
     return wrapper
 
 
+def refusals_as_warnings(status: gr.components.Component) -> Callable[[Callable], Callable]:
+    """A decorator for handlers that return dicts: a refused click (a FetalStudioError) answers with a warning
+    toast and the message in ``status``; the other outputs keep what they show (an error would badge every
+    output, which looks like lost work). Other errors still go through :func:`user_errors`."""
+
+    def decorate(handler: Callable) -> Callable:
+        if inspect.isgeneratorfunction(handler):
+            raise TypeError("refusals_as_warnings takes plain handlers, not generators")
+
+        @wraps(handler)
+        def wrapper(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except FetalStudioError as error:
+                gr.Warning(str(error))
+                return {status: f"⚠ {error}"}
+
+        return user_errors(wrapper)
+
+    return decorate
+
+
 class CancelFlags:
     """One threading.Event per browser session, so Cancel stops only that user's job."""
 
