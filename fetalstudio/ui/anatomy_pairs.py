@@ -24,7 +24,7 @@ from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.image_input import supported_suffixes
 from fetalstudio.paths import app_file
 from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, refusals_as_warnings, server_source
-from fetalstudio.ui.tab import TabLinks
+from fetalstudio.ui.tab import Handler, TabLinks
 
 SOURCES = [("The bundled examples (their annotated layouts)", "examples"),
            ("Uploaded images (layouts from the structure detector)", "upload"),
@@ -172,5 +172,11 @@ def wire(context: AppContext, c: PairsComponents) -> TabLinks:
 
     c.run.click(on_run, [c.source, c.files, c.path, c.preset, c.count, c.seed, c.steps, c.name],
                 [c.status, c.gallery, c.table, c.download], concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    def on_show() -> dict:
+        """The preset list as it is now: presets added to the presets folder appear without a restart."""
+        from fetalstudio.anatomy.presets import load_presets
+
+        return gr.update(choices=[(p.title, p.name) for p in load_presets().presets.values()])
+
     c.cancel.click(on_cancel, None, None, concurrency_limit=None)
-    return TabLinks()
+    return TabLinks(on_show=[Handler(on_show, [], [c.preset])])

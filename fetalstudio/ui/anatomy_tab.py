@@ -339,7 +339,6 @@ def run_roi(state: editor.EditorState, options: FlexOptions) -> np.ndarray:
 
 def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     manager = context.manager
-    presets = load_presets().presets
     examples = {example.title: example for example in list_examples()}
     outputs = Path(context.outputs_dir) / "anatomy"
     views = outputs / "view"
@@ -481,19 +480,27 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
             return None, f"(the structure detector knows no {plane} structures: no anatomy check)"
         return detector.detect(load_image(image_path).gray), ""
 
+    def preset_choices() -> dict:
+        """The presets as they are now (bundled and the user's presets folder), for the preset list."""
+        loaded = load_presets()
+        for problem in loaded.problems:
+            gr.Warning(str(problem))
+        return gr.update(choices=[(p.title, p.name) for p in loaded.presets.values()])
+
     # --- handlers ---------------------------------------------------------------------------------------
     @answered
     def on_show(shown_value, request: gr.Request) -> dict:
         """The browser's document when the tab is opened after a (re)load. Not on page load: the annotator
         must be on screen to take a value, or it echoes the box colours back in a form it cannot read. When the
         page already shows a document nothing is done (an image sent from another tab is opening right now)."""
+        choices = preset_choices()
         if shown_value:
-            return {}
+            return {c.preset: choices}
         state = session_of(request).load().state
         if state is None:
-            return {**unchanged(), c.project: gr.update(choices=project_choices())}
+            return {**unchanged(), c.project: gr.update(choices=project_choices()), c.preset: choices}
         restored = shown(state, "Restored your last document (with its undo history).", session_id=editor_session_id(request))
-        return {**restored, **results_of(state)}
+        return {**restored, **results_of(state), c.preset: choices}
 
     def opened(request: gr.Request, state: editor.EditorState, note: str) -> dict:
         session = session_of(request)
@@ -557,7 +564,7 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
                 **results_of(state, found)}
 
     def on_preset_chosen(name: str | None, request: gr.Request) -> dict:
-        preset = presets.get(name or "")
+        preset = load_presets().presets.get(name or "")
         if preset is None:
             return {c.preset_meaning: "", c.preset_preview: None}
         meaning = f"**{preset.title}** ({preset.marker}): {preset.clinical_meaning}"
@@ -572,8 +579,9 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         return {c.preset_meaning: meaning, c.preset_preview: picture(pixels, "preset", "the preset's layout")}
 
     def with_preset(state: editor.EditorState, name: str | None) -> editor.EditorState:
+        presets = load_presets().presets  # read each time: presets added to the presets folder appear
         if not name or name not in presets:
-            raise FetalStudioError("Pick a preset in the list first.")
+            raise FetalStudioError("Pick a preset in the list first (a preset file that was removed is gone from it).")
         return editor.apply_preset(state, presets[name])
 
     def brush_background(request: gr.Request) -> dict:
@@ -663,5 +671,5 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     pairs_links = anatomy_pairs.wire(context, c.pairs)
     return TabLinks(senders=[Sender("analysis", c.send_analysis, sent_result, [c.after])],
                     receiver=Receiver(c.inbox_path, on_received, opening),
-                    on_show=[Handler(on_show, [c.annotator], [*document, *c.results]), *pairs_links.on_show],
+                    on_show=[Handler(on_show, [c.annotator], [*document, *c.results, c.preset]), *pairs_links.on_show],
                     page_js=PAGE_JS)
