@@ -44,9 +44,9 @@ def _generate(manager, prompt: str, seed: int, loras=()) -> np.ndarray:
 def test_the_bundled_generator_is_the_default_and_fits_the_size_budget(manager):
     assert manager.default_id(ModelKind.SD_PIPELINE) == "fetalstudio-tiny"
     bundled = sum(p.stat().st_size for p in (CHECKPOINTS / "bundled").rglob("*") if p.is_file())
-    # six small models travel with the repository (153.5 MB with the structure detector of issue 13;
-    # the README's model table lists each size): a clone must stay small
-    assert bundled < 175e6
+    # small models travel with the repository (153.5 MB with the structure detector of issue 13, 182.3 MB
+    # with the canny ControlNet of issue 14; the README's model table lists each size): a clone must stay small
+    assert bundled < 190e6
 
 
 def test_generates_grey_ultrasound_like_images_steered_by_the_caption(manager):
