@@ -375,3 +375,12 @@ def test_a_full_disk_leaves_no_half_written_project(runs, tmp_path, monkeypatch)
     with pytest.raises(DiskFullError, match="No project was written"):
         write_project(runs["ddim"], tmp_path / "p")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_counterfactual_pairs_in_edge_mode_take_the_edge_controlnet(edge_manager, tmp_path):
+    from fetalstudio.anatomy.pairs import PairsRequest, _resolve
+
+    edge = PairsRequest(data=tmp_path, out=tmp_path / "out", preset="absent_nasal_bone", options=FlexOptions(condition="canny"))
+    assert _resolve(edge_manager, edge).options.controlnet == EDGE_CONTROLNET_ID
+    layout = PairsRequest(data=tmp_path, out=tmp_path / "out", preset="absent_nasal_bone")
+    assert _resolve(edge_manager, layout).options.controlnet == CONTROLNET_ID

@@ -206,7 +206,7 @@ def _resolve(manager, request: PairsRequest) -> _Resolved:
     if not (np.isfinite(request.roi_margin) and request.roi_margin >= 0):
         raise FetalStudioError(f"The ROI margin must be 0 or more pixels (got {request.roi_margin}).")
     model = manager.entry(request.model or manager.default_id(ModelKind.SD_PIPELINE)).id
-    controlnet = resolve_controlnet(manager, request.options.controlnet)
+    controlnet = resolve_controlnet(manager, request.options.controlnet, request.options.condition)
     lora = resolve_lora(manager, preset.plane, request.options.lora)
     return _Resolved(preset, values, model, replace(request.options, controlnet=controlnet, lora=lora or ""))
 
