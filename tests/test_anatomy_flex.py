@@ -208,6 +208,9 @@ def test_organ_mask_is_the_new_boxes_or_the_organs_around_a_removal(scan):
     around = organ_mask(after, roi, 4, before)
     near = [b for b in after.boxes if (box_mask(b, after.size) & roi).any()]
     assert near and around.any() and not (around & ~roi).any()
+    # edge mode: the generator does not see boxes, so without a new box stage 2 re-samples the whole ROI
+    assert np.array_equal(organ_mask(after, roi, 4, before, around_gap=False), roi)
+    assert np.array_equal(organ_mask(moved, moved_roi, 4, before, around_gap=False), mask)
 
 
 def test_bad_inputs_are_refused_with_what_to_do(manager, scan, models_root, tmp_path):

@@ -10,7 +10,7 @@ from fetalstudio.anatomy.presets import load_presets
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.image_input import load_image
 from fetalstudio.ui.anatomy_pairs import pairs_folder_name, staged_uploads, whole_number
-from fetalstudio.ui.anatomy_tab import KEYS_JS, PAGE_JS, SESSION_COOKIE_JS, flex_options, run_roi, stages_of
+from fetalstudio.ui.anatomy_tab import KEYS_JS, PAGE_JS, SESSION_COOKIE_JS, flex_options, run_description, run_roi, stages_of
 
 DEFAULTS = dict(k=1.0, delta=0.03, iterations=1, osm_strength=0.6, osm_margin=4, controlnet_scale=1.0,
                 condition="layout", edge_detector="canny")
@@ -57,6 +57,14 @@ def test_a_run_regenerates_the_edit_region_and_edge_mode_without_an_edit_the_who
     nasal = next(b for b in state.layout.boxes if b.structure == "nasal_bone")
     assert roi[int(nasal.center[1]), int(nasal.center[0])] and 0 < roi.mean() < 0.2
     np.testing.assert_array_equal(roi, run_roi(edited, options()))
+
+
+def test_the_status_says_what_a_run_regenerated_and_from_what():
+    state = _opened()
+    edited = editor.apply_preset(state, load_presets().presets["absent_nasal_bone"])
+    assert run_description(state, options(condition="edges"), "cn") == "the whole image from the scan's canny edges, ControlNet cn"
+    assert run_description(edited, options(condition="edges"), "cn") == "the edited region from the scan's canny edges, ControlNet cn"
+    assert run_description(edited, options(), "cn") == "the edited region from the layout, ControlNet cn"
 
 
 def test_the_page_script_sets_the_cookie_and_binds_undo_keys_only_outside_text_fields():

@@ -22,7 +22,9 @@ Stages (``FlexOptions.stage``):
 ``FlexOptions.condition`` other than "layout" (canny, hed, ...) conditions on the edge map of the
 letterboxed source instead (``pipelines.edges``): structure-preserving re-synthesis of the ROI, with a
 ControlNet trained on that condition (``resolve_controlnet``: a ControlNet's catalog entry knows its
-condition; the bundled edge one is fetalstudio-tiny-canny-controlnet).
+condition; the bundled edge one is fetalstudio-tiny-canny-controlnet). There the generator does not see
+the boxes, so stage 2 takes the edit's new boxes only; with none it re-samples the whole ROI (the boxes
+around a gap would only leave box-shaped seams in an image conditioned on edges).
 
 Everything runs through ``pipelines.inpaint.InpaintRunner``: lazy loading through the model manager,
 its memory budget and out-of-memory retry, progress and cancel. The same inputs and seed give the
@@ -275,13 +277,14 @@ def layout_condition(layout: Layout, size: int) -> tuple[Image.Image, Letterbox]
     return Image.fromarray(layout_color_map(square_layout(layout, box))), box
 
 
-def organ_mask(layout: Layout, roi: np.ndarray, margin_px: float, before: Layout | None = None) -> np.ndarray:
-    """Stage 2's mask (see the module doc): the edit's new boxes, else the boxes meeting the ROI,
-    grown by ``margin_px``, inside the ROI; the ROI itself when that leaves nothing."""
+def organ_mask(layout: Layout, roi: np.ndarray, margin_px: float, before: Layout | None = None,
+               around_gap: bool = True) -> np.ndarray:
+    """Stage 2's mask (see the module doc): the edit's new boxes, else (``around_gap``) the boxes meeting
+    the ROI, grown by ``margin_px``, inside the ROI; the ROI itself when that leaves nothing."""
     boxes: list[StructureBox] = []
     if before is not None:
         boxes = list((Counter(layout.boxes) - Counter(before.boxes)).elements())
-    if not boxes:
+    if not boxes and around_gap:
         boxes = [b for b in layout.boxes if (box_mask(b, layout.size) & roi).any()]
     mask = boxes_roi(boxes, layout.size, margin_px) & roi if boxes else np.zeros_like(roi)
     return mask if mask.any() else roi.copy()
@@ -366,7 +369,7 @@ def run_flex(manager, settings: GenerationSettings, source: Image.Image, layout:
     stage1 = paste_back(_in_mode(unletterbox_image(first.images[0].image, box), source_mode), source, roi, options.feather)
     outcome.stage1 = outcome.final = stage1
     if options.uses_osm:
-        mask = organ_mask(layout, roi, options.osm_margin_px, before)
+        mask = organ_mask(layout, roi, options.osm_margin_px, before, around_gap=options.condition == LAYOUT_CONDITION)
         square_mask, _ = letterbox_mask(mask, size)
         square_draft, _ = letterbox_image(stage1, size)
         stage_two = InpaintRequest(source=square_draft, condition=condition, roi=square_mask, controlnet=controlnet,

@@ -337,6 +337,16 @@ def run_roi(state: editor.EditorState, options: FlexOptions) -> np.ndarray:
     return editor.roi_mask(state)
 
 
+def run_description(state: editor.EditorState, options: FlexOptions, controlnet: str) -> str:
+    """What a run regenerated, from what, for its status line."""
+    if options.condition == "layout":
+        region = "the painted ROI" if state.roi.mode == "mask" else "the edited region"
+        return f"{region} from the layout, ControlNet {controlnet}"
+    whole = state.roi.mode == "auto" and not changed_boxes(state.original, state.layout)
+    region = "the whole image" if whole else ("the painted ROI" if state.roi.mode == "mask" else "the edited region")
+    return f"{region} from the scan's {options.condition} edges, ControlNet {controlnet}"
+
+
 def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     manager = context.manager
     examples = {example.title: example for example in list_examples()}
@@ -635,8 +645,10 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         state = editor.set_project(state, folder)
         session.save(state)
         found, note = detections_on(folder / "result.png", state.plane)
+        regenerated = run_description(state, options, outcome.controlnet.get("id", ""))
         return {**results_of(state, found),
-                c.status: f"Generated with seed {outcome.seed}; saved as the project {folder.name}. {note}".strip()}
+                c.status: f"Generated with seed {outcome.seed} ({regenerated}); saved as the project {folder.name}. "
+                          f"{note}".strip()}
 
     def on_cancel(request: gr.Request) -> None:
         cancel_flags.get(request).set()
