@@ -511,3 +511,19 @@ def test_a_stale_echo_of_a_sent_value_is_recognised_and_a_drag_is_not(state):
         echoes.sent("s1", {"boxes": [{"label": "thalami", "xmin": moment, "ymin": 0, "xmax": 9, "ymax": 9}]}, now=30)
     assert not echoes.is_echo("s1", {"boxes": [{"label": "thalami", "xmin": 0, "ymin": 0, "xmax": 9, "ymax": 9}]}, now=31)
     assert editor_boxes.annotator_key({"boxes": [{"label": "x"}]}) == ("unreadable",)
+
+
+def test_the_annotators_raw_browser_payload_reads_like_its_preprocessed_value(state):
+    """The annotator's change event runs with preprocess=False: corners come at the on-screen scale."""
+    sent = editor_boxes.annotator_value(state)
+    raw = {"image": {"path": "/tmp/x.png", "url": "http://127.0.0.1/x.png"}, "orientation": 0,
+           "boxes": [{**box, "xmin": box["xmin"] * 0.5, "ymin": box["ymin"] * 0.5, "xmax": box["xmax"] * 0.5 + 0.2,
+                      "ymax": box["ymax"] * 0.5, "scaleFactor": 0.5, "color": "rgb(1, 2, 3)"} for box in sent["boxes"]]}
+    value = editor_boxes.annotator_payload_value(raw)
+    assert editor_boxes.annotator_key(value) == editor_boxes.annotator_key(sent)
+    assert editor_boxes.apply_annotator_value(state, value) is state  # the same boxes: no step
+    raw["boxes"][0]["xmin"] = "left"
+    with pytest.raises(FetalStudioError, match="Box 1 has no usable xmin"):
+        editor_boxes.apply_annotator_value(state, editor_boxes.annotator_payload_value(raw))
+    with pytest.raises(FetalStudioError, match="The image was removed from the editor"):
+        editor_boxes.apply_annotator_value(state, editor_boxes.annotator_payload_value({"image": None, "boxes": []}))

@@ -23,8 +23,8 @@ from fetalstudio.anatomy.flex import FlexOptions, flex_settings, run_flex
 from fetalstudio.anatomy.presets import load_presets
 from fetalstudio.anatomy.project import PROJECT_FILE, read_project, write_project
 from fetalstudio.anatomy.project_files import (
-    EDITOR_FILE, PAIR_SEPARATOR_PX, open_project_state, pair_picture, project_folder, project_summaries,
-    write_pair_png, zip_project,
+    EDITOR_FILE, FOUND_FILE, PAIR_SEPARATOR_PX, found_json, open_project_state, pair_picture, project_folder,
+    project_summaries, read_found, write_pair_png, zip_project,
 )
 from fetalstudio.detection.predict import Detection
 from fetalstudio.errors import DiskFullError, FetalStudioError
@@ -252,3 +252,18 @@ def test_a_project_holding_a_symlink_is_not_zipped(made, tmp_path):
     os.symlink(tmp_path, folder / "more" / "up")
     with pytest.raises(FetalStudioError, match="more/up, which is a link"):
         zip_project(folder, tmp_path / "p.zip", tmp_path / "projects")
+
+
+def test_the_detectors_boxes_on_the_result_are_kept_and_read_back(made, tmp_path):
+    found = [Detection("thalami", 10.5, 20, 60, 80, 0.91), Detection("palate", 1, 2, 3, 4, 0.3)]
+    state = made[0]
+    kept = write_project(made[1], tmp_path / "p", image_path=state.image.path, roi_source=state.roi.mode,
+                         extra_files={FOUND_FILE: found_json(found, "fetalstudio-structure-detector")})
+    assert read_found(kept, tmp_path) == found
+    assert json.loads((kept / FOUND_FILE).read_text())["detector"] == "fetalstudio-structure-detector"
+    older = save(made, tmp_path, "older")
+    assert read_found(older, tmp_path) is None  # made before found.json was kept: the detector runs again
+    (kept / FOUND_FILE).write_text("{not json")
+    assert read_found(kept, tmp_path) is None
+    with pytest.raises(FetalStudioError, match="There is no project"):
+        read_found(tmp_path.parent, tmp_path)

@@ -201,6 +201,31 @@ def parse_annotator_value(state: EditorState, value: Any) -> list[StructureBox]:
     return [box for box in result if box is not None]
 
 
+def annotator_payload_value(payload: Any) -> Any:
+    """The annotator's raw browser payload (its event registered with ``preprocess=False``) in the form its
+    ``preprocess`` gives: each box's corners divided by the box's ``scaleFactor`` (the on-screen scale) and
+    rounded. The image itself is not decoded and re-encoded (the component's own preprocess does that on
+    every drag, about 50 ms): only whether there is one matters here. Unreadable numbers are passed on as
+    they are, for :func:`parse_annotator_value` to name."""
+    if not isinstance(payload, dict):
+        return payload
+    boxes = []
+    for box in payload.get("boxes") or []:
+        if not isinstance(box, dict):
+            boxes.append(box)
+            continue
+        scale = box.get("scaleFactor", 1)
+        scaled = dict(box)
+        for key in ("xmin", "ymin", "xmax", "ymax"):
+            try:
+                value = float(box[key]) / float(scale)
+                scaled[key] = round(value) if math.isfinite(value) else value
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                pass
+        boxes.append(scaled)
+    return {"image": payload.get("image"), "boxes": boxes}
+
+
 def apply_annotator_value(state: EditorState, value: Any) -> EditorState:
     """``state`` with the boxes as the mouse left them (one undo step; the same boxes: no step)."""
     return set_boxes(state, parse_annotator_value(state, value), "moved with the mouse")

@@ -9,6 +9,7 @@ anywhere else is refused with the same clear message.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import zipfile
@@ -23,6 +24,7 @@ from fetalstudio.anatomy.editor import (
 )
 from fetalstudio.anatomy.edits import edit_from_dict
 from fetalstudio.anatomy.project import FlexProject, projects_dir, read_project
+from fetalstudio.detection.predict import Detection
 from fetalstudio.errors import FetalStudioError, disk_full_error, is_disk_full
 from fetalstudio.imaging.files import atomic_write_bytes, png_bytes, read_json
 from fetalstudio.imaging.image_input import load_image
@@ -30,6 +32,10 @@ from fetalstudio.paths import is_under
 
 #: The editor's document (``editor.state_to_dict``, with its undo history), kept in a project by the editor.
 EDITOR_FILE = "editor.json"
+#: The structure detector's boxes on the project's result (``found_json``), kept by the editor so that
+#: reopening a project shows the anatomy check without running the detector again.
+FOUND_FILE = "found.json"
+FOUND_SCHEMA = "fetalstudio.found-structures"
 #: The white bar between source and result in :func:`pair_picture`.
 PAIR_SEPARATOR_PX = 4
 
@@ -251,3 +257,26 @@ def zip_project(folder: str | Path, out_zip: Path, root: Path | None = None) -> 
             archive.write(path, path.relative_to(project.path).as_posix(), packed)
     _write_download(out_zip, project, buffer.getvalue())
     return out_zip
+
+
+# --- the detector's boxes on the result ------------------------------------------------------------------
+def found_json(found: list[Detection], detector: str) -> bytes:
+    """The detector's boxes on a result as the project's found.json (``detector``: its catalog id)."""
+    boxes = [{"structure": d.structure, "x0": d.x0, "y0": d.y0, "x1": d.x1, "y1": d.y1, "score": d.score} for d in found]
+    return json.dumps({"schema": FOUND_SCHEMA, "version": 1, "detector": detector, "boxes": boxes}, indent=1).encode("utf-8")
+
+
+def read_found(folder: str | Path, root: Path | None = None) -> list[Detection] | None:
+    """The boxes of a project's found.json; None when the project has none (made before it was kept) or it
+    cannot be read (then the caller runs the detector again)."""
+    path = project_folder(folder, root) / FOUND_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("schema") != FOUND_SCHEMA:
+            return None
+        return [Detection(str(b["structure"]), float(b["x0"]), float(b["y0"]), float(b["x1"]), float(b["y1"]),
+                          float(b["score"])) for b in data["boxes"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -23,18 +23,18 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from fetalstudio.anatomy import editor
-from fetalstudio.anatomy.editor_boxes import (TABLE_COLUMNS, PendingEchoes, annotator_labels, annotator_value,
-                                              apply_annotator_value, apply_table, table_rows)
+from fetalstudio.anatomy.editor_boxes import (TABLE_COLUMNS, PendingEchoes, annotator_labels, annotator_payload_value,
+                                              annotator_value, apply_annotator_value, apply_table, table_rows)
 from fetalstudio.anatomy.editor_store import EditorSession
 from fetalstudio.anatomy.examples import list_examples
 from fetalstudio.anatomy.flex import CONDITIONS, STAGES, FlexOptions, flex_settings, run_flex
-from fetalstudio.anatomy.flex_cli import detect_structures, detector_for_plane
+from fetalstudio.anatomy.flex_cli import detect_structures, detector_for_plane, structure_detector
 from fetalstudio.anatomy.layout import Layout
 from fetalstudio.anatomy.presets import load_presets
 from fetalstudio.anatomy.roi import changed_boxes
 from fetalstudio.anatomy.project import projects_dir, write_project
-from fetalstudio.anatomy.project_files import (EDITOR_FILE, open_project_state, project_summaries, write_pair_png,
-                                               zip_project)
+from fetalstudio.anatomy.project_files import (EDITOR_FILE, FOUND_FILE, found_json, open_project_state,
+                                               project_summaries, read_found, write_pair_png, zip_project)
 from fetalstudio.anatomy.views import (anatomy_check, detections_picture, difference_picture, layout_picture,
                                        roi_tint_picture)
 from fetalstudio.app_context import AppContext
@@ -437,8 +437,10 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         (the annotator is reset to the kept layout, so a refused drag does not stay on screen)."""
         def apply(value, request: gr.Request | None) -> dict:
             session, state = current(request)
-            if transition is apply_annotator_value and echoes.is_echo(session.id, value):
-                return unchanged()  # the annotator showing a value the server sent, not a drag
+            if transition is apply_annotator_value:
+                value = annotator_payload_value(value)
+                if echoes.is_echo(session.id, value):
+                    return unchanged()  # the annotator showing a value the server sent, not a drag
             try:
                 changed = transition(state, value) if takes_value else transition(state)
             except FetalStudioError as error:
@@ -459,36 +461,60 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     def project_choices() -> list[tuple[str, str]]:
         return [(summary.title, summary.name) for summary in project_summaries(projects)]
 
+    def project_picture(folder: Path, kind: str, make, what: str) -> str:
+        """A picture of a project, drawn once (a project never changes after Generate; its name is unique)."""
+        path = views / f"{kind}-{folder.name}.png"
+        return str(path) if path.is_file() else _write_png(path, make(), what)
+
+    def project_downloads(folder: Path) -> list[str]:
+        """The result, the before|after pair and the zip (the last two written once, atomically)."""
+        downloads = outputs / "downloads" / folder.name
+        pair, archive = downloads / f"{folder.name}-pair.png", downloads / f"{folder.name}.zip"
+        if not pair.is_file():
+            write_pair_png(folder, pair)
+        if not archive.is_file():
+            zip_project(folder, archive, projects)
+        return [str(folder / "result.png"), str(pair), str(archive)]
+
     def results_of(state: editor.EditorState, found: list | None = None) -> dict:
-        """The last project's pictures and downloads (nothing shown when the document has no project)."""
+        """The last project's pictures, anatomy check and downloads (nothing shown when the document has no
+        project). ``found``: the detector's boxes on the result; default the project's found.json."""
         choices = gr.update(choices=project_choices(), value=Path(state.project).name if state.project else None)
         folder = Path(state.project) if state.project else None
         if folder is None or not (folder / "result.png").is_file():
             return {c.project: choices}
-        gray_before = np.asarray(Image.open(folder / "source.png").convert("L"))
-        gray_after = np.asarray(Image.open(folder / "result.png").convert("L"))
+        grays = {}
+
+        def gray(name: str) -> np.ndarray:
+            if name not in grays:
+                grays[name] = np.asarray(Image.open(folder / name).convert("L"))
+            return grays[name]
+
         asked = (Layout.read(folder / "layout_before.json"), Layout.read(folder / "layout_after.json"))
-        downloads = outputs / "downloads" / folder.name
-        pair = write_pair_png(folder, downloads / f"{folder.name}-pair.png")
-        archive = zip_project(folder, downloads / f"{folder.name}.zip", projects)
         result = {c.before: str(folder / "source.png"), c.after: str(folder / "result.png"),
-                  c.difference: picture(difference_picture(gray_before, gray_after), "difference", "the difference picture"),
-                  c.layout_before: picture(layout_picture(gray_before, asked[0]), "layout", "the layout before"),
-                  c.layout_after: picture(layout_picture(gray_after, asked[1], highlight=changed_names(*asked)),
-                                          "layout", "the layout asked for"),
-                  c.downloads: [str(folder / "result.png"), str(pair), str(archive)], c.project: choices}
+                  c.difference: project_picture(folder, "difference", lambda: difference_picture(gray("source.png"),
+                                                gray("result.png")), "the difference picture"),
+                  c.layout_before: project_picture(folder, "layout-before", lambda: layout_picture(gray("source.png"),
+                                                   asked[0]), "the layout before"),
+                  c.layout_after: project_picture(folder, "layout-after", lambda: layout_picture(
+                      gray("result.png"), asked[1], highlight=changed_names(*asked)), "the layout asked for"),
+                  c.downloads: project_downloads(folder), c.project: choices}
+        found = read_found(folder, projects) if found is None else found
         if found is not None:
-            result[c.found] = picture(detections_picture(gray_after, asked[1], found), "found", "the detector's boxes")
+            result[c.found] = project_picture(folder, "found", lambda: detections_picture(gray("result.png"), asked[1],
+                                              found), "the detector's boxes")
             result[c.check] = [[row.structure, row.verdict, "" if row.iou is None else round(row.iou, 2),
                                 "" if row.score is None else round(row.score, 2)] for row in anatomy_check(asked[1], found)]
         return result
 
-    def detections_on(image_path: Path, plane: str) -> tuple[list | None, str]:
-        """The detector's boxes on the result, when the detector knows the plane's structures."""
-        detector = detector_for_plane(manager, plane)
-        if detector is None:
-            return None, f"(the structure detector knows no {plane} structures: no anatomy check)"
-        return detector.detect(load_image(image_path).gray), ""
+    def detections_on(gray: np.ndarray, plane: str) -> tuple[list | None, str, dict[str, bytes]]:
+        """The detector's boxes on a result, when the detector knows the plane's structures, with the note for
+        the status and the project file that keeps them."""
+        if detector_for_plane(manager, plane) is None:
+            return None, f"(the structure detector knows no {plane} structures: no anatomy check)", {}
+        detector, detector_id = structure_detector(manager)
+        found = detector.detect(gray)
+        return found, "", {FOUND_FILE: found_json(found, detector_id)}
 
     def preset_choices() -> dict:
         """The presets as they are now (bundled and the user's presets folder), for the preset list."""
@@ -569,7 +595,9 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         if not name:
             raise FetalStudioError("Pick a project in the list first (each run of Generate makes one).")
         state = open_project_state(projects / Path(name).name, projects)
-        found, note = detections_on(Path(state.project) / "result.png", state.plane)
+        found, note = read_found(state.project, projects), ""
+        if found is None:  # a project made before found.json was kept
+            found, note, _ = detections_on(load_image(Path(state.project) / "result.png").gray, state.plane)
         return {**saved(session_of(request), state, f"Reopened the project {Path(name).name}. {note}".strip()),
                 **results_of(state, found)}
 
@@ -612,10 +640,8 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     def on_use_brush(value, request: gr.Request) -> dict:
         session, state = current(request)
         changed = with_strokes(state, value)
-        return {**saved(session, changed, "The painted ROI is used."), **brush_background_of(changed)}
-
-    def brush_background_of(state: editor.EditorState) -> dict:
-        return {c.brush: {"background": roi_picture(state), "layers": [], "composite": None}}
+        shown_now = saved(session, changed, "The painted ROI is used.")
+        return {**shown_now, c.brush: {"background": shown_now[c.roi_preview], "layers": [], "composite": None}}
 
     @answered
     def on_generate(steps: float, seed: float | None, sampler: str, ssa: bool, osm: bool, k: float | None,
@@ -639,12 +665,12 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
         if outcome.cancelled:
             return {c.status: "Cancelled: nothing was written; the layout is kept."}
         presets_used = [] if state.preset is None else [{"name": state.preset.name, "parameters": state.preset.values()}]
+        found, note, found_file = detections_on(np.asarray(outcome.final.convert("L")), state.plane)
         folder = write_project(outcome, image_path=state.image.path, roi_source=state.roi.mode,
                                edits=[edit.to_dict() for edit in state.history.applied_edits()], presets=presets_used,
-                               extra_files={EDITOR_FILE: editor_json(state)})
+                               extra_files={EDITOR_FILE: editor_json(state), **found_file})
         state = editor.set_project(state, folder)
         session.save(state)
-        found, note = detections_on(folder / "result.png", state.plane)
         regenerated = run_description(state, options, outcome.controlnet.get("id", ""))
         return {**results_of(state, found),
                 c.status: f"Generated with seed {outcome.seed} ({regenerated}); saved as the project {folder.name}. "
@@ -666,8 +692,9 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     c.plane.input(on_plane, [c.plane], [*document, c.plane_note])
     c.detect.click(on_detect, None, document, **gpu)
     c.open_project.click(on_open_project, [c.project], [*document, *c.results], **gpu)
+    # preprocess=False: the component's preprocess decodes and re-encodes the image on every drag (and echo)
     c.annotator.change(change(apply_annotator_value, "Boxes changed with the mouse.", with_annotator=False),
-                       [c.annotator], document)
+                       [c.annotator], document, preprocess=False)
     c.apply_table.click(change(apply_table, "Table applied."), [c.table], document)
     c.undo.click(change(editor.undo, "Undone.", takes_value=False), None, document)
     c.redo.click(change(editor.redo, "Redone.", takes_value=False), None, document)
