@@ -527,3 +527,27 @@ def test_the_annotators_raw_browser_payload_reads_like_its_preprocessed_value(st
         editor_boxes.apply_annotator_value(state, editor_boxes.annotator_payload_value(raw))
     with pytest.raises(FetalStudioError, match="The image was removed from the editor"):
         editor_boxes.apply_annotator_value(state, editor_boxes.annotator_payload_value({"image": None, "boxes": []}))
+
+
+def _turned_clockwise(value: dict, width: int, height: int) -> tuple[dict, int, int]:
+    """The annotator's own turn of its view: (x, y) -> (height - y, x); the view's size swaps."""
+    boxes = [{**box, "xmin": height - box["ymax"], "xmax": height - box["ymin"], "ymin": box["xmin"], "ymax": box["xmax"]}
+             for box in value["boxes"]]
+    return {**value, "boxes": boxes, "orientation": (value.get("orientation") or 0) + 1}, height, width
+
+
+def test_boxes_drawn_on_a_turned_view_are_turned_back_to_the_images_pixels(state):
+    value, width, height = editor_boxes.annotator_value(state), *state.image.size
+    for turns in (1, 2, 3, 4):
+        value, width, height = _turned_clockwise(value, width, height)
+        assert editor_boxes.apply_annotator_value(state, value) is state, turns  # turning the view changes nothing
+    value, width, height = _turned_clockwise(editor_boxes.annotator_value(state), *state.image.size)
+    nasal = next(box for box in value["boxes"] if box["label"] == "nasal_bone")
+    nasal["ymin"] += 10  # dragged 10 px down on the view turned clockwise: 10 px right in the image
+    nasal["ymax"] += 10
+    moved = editor_boxes.apply_annotator_value(state, value)
+    before, after = state.layout.box("nasal_bone"), moved.layout.box("nasal_bone")
+    assert (after.x0, after.y0, after.x1, after.y1) == (round(before.x0) + 10, round(before.y0), round(before.x1) + 10,
+                                                       round(before.y1))
+    with pytest.raises(FetalStudioError, match="not a whole number of quarter turns"):
+        editor_boxes.apply_annotator_value(state, {**value, "orientation": "sideways"})

@@ -172,14 +172,44 @@ def _annotator_box(state: EditorState, box: Any, number: int) -> StructureBox:
     return StructureBox(name, xs[0], ys[0], xs[1], ys[1])
 
 
+def _view_turns(value: dict) -> int:
+    """How many quarter turns clockwise the annotator's view is turned (its own Rotate buttons): 0-3."""
+    turns = value.get("orientation") or 0
+    if isinstance(turns, bool) or not isinstance(turns, (int, float)) or turns != int(turns):
+        raise FetalStudioError(f"The editor sent a view orientation that is not a whole number of quarter turns "
+                               f"({turns!r}); the layout was kept. Reload the page.")
+    return int(turns) % 4
+
+
+def _unturned(box: Any, turns: int, width: int, height: int) -> Any:
+    """A box drawn on the view turned ``turns`` quarter turns clockwise, in the image's own pixels
+    (the annotator turns its boxes with the view: clockwise, (x, y) -> (height - y, x))."""
+    if turns == 0 or not isinstance(box, dict):
+        return box
+    try:
+        x0, y0, x1, y1 = (float(box[key]) for key in ("xmin", "ymin", "xmax", "ymax"))
+    except (KeyError, TypeError, ValueError):
+        return box  # left for _annotator_box to name
+    if turns == 1:
+        corners = (y0, height - x1, y1, height - x0)
+    elif turns == 2:
+        corners = (width - x1, height - y1, width - x0, height - y0)
+    else:
+        corners = (width - y1, x0, width - y0, x1)
+    return {**box, **dict(zip(("xmin", "ymin", "xmax", "ymax"), corners))}
+
+
 def parse_annotator_value(state: EditorState, value: Any) -> list[StructureBox]:
     """The boxes of an annotator value. A box whose whole-pixel corners and label match a box of the
     layout is that box exactly (turn and sub-pixel corners kept); a moved or resized box keeps the
-    turn of the unmatched box of its structure it replaces; the rest are new upright boxes."""
+    turn of the unmatched box of its structure it replaces; the rest are new upright boxes. Boxes drawn
+    while the annotator's view is turned (its Rotate buttons) are turned back to the image's pixels."""
     if not isinstance(value, dict) or value.get("image") is None:
         raise FetalStudioError("The image was removed from the editor; the layout was kept. Open the image again "
                                "(or undo) to go on editing.")
-    drawn = [_annotator_box(state, box, number) for number, box in enumerate(value.get("boxes") or [], start=1)]
+    turns, (width, height) = _view_turns(value), state.image.size
+    drawn = [_annotator_box(state, _unturned(box, turns, width, height), number)
+             for number, box in enumerate(value.get("boxes") or [], start=1)]
     unmatched = list(state.layout.boxes)
 
     def rounded(box: StructureBox) -> tuple:
@@ -223,7 +253,7 @@ def annotator_payload_value(payload: Any) -> Any:
             except (KeyError, TypeError, ValueError, ZeroDivisionError):
                 pass
         boxes.append(scaled)
-    return {"image": payload.get("image"), "boxes": boxes}
+    return {"image": payload.get("image"), "boxes": boxes, "orientation": payload.get("orientation")}
 
 
 def apply_annotator_value(state: EditorState, value: Any) -> EditorState:
