@@ -10,10 +10,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fetalstudio.cli_args import Command, CommandGroup, at_least_one, output_folder
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.vocabulary import HEAD_SUBJECT, subject_choices
+
+if TYPE_CHECKING:
+    from fetalstudio.app_context import AppContext
+    from fetalstudio.models.distributed import ProcessShare
 
 EXIT_USER_ERROR = 2
 
@@ -52,10 +57,8 @@ DEFAULT_IMAGE_SIZE = 512
 
 def run_generate(args: argparse.Namespace) -> int:
     from fetalstudio.app_context import build_context
-    from fetalstudio.models.entries import ModelKind
-    from fetalstudio.synthesis.dataset import DatasetRequest, export_dataset
+    from fetalstudio.models.distributed import joined_processes
     from fetalstudio.pipelines.samplers import parse_sampler
-    from fetalstudio.pipelines.settings import LoraSpec
     from fetalstudio.vocabulary import parse_plane
 
     planes = [p.lower() for value in args.plane for p in _comma_list(value)]
@@ -74,7 +77,17 @@ def run_generate(args: argparse.Namespace) -> int:
         raise FetalStudioError(str(error)) from None
     if args.n < 1:
         raise FetalStudioError("--n must be at least 1.")
-    context = build_context()
+    with joined_processes() as (share, device):
+        return _export(args, planes, samplers, share, build_context(device=device))
+
+
+def _export(args: argparse.Namespace, planes: list[str], samplers: list[str], share: ProcessShare,
+            context: AppContext) -> int:
+    """The dataset export of ``generate``: this process's share of it, the summary printed by the main process."""
+    from fetalstudio.models.entries import ModelKind
+    from fetalstudio.pipelines.settings import LoraSpec
+    from fetalstudio.synthesis.dataset import DatasetRequest, export_dataset
+
     model = args.model or context.manager.default_id(ModelKind.SD_PIPELINE)
     native = context.manager.native_image_size(model) or DEFAULT_IMAGE_SIZE
     args.width, args.height = args.width or native, args.height or native
@@ -87,9 +100,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int, last: str) -> None:
         if last:
-            print(f"[{done}/{total}] {last}", file=sys.stderr, flush=True)
+            print(f"{share.prefix}[{done}/{total}] {last}", file=sys.stderr, flush=True)
 
-    report = export_dataset(context.synthesis, request, on_progress=progress)
+    report = export_dataset(context.synthesis, request, on_progress=progress, share=share)
+    if not share.is_main:
+        return 0
     summary = {
         "out": str(report.out_dir), "generated": report.generated, "skipped_existing": report.skipped,
         "total": report.total, "metadata": str(report.out_dir / "metadata.csv"),
@@ -141,7 +156,8 @@ GENERATE = Command(
         "Generate N images per plane and sampler into OUT/<plane>/<sampler>/ with metadata.csv. "
         "Re-running the same command skips the images that already exist, so an interrupted run "
         "resumes where it stopped. Example: python -m fetalstudio generate --plane brain --n 500 "
-        "--sampler euler,unipc --out datasets/brain"
+        "--sampler euler,unipc --out datasets/brain. Several processes (GPUs, machines) share one export when "
+        "started by accelerate: accelerate launch --multi_gpu --num_processes 4 -m fetalstudio generate ..."
     ),
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
 )
@@ -166,6 +182,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
     from fetalstudio.training import classifier as train_classifier
     from fetalstudio.training import controlnet as train_controlnet
     from fetalstudio.training import detector as train_detector
+    from fetalstudio.training import head_unet as train_head_unet
     from fetalstudio.training import lora as train_lora
     from fetalstudio.training import sd as train_sd
     from fetalstudio.training import segmenter as train_segmenter
@@ -178,7 +195,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
         analyze_cli.COMMAND,
         CommandGroup("train", "train a model (writes a checkpoint the model manager loads)",
                      (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND, train_controlnet.COMMAND,
-                      train_detector.COMMAND)),
+                      train_detector.COMMAND, train_head_unet.COMMAND)),
         CommandGroup("eval", "evaluate a model (writes a report folder)",
                      (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND, eval_flex.COMMAND)),
         CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): edit a scan's layout, anomaly presets", (flex_cli.PRESETS, flex_cli.PAIRS),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fetalstudio.analysis.segment import CachedPredictor, auto_box
+from fetalstudio.analysis.segment import CachedPredictor, auto_head
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.biometry import HeadBiometry, head_biometry
 from fetalstudio.imaging.ellipse import Ellipse, fit_ellipse
@@ -149,16 +149,19 @@ def segment_head(
 ) -> HeadResult:
     """Segment the head in ``image`` (grayscale, original pixels) and measure it.
 
-    ``auto``: no user prompt; the box comes from ``auto_box`` (a coarse pass over candidate boxes)
-    and the mask from a second pass with that box (points, if given, are added to it).
+    ``auto``: no user prompt; box and mask come from ``auto_head`` (the head U-Net when one is
+    installed, else the box search ``auto_box`` and a second pass with its box). With points or
+    ``multimask`` the automatic box prompts the box-prompted segmenter together with the points.
     """
     predictor.set_image(image)
     source = "user" if box is not None else "none"
     if auto:
         if box is not None:
             raise FetalStudioError("Give a box or use the automatic mode, not both.")
-        found, _ = auto_box(predictor)
-        box, source = found, "auto"
+        box, automatic = auto_head(predictor, image)
+        source = "auto"
+        if points is None and not multimask:
+            return HeadResult(box, source, (automatic,), 0, measure_head(automatic.mask, pixel_size_mm))
     if box is None and points is None:
         raise FetalStudioError("Draw a box around the head, click a point on it, or use the automatic mode.")
     if multimask:

@@ -5,17 +5,29 @@ user go back to an earlier image without re-encoding it.
 
 One ``CachedPredictor`` belongs to one user (browser session or CLI run): segment-anything's
 predictor holds "the current image" and must not be shared between users.
+
+The automatic mode (``auto_head``: no prompt at all) runs the prompt-free head U-Net
+(``fetalstudio.segmentation.head_unet``) when one is installed — the catalog's default model of kind
+``head_segmenter`` — and otherwise searches candidate boxes with the box-prompted segmenter
+(``auto_box``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
 from fetalstudio.imaging.image_input import check_image_side
+from fetalstudio.segmentation.head_unet import HeadMaskPredictor
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
+
+log = logging.getLogger(__name__)
+#: ``CachedPredictor(head_model=INSTALLED)``: look up the installed head U-Net on first use.
+INSTALLED = "installed"
 
 
 def image_key(image: np.ndarray) -> str:
@@ -28,7 +40,14 @@ def image_key(image: np.ndarray) -> str:
 
 
 class CachedPredictor:
-    def __init__(self, predictor: BoxPromptPredictor, capacity: int = 8) -> None:
+    """The box-prompted predictor with an LRU of image embeddings, and the head U-Net of the automatic mode.
+
+    ``head_model``: a head U-Net (``fetalstudio.models.head_segmenter.HeadUNet``) for ``auto_head``,
+    None for none (the automatic mode then searches boxes with the box-prompted segmenter), or
+    ``INSTALLED`` (the default): the installed one, looked up once on first use (``installed_head_model``).
+    """
+
+    def __init__(self, predictor: BoxPromptPredictor, capacity: int = 8, head_model: Any = INSTALLED) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.predictor = predictor
@@ -36,6 +55,18 @@ class CachedPredictor:
         self.encoder_runs = 0
         self._embeddings: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._current: str | None = None
+        self._head_model = head_model
+        self._head_predictor: HeadMaskPredictor | None = None
+
+    def head_predictor(self) -> HeadMaskPredictor | None:
+        """The automatic mode's head U-Net predictor (flip test-time augmentation), or None when there is none."""
+        if isinstance(self._head_model, str) and self._head_model == INSTALLED:
+            self._head_model = installed_head_model(_device_of(self.predictor.model))
+        if self._head_model is None:
+            return None
+        if self._head_predictor is None or self._head_predictor.model is not self._head_model:
+            self._head_predictor = HeadMaskPredictor(self._head_model)
+        return self._head_predictor
 
     def set_image(self, image) -> bool:
         """Make ``image`` current; True when it had to be encoded, False when its embedding was cached."""
@@ -63,6 +94,78 @@ class CachedPredictor:
 
     def cached_images(self) -> int:
         return len(self._embeddings)
+
+
+#: Head U-Nets already loaded, per (file, its modification time, device), so that new predictors share one.
+_LOADED_HEAD_MODELS: dict[tuple[str, float, str], Any] = {}
+
+
+def _device_of(model) -> Any:
+    import torch
+
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def installed_head_model(device) -> Any:
+    """The installed head U-Net (the catalog's default ``head_segmenter``: ``default = true`` in the
+    manifest, else the first on disk) on ``device`` in float32, or None when there is none or it cannot
+    be loaded (logged; the automatic mode then searches boxes). The catalog is read anew each time (a
+    model manager of its own over the app's model folders, about 30 ms), so a U-Net added or removed
+    is seen by the next predictor; a file already loaded is shared (a few MB)."""
+    import torch
+
+    from fetalstudio.app_context import build_manager
+    from fetalstudio.errors import FetalStudioError
+    from fetalstudio.models.device import DevicePlacement
+    from fetalstudio.models.entries import ModelKind
+
+    try:
+        manager = build_manager(placement=DevicePlacement(torch.device(device), torch.float32))
+        entry = manager.entry(manager.default_id(ModelKind.HEAD_SEGMENTER))
+        path = manager.local_path(entry)
+        key = (str(path.resolve()), path.stat().st_mtime, str(device))
+        if key not in _LOADED_HEAD_MODELS:
+            _LOADED_HEAD_MODELS[key] = manager.get(entry.id)
+        return _LOADED_HEAD_MODELS[key]
+    except (FetalStudioError, OSError) as error:
+        log.info("automatic head mode without a head U-Net (%s): searching boxes with the box-prompted segmenter", error)
+        return None
+
+
+#: Whether the automatic mode hands the head U-Net's mask box to the box-prompted segmenter and keeps
+#: that mask instead of the U-Net's own. Measured on the segmenter's validation split (89 images): see
+#: ``auto_head``.
+AUTO_HEAD_REFINE_WITH_BOX_SEGMENTER = False
+
+
+def auto_head(predictor: CachedPredictor, image, refine_with_box_segmenter: bool = AUTO_HEAD_REFINE_WITH_BOX_SEGMENTER
+              ) -> tuple[tuple[float, float, float, float], BoxPrediction]:
+    """The automatic mode: the head box and mask of ``image`` (the predictor's current image) with no prompt.
+
+    With a head U-Net (``predictor.head_predictor()``): its mask (flip-averaged probabilities at
+    the image's resolution, largest region, holes filled) and that mask's bounding box; the score
+    is the soft IoU of the probability map with the mask. With ``refine_with_box_segmenter`` the box
+    prompts the box-prompted segmenter and its mask is returned instead. When the U-Net finds no
+    head, or there is none, ``auto_box`` searches candidate boxes and the box is segmented once more
+    (the second pass). Raises FetalStudioError when no head is found.
+    """
+    from fetalstudio.imaging.ellipse import bounding_box
+
+    head = predictor.head_predictor()
+    found = None
+    if head is not None:
+        prediction = head.predict(image)
+        found = bounding_box(prediction.mask)
+        if found is None:
+            log.info("the head U-Net found no head; searching boxes with the box-prompted segmenter")
+    if found is None:
+        box, _ = auto_box(predictor)
+        return box, predictor.predict(box=box)
+    box = tuple(float(v) for v in found)
+    if refine_with_box_segmenter:
+        return box, predictor.predict(box=box)
+    return box, BoxPrediction(mask=prediction.mask, score=prediction.score, raw_mask=prediction.raw_mask)
 
 
 #: Candidate boxes of the automatic mode: side lengths as fractions of the frame (0.15 for the

@@ -1,4 +1,5 @@
-"""Evaluate a box-prompted head segmenter: Dice per image and head-circumference error in mm.
+"""Evaluate a head segmenter: Dice per image and head-circumference error in mm, from a box prompt
+or in the Analysis automatic mode (no prompt).
 
     python -m fetalstudio eval segmenter --csv ../shared/data/hc18_heads/pairs.csv \\
         --model bundled/fetalstudio-head-segmenter/segmenter --out outputs/eval-segmenter --json eval.json
@@ -15,6 +16,14 @@ from the ellipse fitted to the mask (Ramanujan perimeter x pixel size) against h
 Beside the model, every number is also given for the trivial baseline "filled ellipse inscribed
 in the same box" (an exact-box evaluation says little: that baseline reaches Dice 0.98 there).
 
+--box auto evaluates the Analysis automatic mode (``fetalstudio.analysis.segment.auto_head``, no
+ground truth used): the head U-Net when one is installed (--head-model: an id or path, or `none` for
+the candidate-box search with the box-prompted segmenter --model), its mask measured as the
+Analysis tab measures it (ellipse extractor). Reported with standard errors, the Dice of the fitted
+ellipse, the seconds per image, and the box-ellipse baseline of a jittered ground-truth box (what a
+rough 0-20 px user box alone gives). --auto-refine hands the U-Net's mask box to the box-prompted
+segmenter and keeps its mask instead.
+
 Report folder: summary.md, per_image.csv, summary.json; --json FILE also writes
 {"dice_mean", "dice_std", "hc_mae_mm", "n", ...} to FILE.
 """
@@ -29,13 +38,22 @@ from fetalstudio.cli_args import Command, output_folder
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.segmentation.scoring import BOX_MODES, DEFAULT_JITTER_PX, evaluate_items, read_items, summarize, summarize_by_source
 
+AUTO = "auto"
+#: --head-model value that turns the head U-Net off (the automatic mode then searches boxes).
+NO_HEAD_MODEL = "none"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, action="append", required=True, help="image/mask pairs CSV (image, mask, optional pixel_size_mm, hc_mm); repeatable")
     parser.add_argument("--model", help="segmenter id or path (.safetensors segmenter or SAM .pth); default: the installed segmenter")
     parser.add_argument("--out", type=output_folder, required=True, help="report folder (summary.md, per_image.csv, summary.json)")
     parser.add_argument("--json", type=Path, help="also write the summary numbers to this JSON file")
-    parser.add_argument("--box", choices=BOX_MODES, default="jitter", help="box prompt: the mask's exact bounding box or a jittered one")
+    parser.add_argument("--box", choices=(*BOX_MODES, AUTO), default="jitter",
+                        help="box prompt: the mask's exact bounding box, a jittered one, or auto (the Analysis automatic mode, no prompt)")
+    parser.add_argument("--head-model", help="--box auto: head U-Net id or path, or 'none' for the candidate-box search "
+                                             "(default: the installed head U-Net, if any)")
+    parser.add_argument("--auto-refine", action="store_true",
+                        help="--box auto: prompt the box-prompted segmenter with the U-Net mask's box and keep its mask")
     parser.add_argument("--jitter-px", type=float, default=DEFAULT_JITTER_PX, help="largest move of each box coordinate, original pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the box jitter")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs of each CSV")
@@ -49,6 +67,57 @@ def comparison_rows(summary: dict) -> list[dict]:
         {"metric": "HC error, mean absolute (mm)", "model": summary["hc_mae_mm"], "box-ellipse baseline": summary["baseline_hc_mae_mm"]},
         {"metric": "images", "model": summary["n"], "box-ellipse baseline": summary["n"]},
     ]
+
+
+def evaluate_auto_items(predictor, items, jitter_px: float, seed: int, refine: bool, progress=None) -> list[dict]:
+    """One row per item for the automatic mode (``auto_head`` on a ``CachedPredictor``): Dice of the
+    mask and of its fitted ellipse, HC from the Analysis measurement, the seconds it took, and the
+    baseline "ellipse inscribed in the jittered ground-truth box" (``prompt_box``, ``seed``)."""
+    import time
+
+    from fetalstudio.analysis.head import measure_head
+    from fetalstudio.analysis.segment import auto_head
+    from fetalstudio.imaging.ellipse import box_ellipse, dice, fit_ellipse, head_circumference_mm
+    from fetalstudio.segmentation.head_scoring import head_row
+    from fetalstudio.segmentation.scoring import load_example, prompt_box
+
+    method = "head U-Net" if predictor.head_predictor() is not None else "box search"
+    rows = []
+    for index, item in enumerate(items):
+        gray, truth = load_example(item)
+        started = time.perf_counter()
+        predictor.set_image(gray)
+        box, prediction = auto_head(predictor, gray, refine)
+        measurement = measure_head(prediction.mask, item.pixel_size_mm)
+        seconds = time.perf_counter() - started
+        hc_mm = measurement.biometry.hc_mm if measurement.biometry is not None else None
+        row = head_row(item, truth, prediction.mask, measurement.ellipse, hc_mm, prediction.score)
+        baseline_box = prompt_box(item, truth, "jitter", jitter_px, seed)
+        baseline = box_ellipse(baseline_box).to_mask(truth.shape)
+        row.update(box_mode=AUTO, method=method + (" + box-prompted segmenter" if refine and method == "head U-Net" else ""),
+                   box=" ".join(f"{v:.1f}" for v in box), seconds=seconds, baseline_dice=dice(baseline, truth), baseline_hc_error_mm=None)
+        if row["hc_error_mm"] is not None:
+            row["baseline_hc_error_mm"] = head_circumference_mm(fit_ellipse(baseline), item.pixel_size_mm) - item.hc_mm
+        rows.append(row)
+        if progress is not None:
+            progress(index + 1, len(items))
+    return rows
+
+
+def _head_model(manager, value: str | None):
+    """The head U-Net to evaluate --box auto with: --head-model's (None for 'none'), else the installed one."""
+    from fetalstudio.analysis.segment import INSTALLED
+    from fetalstudio.models.entries import ModelKind
+
+    if value is None:
+        return INSTALLED
+    if value.strip().lower() == NO_HEAD_MODEL:
+        return None
+    entry = manager.entry(value)
+    if entry.kind is not ModelKind.HEAD_SEGMENTER:
+        raise FetalStudioError(f"--head-model {value}: '{entry.id}' is a {entry.kind.value} model, not a head U-Net "
+                               "(kind head_segmenter); give one, or 'none'.")
+    return manager.get(entry.id)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +152,13 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with manager.use(model_id) as model:
-        rows = evaluate_items(BoxPromptPredictor(model), items, (args.box,), args.jitter_px, args.seed, progress=progress)
+        if args.box == AUTO:
+            from fetalstudio.analysis.segment import CachedPredictor
+
+            cached = CachedPredictor(BoxPromptPredictor(model), capacity=1, head_model=_head_model(manager, args.head_model))
+            rows = evaluate_auto_items(cached, items, args.jitter_px, args.seed, args.auto_refine, progress=progress)
+        else:
+            rows = evaluate_items(BoxPromptPredictor(model), items, (args.box,), args.jitter_px, args.seed, progress=progress)
     seconds = time.perf_counter() - started
     summary = summarize(rows)
     by_source = summarize_by_source(rows)
@@ -94,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
         "box": args.box, "jitter_px": args.jitter_px if args.box == "jitter" else 0, "seed": args.seed,
         "model": entry.id, "csv": [str(p) for p in args.csv], "per_source": by_source, "seconds": round(seconds, 1),
     }
-    box_text = f"jittered ({args.jitter_px:g} px at most per coordinate, seed {args.seed})" if args.box == "jitter" else "exact bounding box"
+    if args.box == AUTO:
+        result.update(_auto_figures(rows))
+    if args.box == AUTO:
+        box_text = f"none: the automatic mode ({result['method']}); baseline box jittered as --box jitter (seed {args.seed})"
+    else:
+        box_text = f"jittered ({args.jitter_px:g} px at most per coordinate, seed {args.seed})" if args.box == "jitter" else "exact bounding box"
     setup = (
         f"- model: `{entry.id}` ({entry.kind.value}, {entry.format.value})\n"
         f"- data: {', '.join(f'`{p}`' for p in args.csv)} ({len(items)} images)\n"
@@ -105,16 +185,44 @@ def run(args: argparse.Namespace) -> int:
         "Dice: model mask (full resolution, largest region, holes filled) vs the filled ground truth. "
         "HC: perimeter (Ramanujan) of the ellipse fitted to the mask's contour x pixel size, vs `hc_mm`; "
         "an empty mask counts as HC 0. Baseline: the filled axis-aligned ellipse inscribed in the same box."
+    ) if args.box != AUTO else (
+        "Dice: the automatic mode's mask (full resolution, largest region, holes filled) vs the filled ground truth. "
+        "HC: the Analysis measurement (the ellipse extractor's fit to the mask, Ramanujan perimeter x pixel size) vs "
+        "`hc_mm`; no mask counts as HC 0. Baseline: the filled axis-aligned ellipse inscribed in the ground truth's "
+        "bounding box with every coordinate moved by up to --jitter-px (a rough user box; --seed)."
     )
     per_source = [{"source": s, "n": v["n"], "dice": v["dice_mean"], "baseline dice": v["baseline_dice_mean"],
                    "HC MAE mm": v["hc_mae_mm"], "baseline HC MAE mm": v["baseline_hc_mae_mm"]} for s, v in by_source.items()]
-    write_report(args.out, "Segmenter evaluation", {"Setup": setup, "Results": comparison_rows(summary), "Per source": per_source, "Notes": notes},
-                 csv_files={"per_image.csv": rows}, json_files={"summary.json": result})
+    sections = {"Setup": setup, "Results": comparison_rows(summary), "Per source": per_source, "Notes": notes}
+    if args.box == AUTO:
+        sections["Automatic mode"] = _auto_rows(result)
+    write_report(args.out, "Segmenter evaluation", sections, csv_files={"per_image.csv": rows}, json_files={"summary.json": result})
     if args.json:
         write_json(args.json, result)
     print(f"Dice {summary['dice_mean']:.4f} +- {summary['dice_std']:.4f}, HC MAE {summary['hc_mae_mm']:.2f} mm over {summary['n']} images "
           f"(box-ellipse baseline: Dice {summary['baseline_dice_mean']:.4f}, HC MAE {summary['baseline_hc_mae_mm']:.2f} mm); report in {args.out}", flush=True)
     return 0
+
+
+def _auto_figures(rows: list[dict]) -> dict:
+    """The automatic mode's extra figures: standard errors, ellipse Dice, the method and the time per image."""
+    from fetalstudio.segmentation.head_scoring import summarize_head_rows, summarize_head_rows_by_source
+
+    head = summarize_head_rows(rows)
+    times = sorted(r["seconds"] for r in rows)
+    return {"method": rows[0]["method"], "dice_se": head["dice_se"], "dice_min": head["dice_min"], "hc_mae_se_mm": head["hc_mae_se_mm"],
+            "ellipse_dice_mean": head["ellipse_dice_mean"], "ellipse_dice_se": head["ellipse_dice_se"],
+            "seconds_per_image_mean": sum(times) / len(times), "seconds_per_image_median": times[len(times) // 2],
+            "per_source_auto": summarize_head_rows_by_source(rows)}
+
+
+def _auto_rows(result: dict) -> list[dict]:
+    return [{"figure": "Dice, mean ± standard error", "value": f"{result['dice_mean']:.4f} ± {result['dice_se']:.4f}"},
+            {"figure": "Dice of the fitted ellipse (filled)", "value": f"{result['ellipse_dice_mean']:.4f} ± {result['ellipse_dice_se']:.4f}"},
+            {"figure": "worst Dice", "value": f"{result['dice_min']:.3f}"},
+            {"figure": "HC mean absolute error (mm) ± standard error", "value": f"{result['hc_mae_mm']:.2f} ± {result['hc_mae_se_mm']:.2f}"},
+            {"figure": "seconds per image (mean / median; encoder, automatic mode and measurement)",
+             "value": f"{result['seconds_per_image_mean']:.2f} / {result['seconds_per_image_median']:.2f}"}]
 
 
 COMMAND = Command("segmenter", "Dice per image and HC error in mm", add_arguments, run, description=__doc__.strip())

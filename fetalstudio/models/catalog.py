@@ -4,7 +4,7 @@ Manifest format (TOML), one table per model::
 
     [[model]]
     id = "sd15"
-    kind = "sd_pipeline"            # sd_pipeline | lora | controlnet | sam | classifier | segmenter | detector
+    kind = "sd_pipeline"            # sd_pipeline | lora | controlnet | sam | classifier | segmenter | detector | head_segmenter
     path = "sd15"                   # relative to the manifest's folder, or absolute
     # or: hub_repo = "org/name" (+ hub_file = "file.safetensors" for single files)
     licence = "CreativeML OpenRAIL-M"
@@ -131,6 +131,7 @@ def _declared_format(table: dict, kind: ModelKind, path: Path | None, hub, where
         ModelKind.CLASSIFIER: ModelFormat.TIMM_CHECKPOINT,
         ModelKind.SEGMENTER: ModelFormat.TIMM_CHECKPOINT,
         ModelKind.DETECTOR: ModelFormat.FETALSTUDIO_DETECTOR,
+        ModelKind.HEAD_SEGMENTER: ModelFormat.FETALSTUDIO_HEAD_SEGMENTER,
     }
     if path is not None and path.suffix.lower() in WEIGHT_SUFFIXES and kind is ModelKind.SD_PIPELINE:
         return ModelFormat.SINGLE_FILE

@@ -23,6 +23,7 @@ class ModelKind(str, Enum):
     CLASSIFIER = "classifier"
     SEGMENTER = "segmenter"
     DETECTOR = "detector"
+    HEAD_SEGMENTER = "head_segmenter"  # prompt-free head mask (a U-Net): the Analysis automatic mode
 
 
 class ModelFormat(str, Enum):
@@ -37,6 +38,7 @@ class ModelFormat(str, Enum):
     TIMM_CHECKPOINT = "timm_checkpoint"
     FETALSTUDIO_SEGMENTER = "fetalstudio_segmenter"  # small segment-anything model + config in metadata
     FETALSTUDIO_DETECTOR = "fetalstudio_detector"  # structure detector (models/detector.py) + config in metadata
+    FETALSTUDIO_HEAD_SEGMENTER = "fetalstudio_head_segmenter"  # head U-Net (models/head_segmenter.py) + config in metadata
     HUB = "hub"  # not local yet; resolved on demand
 
 

@@ -138,6 +138,8 @@ def classify_keys(keys: Iterable[str], metadata: dict[str, str], shapes) -> Insp
         return Inspection(ModelKind.SEGMENTER, ModelFormat.FETALSTUDIO_SEGMENTER, _prefixed(metadata))
     if declared == ModelKind.DETECTOR.value:
         return Inspection(ModelKind.DETECTOR, ModelFormat.FETALSTUDIO_DETECTOR, _prefixed(metadata))
+    if declared == ModelKind.HEAD_SEGMENTER.value:
+        return Inspection(ModelKind.HEAD_SEGMENTER, ModelFormat.FETALSTUDIO_HEAD_SEGMENTER, _prefixed(metadata))
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return Inspection(ModelKind.SD_PIPELINE, ModelFormat.SINGLE_FILE)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):

@@ -114,6 +114,13 @@ def load_detector(entry: ModelEntry, path: Path, dtype: torch.dtype):
     return load_detector_file(path).to(dtype=dtype).eval()
 
 
+def load_head_segmenter(entry: ModelEntry, path: Path, dtype: torch.dtype):
+    """A FetalStudio head U-Net (.safetensors, encoder, decoder widths and input size in its metadata)."""
+    from fetalstudio.models.head_segmenter import load_head_segmenter_file
+
+    return load_head_segmenter_file(path).to(dtype=dtype).eval()
+
+
 def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
     for key in ("fc.weight", "classifier.weight", "head.weight", "head.fc.weight", "last_linear.weight"):
         if key in state:
@@ -161,4 +168,5 @@ LOADERS: dict[ModelKind, Loader] = {
     ModelKind.CLASSIFIER: load_timm_classifier,
     ModelKind.SEGMENTER: load_segmenter,
     ModelKind.DETECTOR: load_detector,
+    ModelKind.HEAD_SEGMENTER: load_head_segmenter,
 }
