@@ -19,6 +19,10 @@ An image that cannot be analysed (missing, unreadable, a bad CSV cell) gets an e
 run goes on. One run at a time writes into an output folder (a second is refused); an output
 folder inside the input folder is not read as input. A full disk stops the run: the rows written
 are kept and the same command resumes.
+
+Several processes (GPUs, machines) share one run when started by accelerate: ``accelerate launch
+--multi_gpu --num_processes 4 -m fetalstudio analyze ...``; each analyses every 4th image left, the
+first merges the rows into report.csv and prints the summary.
 """
 
 from __future__ import annotations
@@ -57,16 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the JSON summary to this file")
 
 
-def _progress(done: int, total: int, name: str) -> None:
-    print(f"[{done}/{total}] {name}", file=sys.stderr, flush=True)
-
-
 def run_analyze(args: argparse.Namespace) -> int:
     from fetalstudio.analysis.batch import read_batch_inputs, run_batch
     from fetalstudio.analysis.models import batch_models
     from fetalstudio.analysis.session import checked_pixel_size
     from fetalstudio.app_context import build_manager
     from fetalstudio.imaging.image_input import set_max_pixels
+    from fetalstudio.models.distributed import joined_processes
 
     classify, segment = args.classify, args.segment
     if not (classify or segment):
@@ -75,12 +76,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.max_pixels is not None:
         set_max_pixels(args.max_pixels)
     inputs = read_batch_inputs(args.source, exclude=[args.out])[: args.limit]  # --out inside --in: not its own input
-    manager = build_manager(device=args.device)
-    settings, classifier, predictor = batch_models(manager, classify=classify, segment=segment, classifiers=args.classifier,
-                                                   segmenter=args.segmenter, pixel_size_mm=pixel_size,
-                                                   overlays=not args.no_overlays, formats=args.export,
-                                                   measure_heads_only=args.measure_heads_only)
-    summary = run_batch(inputs, args.out, settings, classifier, predictor, progress=_progress)
+    with joined_processes(args.device) as (share, device):
+        manager = build_manager(device=device)
+        settings, classifier, predictor = batch_models(manager, classify=classify, segment=segment, classifiers=args.classifier,
+                                                       segmenter=args.segmenter, pixel_size_mm=pixel_size,
+                                                       overlays=not args.no_overlays, formats=args.export,
+                                                       measure_heads_only=args.measure_heads_only)
+
+        def progress(done: int, total: int, name: str) -> None:
+            print(f"{share.prefix}[{done}/{total}] {name}", file=sys.stderr, flush=True)
+
+        summary = run_batch(inputs, args.out, settings, classifier, predictor, progress=progress, share=share)
+    if not share.is_main:
+        return 0
     record = summary.as_dict()
     print(json.dumps(record))
     if args.json:

@@ -15,6 +15,12 @@ per-image failure (an unreadable or missing file, a bad CSV cell, a decompressio
 unexpected exception) becomes an error row and the run goes on; a full disk stops it, keeping the
 rows written. ``warning`` says why a head measurement is doubtful (not a head plane, poor fit). The head box comes from the automatic mode (``auto_box``): ground-truth masks,
 when given, are only used to score the prediction (Dice), never to make it.
+
+Several processes (``accelerate launch``, see ``fetalstudio.models.distributed``): the main process
+holds the lock, checks or writes batch.json and lists the images left; each process analyses every
+N-th of them into its own ``report.part-<i>-of-<N>.csv``; at the end the main process merges them
+into report.csv (input order, one row per image) and writes summary.json and the exports. A rerun,
+with any number of processes, first merges the part tables an interrupted run left.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from fetalstudio.errors import DiskFullError, FetalStudioError, disk_full_error,
 from fetalstudio.imaging.ellipse import dice, fill_outline
 from fetalstudio.imaging.files import LOCK_FILE, atomic_write_bytes, folder_lock, write_png
 from fetalstudio.imaging.image_input import LoadedImage, load_image, supported_suffixes
+from fetalstudio.models.distributed import ProcessShare, complete_rows, merge_parts, part_tables, table_text
 
 SETTINGS_FILE, REPORT_FILE, SUMMARY_FILE = "batch.json", "report.csv", "summary.json"
 BASE_COLUMNS = ("name", "file", "status", "error", "warning", "width", "height", "plane", "plane_probability")
@@ -246,23 +253,19 @@ def _check_out(out: Path, record: dict) -> None:
         raise FetalStudioError(f"{out} is not empty and is not a batch analysis folder. Choose a new or empty folder.")
 
 
+def _is_finished(row: dict) -> bool:
+    return row.get("status") in ("ok", "error")
+
+
 def _finished_rows(report: Path, columns: list[str]) -> list[dict]:
-    """The complete rows of an earlier run; a row cut short by a crash is dropped (and redone)."""
-    if not report.is_file():
-        return []
-    text = report.read_text(encoding="utf-8")
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    rows = [row for row in csv.DictReader(io.StringIO(text)) if None not in row and row.get("status") in ("ok", "error")]
-    return [row for row in rows if list(row) == columns]
+    """The complete rows of an earlier run; a row cut short by a crash is dropped (and redone), and so are
+    the rows of an older release's report without today's columns."""
+    return [row for row in complete_rows(report, columns) if _is_finished(row)]
 
 
-def _write_report(report: Path, columns: list[str], rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(report, buffer.getvalue().encode())
+def _merge_reports(report: Path, columns: list[str], inputs: Sequence[BatchInput]) -> list[dict]:
+    """report.csv and the part tables of several processes into report.csv, in input order, one row per image."""
+    return merge_parts(report, columns, "name", [item.name for item in inputs], keep=_is_finished)
 
 
 def _append_row(report: Path, columns: list[str], row: dict) -> None:
@@ -271,7 +274,7 @@ def _append_row(report: Path, columns: list[str], row: dict) -> None:
     with report.open("a", encoding="utf-8", newline="") as handle:
         size = handle.tell()
         try:
-            handle.write(buffer.getvalue())
+            handle.write(buffer.getvalue() if size else table_text(columns, []) + buffer.getvalue())  # a new part: its header first
             handle.flush()
             os.fsync(handle.fileno())
         except OSError:
@@ -362,9 +365,13 @@ def run_batch(
     predictor=None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    share: ProcessShare | None = None,
 ) -> BatchSummary:
     """Analyse ``inputs`` into ``out`` (see the module docstring). ``classifier`` is a PlaneRanking
-    (needed when ``settings.classify``), ``predictor`` a CachedPredictor (when ``settings.segment``)."""
+    (needed when ``settings.classify``), ``predictor`` a CachedPredictor (when ``settings.segment``).
+    ``share``: this process's share of a run of several processes; the main process's summary covers
+    every image, the others' their own share, and so does progress."""
+    share = share or ProcessShare()
     if not inputs:
         raise FetalStudioError("There are no images to analyse.")
     if len({item.name for item in inputs}) != len(inputs):
@@ -384,19 +391,36 @@ def run_batch(
         raise FetalStudioError(f"{out} is a file; give a folder for the batch report (it is created if missing).")
     classes = tuple(classifier.classes) if settings.classify else ()
     record = {"settings": {**asdict(settings), "formats": list(settings.formats)}, "classes": list(classes)}
-    _check_out(out, record)  # before anything is written: a foreign folder is left as it was
     columns = report_columns(classes, settings)
+    run = _Run(inputs, out, settings, columns, _Models(classifier if settings.classify else None,
+                                                      predictor if settings.segment else None, classes), share)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with _run_lock(out):
-            _check_out(out, record)  # again under the lock: a run that finished meanwhile may have written its settings
-            return _run_locked(inputs, out, settings, record, columns, classifier, predictor, progress, cancel)
+        with ExitStack() as holder:
+            pending = share.agree(lambda: _prepare(run, record, holder))
+            if not share.is_main:
+                _check_out(out, record)  # the main process wrote batch.json: every process runs the same settings
+            return _run_share(run, pending, progress, cancel)
     except (OSError, DiskFullError) as error:
         if not (isinstance(error, DiskFullError) or is_disk_full(error)):
             raise
-        kept = len(_finished_rows(out / REPORT_FILE, columns))
+        report = out / REPORT_FILE
+        kept = sum(len(_finished_rows(path, columns)) for path in [report, *part_tables(report)])
         raise disk_full_error(out, f"The {kept} image row(s) already in {REPORT_FILE} (with their masks and overlays) are kept; "
                                    "run the same command again to resume from there.") from error
+
+
+@dataclass(frozen=True)
+class _Run:
+    inputs: Sequence[BatchInput]
+    out: Path
+    settings: BatchSettings
+    columns: list[str]
+    models: _Models
+    share: ProcessShare
+
+    @property
+    def report(self) -> Path:
+        return self.out / REPORT_FILE
 
 
 @contextmanager
@@ -411,37 +435,56 @@ def _run_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def _run_locked(inputs: Sequence[BatchInput], out: Path, settings: BatchSettings, record: dict, columns: list[str],
-                classifier, predictor, progress: Progress | None, cancel: threading.Event | None) -> BatchSummary:
-    for folder in (out / "masks", out / "overlays"):
+def _prepare(run: _Run, record: dict, holder: ExitStack) -> list[BatchInput]:
+    """On the main process: the folder locked (until ``holder`` closes), batch.json checked and written, the rows
+    of an interrupted run (report.csv and part tables) merged into report.csv; the images left."""
+    _check_out(run.out, record)  # before anything is written: a foreign folder is left as it was
+    run.out.mkdir(parents=True, exist_ok=True)
+    holder.enter_context(_run_lock(run.out))
+    _check_out(run.out, record)  # again under the lock: a run that finished meanwhile may have written its settings
+    for folder in (run.out / "masks", run.out / "overlays"):
         folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / SETTINGS_FILE, (json.dumps(record, indent=2) + "\n").encode())
-    report = out / REPORT_FILE
-    finished = {row["name"]: row for row in _finished_rows(report, columns)}
-    _write_report(report, columns, list(finished.values()))
+    atomic_write_bytes(run.out / SETTINGS_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    finished = {row["name"] for row in _merge_reports(run.report, run.columns, run.inputs)}
+    return [item for item in run.inputs if item.name not in finished]
 
-    classes = tuple(record["classes"])
-    models = _Models(classifier if settings.classify else None, predictor if settings.segment else None, classes)
-    summary = BatchSummary(out=out, images=len(inputs))
+
+def _run_share(run: _Run, pending: list[BatchInput], progress: Progress | None, cancel: threading.Event | None) -> BatchSummary:
+    """This process's images: all inputs alone (the finished ones skipped), with others its share of ``pending``
+    (the main process's list), each row appended to report.csv or to this process's part; then, on the main
+    process, the summary."""
+    share, left = run.share, {item.name for item in pending}
+    items = share.take(pending) if share.is_distributed else list(run.inputs)
+    rows_path = share.part_path(run.report) if share.is_distributed else run.report
+    summary = BatchSummary(out=run.out, images=len(items))
     started = time.perf_counter()
-    for index, item in enumerate(inputs):
+    for index, item in enumerate(items):
         if cancel is not None and cancel.is_set():
             summary.cancelled = True
             break
-        if item.name in finished:
+        if item.name not in left:
             summary.skipped += 1
         else:
-            row = _analysed_row(item, settings, models, out)
-            _append_row(report, columns, {c: _cell(row.get(c)) for c in columns})
+            row = _analysed_row(item, run.settings, run.models, run.out)
+            _append_row(rows_path, run.columns, {c: _cell(row.get(c)) for c in run.columns})
             summary.done += 1
         if progress is not None:
-            progress(index + 1, len(inputs), item.name)
+            progress(index + 1, len(items), item.name)
+    share.wait()
+    if not share.is_main:
+        summary.seconds = time.perf_counter() - started
+        return summary
+    if share.is_distributed:
+        rows = _merge_reports(run.report, run.columns, run.inputs)
+        analysed = {row["name"] for row in rows} & left
+        summary.images, summary.skipped, summary.done = len(run.inputs), len(run.inputs) - len(pending), len(analysed)
+    else:
+        rows = _finished_rows(run.report, run.columns)
     summary.seconds = time.perf_counter() - started
-    rows = _finished_rows(report, columns)
     _summarise(summary, rows)
-    if settings.formats and not summary.cancelled:
-        summary.exports = {k: str(v) for k, v in _export(rows, inputs, out, settings.formats).items()}
-    atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary.as_dict(), indent=2) + "\n").encode())
+    if run.settings.formats and not summary.cancelled:
+        summary.exports = {k: str(v) for k, v in _export(rows, run.inputs, run.out, run.settings.formats).items()}
+    atomic_write_bytes(run.out / SUMMARY_FILE, (json.dumps(summary.as_dict(), indent=2) + "\n").encode())
     return summary
 
 
