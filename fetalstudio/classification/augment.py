@@ -8,6 +8,11 @@
            random resized crop (area 50-100 %, aspect 0.8-1.25), brightness, contrast and gamma
            jitter, Gaussian blur, multiplicative speckle-like noise and a random black box
            (hides burnt-in text now and then).
+``domain`` ``strong`` plus the scanner and centre shifts seen between FETAL_PLANES_DB, HC18 and the
+           African planes: zoom-out (the image shrunk onto a black canvas: other depth settings
+           and framings), loss of resolution (down- then up-sampling), JPEG compression, random
+           burnt-in text drawn over the image (so text is no cue) and a sector-shaped mask (other
+           probe geometries).
 
 Each augmentation draws its parameters from a ``numpy.random.Generator`` (``sample``) and
 applies them (``apply``); training seeds the generator per step and image, so a resumed run sees
@@ -23,7 +28,7 @@ from PIL import Image, ImageFilter
 
 from fetalstudio.errors import FetalStudioError
 
-AUGMENTATIONS = ("none", "paper", "strong")
+AUGMENTATIONS = ("none", "paper", "strong", "domain")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,90 @@ class StrongAugmentation(PaperAugmentation):
 
 
 @dataclass(frozen=True)
+class DomainAugmentation(StrongAugmentation):
+    zoom_out_p: float = 0.3
+    zoom_out_scale: tuple[float, float] = (0.6, 0.95)
+    lowres_p: float = 0.3
+    lowres_factor: tuple[float, float] = (0.3, 0.7)
+    jpeg_p: float = 0.3
+    jpeg_quality: tuple[int, int] = (20, 75)
+    text_p: float = 0.3
+    sector_p: float = 0.25
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        params = super().sample(rng)
+        params.update(
+            zoom_out=(float(rng.uniform(*self.zoom_out_scale)), float(rng.random()), float(rng.random()))
+            if rng.random() < self.zoom_out_p else None,
+            lowres=float(rng.uniform(*self.lowres_factor)) if rng.random() < self.lowres_p else 0.0,
+            jpeg=int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)) if rng.random() < self.jpeg_p else 0,
+            text_seed=int(rng.integers(0, 2**31 - 1)) if rng.random() < self.text_p else None,
+            sector=(float(rng.uniform(0.25, 0.6)), float(rng.uniform(-0.1, 0.1))) if rng.random() < self.sector_p else None,
+        )
+        return params
+
+    def apply(self, image: Image.Image, params: dict) -> np.ndarray:
+        size = self.output_size
+        array = super().apply(image, params)
+        picture = Image.fromarray(np.round(array[:, :, 0] * 255).astype(np.uint8)) if array.shape[2] == 1 else \
+            Image.fromarray(np.round(array * 255).astype(np.uint8))
+        if params["zoom_out"] is not None:
+            scale, x, y = params["zoom_out"]
+            inner = max(1, int(round(size * scale)))
+            canvas = Image.new(picture.mode, (size, size), 0)
+            canvas.paste(picture.resize((inner, inner), Image.Resampling.BILINEAR),
+                         (int(x * (size - inner)), int(y * (size - inner))))
+            picture = canvas
+        if params["lowres"] > 0:
+            small = max(8, int(round(size * params["lowres"])))
+            picture = picture.resize((small, small), Image.Resampling.BILINEAR).resize((size, size), Image.Resampling.BILINEAR)
+        if params["text_seed"] is not None:
+            picture = _draw_text(picture, np.random.default_rng(params["text_seed"]))
+        if params["jpeg"]:
+            picture = _jpeg(picture, params["jpeg"])
+        result = _to_array(picture)
+        if params["sector"] is not None:
+            result = result * _sector_mask(size, *params["sector"])[:, :, None]
+        return np.clip(result, 0.0, 1.0).astype(np.float32)
+
+
+def _draw_text(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """1-6 short strings of scanner-like text (letters, digits, units) at random places and grays."""
+    from PIL import ImageDraw, ImageFont
+
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    size = picture.size[0]
+    alphabet = np.array(list("ABCDEFGHIKLMNPRSTVWXZ0123456789./:%-+ "))
+    for _ in range(int(rng.integers(1, 7))):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(2, 10))))
+        font = ImageFont.load_default(size=max(6, int(size * rng.uniform(0.04, 0.09))))
+        position = (int(rng.uniform(0, 0.85) * size), int(rng.uniform(0, 0.95) * size))
+        level = int(rng.integers(150, 256))
+        draw.text(position, text, fill=level if picture.mode == "L" else (level,) * 3, font=font)
+    return picture
+
+
+def _jpeg(picture: Image.Image, quality: int) -> Image.Image:
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        decoded.load()
+        return decoded.convert(picture.mode)
+
+
+def _sector_mask(size: int, half_angle: float, tilt: float) -> np.ndarray:
+    """1 inside a fan whose apex lies above the image's top centre (``half_angle`` in radians)."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    apex_y = -0.3 * size
+    angle = np.arctan2(xs - size / 2, ys - apex_y) - tilt
+    return (np.abs(angle) <= half_angle + 0.35).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class NoAugmentation:
     output_size: int
 
@@ -132,6 +221,8 @@ def make_augmentation(name: str, output_size: int):
         return PaperAugmentation(output_size)
     if name == "strong":
         return StrongAugmentation(output_size)
+    if name == "domain":
+        return DomainAugmentation(output_size)
     raise FetalStudioError(f"Unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}.")
 
 

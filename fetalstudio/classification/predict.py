@@ -2,7 +2,8 @@
 
 A FetalStudio classifier checkpoint records how its inputs were made (``fetalstudio.*``
 safetensors metadata, see ``fetalstudio.classification.model``): channels, input size, the
-letterbox resize, mean/std and the class order. The model manager's loader keeps that metadata
+crop to the ultrasound sector (``fan``, ``fetalstudio.classification.fan``; checkpoints without
+the key are ``none``), the letterbox resize, mean/std and the class order. The model manager's loader keeps that metadata
 in ``model.pretrained_cfg["fetalstudio"]``, so ``PlaneClassifier(model)`` always prepares images
 exactly as training did.
 """
@@ -24,23 +25,30 @@ from fetalstudio.vocabulary import PLANES
 PLANE_CLASSES: tuple[str, ...] = tuple(p.value for p in PLANES)
 
 RESIZE_MODES = ("letterbox", "stretch")
+#: ``none``: the whole image; ``fan``: cropped to the ultrasound sector, outside it black.
+CROP_MODES = ("none", "fan")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Image -> normalised tensor. ``letterbox``: pad to a square with black, then resize."""
+    """Image -> normalised tensor: crop (``fan``: to the ultrasound sector), then ``letterbox``
+    (pad to a square with black) or ``stretch``, resize, scale to [0, 1], (x - mean) / std."""
 
     input_size: int = 128
     in_chans: int = 1
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     resize: str = "letterbox"
+    crop: str = "none"
 
     def __post_init__(self) -> None:
         if self.in_chans not in (1, 3):
             raise FetalStudioError(f"Classifier input channels must be 1 (grayscale) or 3 (RGB), not {self.in_chans}.")
         if self.resize not in RESIZE_MODES:
             raise FetalStudioError(f"Unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}.")
+        if self.crop not in CROP_MODES:
+            raise FetalStudioError(f"Unknown crop mode {self.crop!r}; use one of {', '.join(CROP_MODES)} "
+                                   "(a newer FetalStudio may have written this checkpoint).")
         if len(self.mean) not in (1, self.in_chans) or len(self.std) not in (1, self.in_chans):
             raise FetalStudioError(f"mean/std need 1 or {self.in_chans} values (got {self.mean}, {self.std}).")
 
@@ -56,6 +64,7 @@ class Preprocessing:
             "fetalstudio.mean": json.dumps(list(self.mean)),
             "fetalstudio.std": json.dumps(list(self.std)),
             "fetalstudio.resize": self.resize,
+            "fetalstudio.crop": self.crop,
         }
 
     @classmethod
@@ -75,13 +84,19 @@ class Preprocessing:
         if in_chans == 1 and len(mean) == 3:  # a plain timm checkpoint adapted to grayscale
             mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
         return cls(input_size=input_size, in_chans=in_chans, mean=mean, std=std,
-                   resize=details.get("resize") or ("letterbox" if details.get("input_size") else "stretch"))
+                   resize=details.get("resize") or ("letterbox" if details.get("input_size") else "stretch"),
+                   crop=details.get("crop") or "none")
 
     # --- image -> tensor --------------------------------------------------------------------
     def square(self, image: Image.Image, size: int | None = None) -> Image.Image:
-        """The image in the model's colour mode, made square (letterbox or stretch) at ``size``."""
+        """The image in the model's colour mode, cropped (``crop``), made square (letterbox or
+        stretch) at ``size``."""
         size = size or self.input_size
         image = image.convert(self.mode) if image.mode != self.mode else image
+        if self.crop == "fan":
+            from fetalstudio.classification.fan import fan_crop
+
+            image = fan_crop(image)
         if self.resize == "letterbox":
             width, height = image.size
             side = max(width, height)

@@ -14,7 +14,21 @@ Mixing real and synthetic images: give each source a share after a colon,
 
 and that share of all training samples is drawn from it (shares are normalised; without any
 shares the sources are pooled, each image equally likely). --balance (default) draws the
-planes of each source equally often. Every step draws its images from a generator seeded by
+planes of each source equally often (pooled sources: the planes of the pool, each plane's images
+from every source together).
+
+Images of one plane without a plane column (head-measurement sets, an image folder): give the
+plane after an equals sign, before any share,
+
+    --data ../shared/data/hc18_heads/pairs.csv=brain --data ../shared/data/es_heads/pairs.csv=brain:0.1
+
+A CSV is read through its image (or filename) column, paths relative to the CSV; a folder
+through its labels.csv / pairs.csv / images.csv if it has one, else every image below it.
+African images (FU-LoRA's zero-shot population) are refused in --data, whatever the option.
+
+--crop fan crops every image to its ultrasound sector (``fetalstudio.classification.fan``:
+burnt-in text and scanner UI outside the sector blacked out) in training and, through the
+checkpoint's preprocessing metadata, wherever the model predicts. Every step draws its images from a generator seeded by
 (seed, step), so the data order does not depend on interruptions; summary.json counts the
 samples drawn per source and plane.
 
@@ -44,21 +58,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fetalstudio.classification.augment import AUGMENTATIONS
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
 
-AUGMENTATIONS = ("none", "paper", "strong")
 CHECKPOINT = "model.safetensors"
 LAST_CHECKPOINT = "last.safetensors"
 #: Settings that define the network; a resumed run must keep them.
-ARCHITECTURE_SETTINGS = ("backbone", "input_size", "channels", "classes")
+ARCHITECTURE_SETTINGS = ("backbone", "input_size", "channels", "classes", "crop")
+CROP_MODES = ("none", "fan")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data", action="append", required=True, metavar="PATH[:SHARE]",
+    data.add_argument("--data", action="append", required=True, metavar="PATH[=PLANE][:SHARE]",
                       help="labelled training images: folder of plane sub-folders or CSV (filename,plane); repeatable; "
+                           "=PLANE labels every image of a CSV (image or filename column) or folder with that plane "
+                           "(e.g. hc18_heads/pairs.csv=brain); "
                            "SHARE = part of the training samples drawn from this source (e.g. real:0.3 synthetic:0.7)")
     data.add_argument("--val", type=Path, help="labelled validation images for checkpoint selection (never trained on)")
     data.add_argument("--val-every", type=int, default=50, help="evaluate on --val every N steps (default: %(default)s)")
@@ -71,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="local timm weights file of the same architecture (default: train from scratch)")
     model.add_argument("--input-size", type=int, default=128, help="square input size in pixels (the paper: 512; 128 is CPU-friendly) (default: %(default)s)")
     model.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 = grayscale input, 3 = RGB (default: %(default)s)")
+    model.add_argument("--crop", choices=list(CROP_MODES), default="none",
+                       help="fan = crop each image to its ultrasound sector and black out text/UI outside it, in training "
+                            "and (recorded in the checkpoint) at prediction time; none = the whole image (default: %(default)s)")
     model.add_argument("--head-init", choices=["zero", "timm"], default="zero",
                        help="new head: zero (all planes equally likely at the start) or timm's random init (default: %(default)s)")
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head (default: %(default)s)")
@@ -80,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--augment", choices=AUGMENTATIONS, default="strong",
                        help="none; paper = rotation +-25 deg, hflip 0.5, vflip 0.1 (pixels in [-1, 1]); "
-                            "strong = paper + random resized crop, brightness/contrast/gamma, blur, speckle noise, erasing (default: %(default)s)")
+                            "strong = paper + random resized crop, brightness/contrast/gamma, blur, speckle noise, erasing; "
+                            "domain = strong + zoom-out, low resolution, JPEG, burnt-in text, sector mask (default: %(default)s)")
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy (default: %(default)s)")
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     optim.add_argument("--warmup", type=float, default=0.1, help="share of the steps with a linear LR warm-up (then cosine decay) (default: %(default)s)")
@@ -100,6 +121,11 @@ class Source:
     share: float | None
     items: list  # LabelledImage
     labels: list[int]
+    plane: str | None = None  # every image labelled this plane (PATH=PLANE)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) + (f"={self.plane}" if self.plane else "") + (f":{self.share:g}" if self.share else "")
 
 
 def parse_data_argument(text: str) -> tuple[Path, float | None]:
@@ -116,17 +142,62 @@ def parse_data_argument(text: str) -> tuple[Path, float | None]:
     return Path(text), None
 
 
+def split_fixed_plane(text: str, planes: tuple[str, ...]) -> tuple[str, str | None]:
+    """``PATH=PLANE`` -> (PATH, PLANE); a path without a known plane after its last ``=`` is kept whole."""
+    head, sep, tail = text.rpartition("=")
+    if sep and head and tail.strip().lower() in planes:
+        return head, tail.strip().lower()
+    return text, None
+
+
+def read_fixed_plane(path: Path, plane: str) -> list:
+    """Every image of a CSV (image or filename column) or folder, labelled ``plane``."""
+    from fetalstudio.data.tables import IMAGE_SUFFIXES, LabelledImage, read_csv_rows
+
+    table = path
+    if path.is_dir():
+        table = next((path / name for name in ("labels.csv", "pairs.csv", "images.csv") if (path / name).is_file()), None)
+        if table is None:
+            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FetalStudioError(f"--data {path}={plane}: the folder holds no images.")
+            return [LabelledImage(image, plane) for image in images]
+    rows = read_csv_rows(table)
+    column = next((c for c in ("image", "filename") if rows and c in rows[0]), None)
+    if column is None:
+        raise FetalStudioError(f"--data {path}={plane}: {table} needs an image (or filename) column.")
+    group_column = next((c for c in ("subject_group", "patient_id", "case_id") if c in rows[0]), None)
+    return [LabelledImage(table.parent / row[column].strip(), plane, (row.get(group_column) or "") if group_column else "")
+            for row in rows if (row.get(column) or "").strip()]
+
+
+def refuse_african(items, what: str) -> None:
+    """African images are the zero-shot evaluation population: never trained on, labelled or not."""
+    from fetalstudio.training.image_datasets import is_african_image
+
+    african = [item.path for item in items if is_african_image(item.path)]
+    if african:
+        raise FetalStudioError(
+            f"{what}: {len(african)} African image(s) (e.g. {african[0]}). They are FetalStudio's zero-shot "
+            "evaluation population (FU-LoRA, METHODS section 1) and must never be trained on; use them only "
+            "as --val or with `eval classifier`."
+        )
+
+
 def load_sources(values: list[str], classes: tuple[str, ...]) -> list[Source]:
     from fetalstudio.data.tables import read_classification
 
     sources = []
     for value in values:
-        path, share = parse_data_argument(value)
+        path_share, share = parse_data_argument(value)
+        text, plane = split_fixed_plane(str(path_share), classes)
+        path = Path(text)
         if not path.exists():
             raise FetalStudioError(f"--data {path} does not exist. Give a folder of plane sub-folders or a CSV with filename,plane.")
-        items = read_classification(path)
-        check_labelled(items, classes, f"--data {path}")
-        sources.append(Source(path, share, items, [classes.index(item.plane) for item in items]))
+        items = read_fixed_plane(path, plane) if plane else read_classification(path)
+        check_labelled(items, classes, f"--data {value}")
+        refuse_african(items, f"--data {value}")
+        sources.append(Source(path, share, items, [classes.index(item.plane) for item in items], plane))
     given = [s.share is not None for s in sources]
     if any(given) and not all(given):
         raise FetalStudioError("Give a share to every --data source (PATH:SHARE) or to none (then the sources are pooled).")
@@ -149,6 +220,9 @@ def check_labelled(items, classes: tuple[str, ...], what: str) -> None:
 class MixtureSampler:
     """Draws (source, item) pairs: a source by its share, then (balanced) a plane, then an image.
 
+    Several sources without shares are pooled: balanced, a plane is drawn first and then an image
+    of that plane from any source (so a large one-plane set such as HC18 adds variety to its
+    plane, not weight); unbalanced, every pooled image is equally likely.
     Step ``s`` uses ``numpy.random.default_rng([seed, s])``, so any step can be redrawn exactly.
     """
 
@@ -169,11 +243,24 @@ class MixtureSampler:
                 groups.setdefault(label, []).append(index)
             self.by_class.append([groups[k] for k in sorted(groups)])
         self.sizes = [len(s.items) for s in sources]
+        self.pooled_by_class: list[list[tuple[int, int]]] = []
+        if balance and len(sources) > 1 and not all(s.share is not None for s in sources):
+            pooled: dict[int, list[tuple[int, int]]] = {}
+            for number, source in enumerate(sources):
+                for index, label in enumerate(source.labels):
+                    pooled.setdefault(label, []).append((number, index))
+            self.pooled_by_class = [pooled[k] for k in sorted(pooled)]
 
     def draw(self, step: int, batch_size: int) -> list[tuple[int, int]]:
         import numpy as np
 
         rng = np.random.default_rng([self.seed, step])
+        if self.pooled_by_class:
+            pairs = []
+            for _ in range(batch_size):
+                group = self.pooled_by_class[int(rng.integers(len(self.pooled_by_class)))]
+                pairs.append(group[int(rng.integers(len(group)))])
+            return pairs
         chosen = rng.choice(len(self.sizes), size=batch_size, p=self.probabilities)
         pairs = []
         for source in chosen:
@@ -273,7 +360,8 @@ def run(args: argparse.Namespace) -> int:
     classes = PLANE_CLASSES
     architecture = resolve_backbone(args.backbone)
     preprocessing = Preprocessing(input_size=args.input_size, in_chans=args.channels,
-                                  mean=(0.5,) * args.channels, std=(0.5,) * args.channels, resize="letterbox")
+                                  mean=(0.5,) * args.channels, std=(0.5,) * args.channels, resize="letterbox",
+                                  crop=args.crop)
     spec = ClassifierSpec(architecture, preprocessing, classes, size_kwargs(architecture, args.input_size),
                           tta="" if args.tta == "none" else args.tta)
     sources = load_sources(args.data, classes)
@@ -284,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
         remove_run_files(out, (STATE_DIR, "val_history.json", "selection.json", "time.json", LOG_NAME, "run.json"))
     out.mkdir(parents=True, exist_ok=True)
     settings = {"backbone": architecture, "input_size": args.input_size, "channels": args.channels, "classes": list(classes),
-                "augment": args.augment, "data": [str(s.path) + (f":{s.share:g}" if s.share else "") for s in sources],
+                "augment": args.augment, "data": [s.name for s in sources],
+                "crop": None if args.crop == "none" else args.crop,  # None: as runs from before --crop recorded it
                 "balance": args.balance, "ema": args.ema, "head_init": args.head_init, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
                 "pretrained": str(args.pretrained) if args.pretrained else None}
     other = check_resume_settings(out, settings, ARCHITECTURE_SETTINGS)
@@ -314,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "run.json", settings)
     previous_seconds = previous_seconds_of(out, start)
 
-    base_size = args.input_size if args.augment != "strong" else int(round(args.input_size * 1.25))
+    base_size = args.input_size if args.augment not in ("strong", "domain") else int(round(args.input_size * 1.25))
     store = ImageStore(preprocessing, base_size)
     sampler = MixtureSampler(sources, args.seed, args.balance)
     augmentation = make_augmentation(args.augment, args.input_size)
@@ -327,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     save_dtype = torch.float16 if args.save_dtype == "fp16" else None
     training_info = {"architecture": architecture, "data": settings["data"], "augment": args.augment, "steps": total,
                      "batch_size": args.batch_size, "input_size": args.input_size, "channels": args.channels,
-                     "pretrained": settings["pretrained"], "seed": args.seed, "ema": args.ema}
+                     "crop": args.crop, "pretrained": settings["pretrained"], "seed": args.seed, "ema": args.ema}
 
     started = time.perf_counter()
     step = start
@@ -373,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
         "architecture": architecture, "parameters": sum(p.numel() for p in unwrapped.parameters()),
         "settings": settings, "pretrained": pretrained_report or None,
         "sources": [
-            {"path": str(s.path), "share": s.share, "images": len(s.items),
+            {"path": str(s.path), "plane": s.plane, "share": s.share, "images": len(s.items),
              "images_per_plane": {c: sum(1 for label in s.labels if label == i) for i, c in enumerate(classes)},
              "drawn": drawn}
             for s, drawn in zip(sources, count_draws(sampler, sources, step, args.batch_size, classes))

@@ -246,10 +246,15 @@ _AFRICAN_MESSAGE = (
 )
 
 
+def is_african_image(path: Path) -> bool:
+    """An image of the African planes set: under a folder named ``african`` or named like its files."""
+    parts = {p.lower() for p in Path(path).resolve().parts}
+    return "african" in parts or bool(_AFRICAN_NAME.search(Path(path).name))
+
+
 def _refuse_african(source: Path, items: list[ImageItem]) -> None:
     for item in items:
-        parts = {p.lower() for p in item.image.resolve().parts}
-        if "african" in parts or _AFRICAN_NAME.search(item.image.name):
+        if is_african_image(item.image):
             raise FetalStudioError(_AFRICAN_MESSAGE.format(source=source))
 
 
