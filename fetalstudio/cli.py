@@ -18,7 +18,7 @@ from fetalstudio.vocabulary import HEAD_SUBJECT, subject_choices
 
 if TYPE_CHECKING:
     from fetalstudio.app_context import AppContext
-    from fetalstudio.models.distributed import ProcessShare
+    from fetalstudio.distributed import ProcessShare
 
 EXIT_USER_ERROR = 2
 
@@ -57,7 +57,7 @@ DEFAULT_IMAGE_SIZE = 512
 
 def run_generate(args: argparse.Namespace) -> int:
     from fetalstudio.app_context import build_context
-    from fetalstudio.models.distributed import joined_processes
+    from fetalstudio.distributed import joined_processes
     from fetalstudio.pipelines.samplers import parse_sampler
     from fetalstudio.vocabulary import parse_plane
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.models.distributed import (ProcessShare, cpu_threads, current_share, joined_processes, merge_parts,
+from fetalstudio.distributed import (ProcessShare, cpu_threads, current_share, joined_processes, merge_parts,
                                             part_tables, process_device)
 from fetalstudio.synthesis.dataset import METADATA_COLUMNS, DatasetRequest, export_dataset
 from tests.data_support import DATA, needs_data, pairs_rows, write_pairs_csv

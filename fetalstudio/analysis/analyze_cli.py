@@ -67,7 +67,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from fetalstudio.analysis.session import checked_pixel_size
     from fetalstudio.app_context import build_manager
     from fetalstudio.imaging.image_input import set_max_pixels
-    from fetalstudio.models.distributed import joined_processes
+    from fetalstudio.distributed import joined_processes
 
     classify, segment = args.classify, args.segment
     if not (classify or segment):

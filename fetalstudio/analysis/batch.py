@@ -16,7 +16,7 @@ unexpected exception) becomes an error row and the run goes on; a full disk stop
 rows written. ``warning`` says why a head measurement is doubtful (not a head plane, poor fit). The head box comes from the automatic mode (``auto_box``): ground-truth masks,
 when given, are only used to score the prediction (Dice), never to make it.
 
-Several processes (``accelerate launch``, see ``fetalstudio.models.distributed``): the main process
+Several processes (``accelerate launch``, see ``fetalstudio.distributed``): the main process
 holds the lock, checks or writes batch.json and lists the images left; each process analyses every
 N-th of them into its own ``report.part-<i>-of-<N>.csv``; at the end the main process merges them
 into report.csv (input order, one row per image) and writes summary.json and the exports. A rerun,
@@ -48,7 +48,7 @@ from fetalstudio.errors import DiskFullError, FetalStudioError, disk_full_error,
 from fetalstudio.imaging.ellipse import dice, fill_outline
 from fetalstudio.imaging.files import LOCK_FILE, atomic_write_bytes, folder_lock, write_png
 from fetalstudio.imaging.image_input import LoadedImage, load_image, supported_suffixes
-from fetalstudio.models.distributed import ProcessShare, complete_rows, merge_parts, part_tables, table_text
+from fetalstudio.distributed import ProcessShare, complete_rows, merge_parts, part_tables, table_text
 
 SETTINGS_FILE, REPORT_FILE, SUMMARY_FILE = "batch.json", "report.csv", "summary.json"
 BASE_COLUMNS = ("name", "file", "status", "error", "warning", "width", "height", "plane", "plane_probability")

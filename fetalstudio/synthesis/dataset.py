@@ -7,7 +7,7 @@ run that is killed or cancelled resumes with the next missing file. ``dataset.js
 settings; resuming with different settings is refused instead of silently mixing two datasets, and
 a second export into a folder that one is writing is refused (the folder's lock).
 
-Several processes (``accelerate launch``, see ``fetalstudio.models.distributed``): the main process
+Several processes (``accelerate launch``, see ``fetalstudio.distributed``): the main process
 holds the lock, checks or writes dataset.json and plans the batches left to make; each process makes
 every N-th batch and appends its rows to its own ``metadata.part-<i>-of-<N>.csv``; at the end the main
 process merges them into metadata.csv (plan order, one row per file). Batches and seeds are planned
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.files import LOCK_FILE, folder_lock
-from fetalstudio.models.distributed import ProcessShare, merge_parts
+from fetalstudio.distributed import ProcessShare, merge_parts
 from fetalstudio.pipelines.metadata import save_png, settings_from_png, read_png_text, JSON_KEY
 from fetalstudio.pipelines.runners import TextToImageRunner
 from fetalstudio.pipelines.samplers import parse_sampler
