@@ -110,6 +110,7 @@ def test_eval_cli_on_african_style_labels(tmp_path, tmp_checkpoints):
     assert matrix[1:] == [["abdomen", "0", "2", "0", "0", "0"], ["brain", "0", "3", "0", "0", "0"],
                           ["femur", "0", "1", "0", "0", "0"], ["thorax", "0", "2", "0", "0", "0"]]
     assert "| 0.3750 |" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["preprocessing"]["crop"] == "none"  # no crop in its metadata
 
 
 def test_eval_cli_refuses_labels_the_model_lacks(tmp_path, tmp_checkpoints, capsys):

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     metrics.update(model=entry.id, data=str(args.data), seconds=round(seconds, 2),
                    device=manager.placement.label, tta="hflip" if classifier.hflip_tta else "none",
                    preprocessing={"input_size": classifier.preprocessing.input_size, "in_chans": classifier.preprocessing.in_chans,
-                                  "resize": classifier.preprocessing.resize})
+                                  "resize": classifier.preprocessing.resize, "crop": classifier.preprocessing.crop})
     write_report(args.out, metrics, items, probabilities, classifier.classes)
     summary = headline(metrics)
     if args.json:
