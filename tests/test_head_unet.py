@@ -182,6 +182,22 @@ def test_train_head_unet_on_a_few_hc18_images_and_resume(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+@needs_data
+def test_train_head_unet_continues_a_trained_model_at_another_input_size(tmp_path):
+    start = tmp_path / "start.safetensors"
+    trained = _tiny_unet(seed=3)
+    save_head_segmenter(trained, start, dtype=torch.float32)
+    out = tmp_path / "run96"
+    assert main(["train", "head-unet", "--csv", str(DATA / "hc18_heads" / "pairs.csv"), "--limit", "6", "--val-fraction", "0",
+                 "--out", str(out), "--init-weights", str(start), "--input-size", "96", "--steps", "1", "--batch-size", "2",
+                 "--lr", "1e-9", "--threads", "1"]) == 0
+    model = load_head_segmenter_file(out / "model.safetensors")
+    assert model.config == HeadSegmenterConfig(encoder="tu-regnetx_002", decoder_channels=(8, 8, 8, 8, 8), input_size=96)
+    first = next(iter(trained.state_dict()))
+    assert torch.allclose(model.state_dict()[first], trained.state_dict()[first].half().float(), atol=1e-3)  # lr ~ 0: the start kept
+    assert "continued from `start.safetensors`" in (out / "README.md").read_text()
+
+
 # --- evaluation and the Analysis automatic mode ---------------------------------------------------
 @needs_data
 def test_eval_segmenter_box_auto_scores_the_automatic_mode_with_the_head_unet(tmp_path, tmp_checkpoints):

@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ HISTORY = "val_history.json"
 #: OUT/validation/<source>/pairs.csv: the held-out pairs, for `eval segmenter --csv`.
 VALIDATION_FOLDER = "validation"
 #: Settings that define the network and its data; a resumed run must keep them.
-FIXED_SETTINGS = ("csv", "limit", "val_fraction", "seed", "config", "batch_size")
+FIXED_SETTINGS = ("csv", "limit", "val_fraction", "seed", "config", "batch_size", "init_weights")
 SELECT_CHOICES = ("dice", "hc")
 
 
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--decoder-channels", default=",".join(str(c) for c in DEFAULT_DECODER_CHANNELS),
                        help="decoder widths, one per encoder stage, comma-separated (default: %(default)s)")
     model.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="precision of the saved weights")
+    model.add_argument("--init-weights", type=Path, metavar="FILE",
+                       help="start from a trained head U-Net (.safetensors; its encoder and decoder widths are used, "
+                            "--input-size may differ: e.g. continue a 256 px model at 384 px) instead of random weights")
     optim = parser.add_argument_group("optimisation and machine")
     optim.add_argument("--warmup", type=float, default=0.03, help="linear LR warm-up as a share of --steps, cosine decay after it")
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's weight decay (default: %(default)s)")
@@ -264,10 +268,12 @@ def _model_and_optimizer(config, args: argparse.Namespace):
     """A new U-Net, its AdamW optimizer and the warm-up + cosine learning-rate schedule over ``args.steps``."""
     import torch
 
-    from fetalstudio.models.head_segmenter import build_head_segmenter
+    from fetalstudio.models.head_segmenter import build_head_segmenter, load_head_segmenter_file
     from fetalstudio.training.segmenter import lr_factor
 
     model = build_head_segmenter(config)
+    if args.init_weights is not None:
+        model.load_state_dict(load_head_segmenter_file(args.init_weights).state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args.steps, args.warmup))
 
@@ -290,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fetalstudio.data.reports import write_csv
-    from fetalstudio.models.head_segmenter import HeadSegmenterConfig, count_parameters, save_head_segmenter
+    from fetalstudio.models.head_segmenter import HeadSegmenterConfig, count_parameters, read_head_segmenter_config, save_head_segmenter
     from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
     from fetalstudio.training.segmenter import split_items
 
@@ -300,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
         raise FetalStudioError("--steps and --eval-every must be at least 1.")
     config = HeadSegmenterConfig(encoder=args.encoder, decoder_channels=parse_decoder_channels(args.decoder_channels),
                                  input_size=args.input_size)
+    if args.init_weights is not None:  # the starting model's architecture, at this run's input size
+        config = replace(read_head_segmenter_config(args.init_weights), input_size=args.input_size)
     if args.input_size < 64 or args.input_size % config.stride:
         raise FetalStudioError(f"--input-size {args.input_size} must be a multiple of {config.stride}, at least 64 (e.g. 256).")
     train_items, val_items, held_out = split_items(args.csv, args.val_fraction, args.seed, args.limit)
@@ -310,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"csv": [str(p) for p in args.csv], "limit": args.limit, "val_fraction": args.val_fraction, "seed": args.seed,
                 "config": json.loads(config.to_json()), "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                "warmup": args.warmup, "steps": args.steps, "select": args.select}
+                "warmup": args.warmup, "steps": args.steps, "select": args.select,
+                "init_weights": str(args.init_weights.resolve()) if args.init_weights else None}
     other = check_resume_settings(out, settings, FIXED_SETTINGS)
     if other:
         print(f"note: resuming with changed {', '.join(other)}", flush=True)
@@ -377,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
         "wall_time_this_run_s": round(time.perf_counter() - started, 1), "device": device_description(accelerator),
         "torch_threads": torch.get_num_threads(), "config": json.loads(config.to_json()), "parameters": count_parameters(unwrapped),
         "training": {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup,
-                     "seed": args.seed, "loss": "soft Dice + BCE", "optimizer": "AdamW", "select": args.select},
+                     "seed": args.seed, "loss": "soft Dice + BCE", "optimizer": "AdamW", "select": args.select,
+                     "init_weights": settings["init_weights"]},
         "data": data_info, "selected_step": best if best is not None else step,
         "validation": validator.history[str(best)] if best is not None else None,
         "history": {k: {"dice_mean": v["dice_mean"], "hc_mae_mm": v["hc_mae_mm"]} for k, v in (validator.history if validator else {}).items()},
@@ -399,7 +409,10 @@ def model_card(summary: dict) -> str:
     lines = [
         "# FetalStudio prompt-free head segmenter (U-Net)", "",
         f"segmentation-models-pytorch `Unet`, encoder `{config['encoder']}`, decoder widths {config['decoder_channels']}, "
-        f"{summary['parameters']:,} parameters, all trained from random weights; input: the grayscale image letterboxed to "
+        f"{summary['parameters']:,} parameters, "
+        + (f"continued from `{Path(training['init_weights']).name}` (itself trained from random weights)" if training.get("init_weights")
+           else "all trained from random weights")
+        + "; input: the grayscale image letterboxed to "
         f"{config['input_size']} x {config['input_size']} px, output: head-mask logits.",
         "Use it with `fetalstudio.segmentation.head_unet.HeadMaskPredictor` (flip test-time augmentation, probability map "
         "at full resolution, largest region, holes filled); the Analysis automatic mode uses it when it is installed.", "",
