@@ -75,5 +75,5 @@ def batch_models(
                              segmenter=chosen_segmenter, overlays=overlays, formats=tuple(formats),
                              measure_heads_only=measure_heads_only)
     classifier = load_plane_classifier(manager, chosen_classifiers) if classify else None
-    predictor = CachedPredictor(load_head_predictor(manager, chosen_segmenter), capacity=1) if segment else None
+    predictor = CachedPredictor(load_head_predictor(manager, chosen_segmenter), capacity=1, manager=manager) if segment else None
     return settings, classifier, predictor

@@ -44,10 +44,13 @@ class CachedPredictor:
 
     ``head_model``: a head U-Net (``fetalstudio.models.head_segmenter.HeadUNet``) for ``auto_head``,
     None for none (the automatic mode then searches boxes with the box-prompted segmenter), or
-    ``INSTALLED`` (the default): the installed one, looked up once on first use (``installed_head_model``).
+    ``INSTALLED`` (the default): the installed one, looked up once on first use (``installed_head_model``)
+    through ``manager`` — the app's or command's model manager, so the U-Net is loaded, counted and
+    freed like every other model; without one, a manager over the app's model folders.
     """
 
-    def __init__(self, predictor: BoxPromptPredictor, capacity: int = 8, head_model: Any = INSTALLED) -> None:
+    def __init__(self, predictor: BoxPromptPredictor, capacity: int = 8, head_model: Any = INSTALLED,
+                 manager: Any = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.predictor = predictor
@@ -56,12 +59,13 @@ class CachedPredictor:
         self._embeddings: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._current: str | None = None
         self._head_model = head_model
+        self._manager = manager
         self._head_predictor: HeadMaskPredictor | None = None
 
     def head_predictor(self) -> HeadMaskPredictor | None:
         """The automatic mode's head U-Net predictor (flip test-time augmentation), or None when there is none."""
         if isinstance(self._head_model, str) and self._head_model == INSTALLED:
-            self._head_model = installed_head_model(_device_of(self.predictor.model))
+            self._head_model = installed_head_model(self._manager or _manager_on(_device_of(self.predictor.model)))
         if self._head_model is None:
             return None
         if self._head_predictor is None or self._head_predictor.model is not self._head_model:
@@ -96,10 +100,6 @@ class CachedPredictor:
         return len(self._embeddings)
 
 
-#: Head U-Nets already loaded, per (file, its modification time, device), so that new predictors share one.
-_LOADED_HEAD_MODELS: dict[tuple[str, float, str], Any] = {}
-
-
 def _device_of(model) -> Any:
     import torch
 
@@ -107,27 +107,25 @@ def _device_of(model) -> Any:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def installed_head_model(device) -> Any:
-    """The installed head U-Net (the catalog's default ``head_segmenter``: ``default = true`` in the
-    manifest, else the first on disk) on ``device`` in float32, or None when there is none or it cannot
-    be loaded (logged; the automatic mode then searches boxes). The catalog is read anew each time (a
-    model manager of its own over the app's model folders, about 30 ms), so a U-Net added or removed
-    is seen by the next predictor; a file already loaded is shared (a few MB)."""
+def _manager_on(device) -> Any:
+    """A model manager over the app's model folders, float32 on ``device`` (for callers without one)."""
     import torch
 
     from fetalstudio.app_context import build_manager
-    from fetalstudio.errors import FetalStudioError
     from fetalstudio.models.device import DevicePlacement
+
+    return build_manager(placement=DevicePlacement(torch.device(device), torch.float32))
+
+
+def installed_head_model(manager) -> Any:
+    """The installed head U-Net through ``manager`` (the catalog's default ``head_segmenter``:
+    ``default = true`` in the manifest, else the first on disk), or None when there is none or it cannot
+    be loaded (logged; the automatic mode then searches boxes)."""
+    from fetalstudio.errors import FetalStudioError
     from fetalstudio.models.entries import ModelKind
 
     try:
-        manager = build_manager(placement=DevicePlacement(torch.device(device), torch.float32))
-        entry = manager.entry(manager.default_id(ModelKind.HEAD_SEGMENTER))
-        path = manager.local_path(entry)
-        key = (str(path.resolve()), path.stat().st_mtime, str(device))
-        if key not in _LOADED_HEAD_MODELS:
-            _LOADED_HEAD_MODELS[key] = manager.get(entry.id)
-        return _LOADED_HEAD_MODELS[key]
+        return manager.get(manager.default_id(ModelKind.HEAD_SEGMENTER))
     except (FetalStudioError, OSError) as error:
         log.info("automatic head mode without a head U-Net (%s): searching boxes with the box-prompted segmenter", error)
         return None

@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         if args.box == AUTO:
             from fetalstudio.analysis.segment import CachedPredictor
 
-            cached = CachedPredictor(BoxPromptPredictor(model), capacity=1, head_model=_head_model(manager, args.head_model))
+            cached = CachedPredictor(BoxPromptPredictor(model), capacity=1, head_model=_head_model(manager, args.head_model),
+                                     manager=manager)
             rows = evaluate_auto_items(cached, items, args.jitter_px, args.seed, args.auto_refine, progress=progress)
         else:
             rows = evaluate_items(BoxPromptPredictor(model), items, (args.box,), args.jitter_px, args.seed, progress=progress)

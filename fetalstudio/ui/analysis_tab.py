@@ -291,7 +291,7 @@ def wire(context: AppContext, c: AnalysisComponents) -> TabLinks:
         model_id = segmenter_id(manager, chosen or None)
         model = manager.get(model_id)
         if user.predictor is None or user.segmenter != model_id or user.predictor.predictor.model is not model:
-            user.predictor, user.segmenter = CachedPredictor(BoxPromptPredictor(model)), model_id
+            user.predictor, user.segmenter = CachedPredictor(BoxPromptPredictor(model), manager=manager), model_id
         user.session.model_ids["segmenter"] = model_id
         return user.predictor
 

@@ -607,7 +607,7 @@ class SharedSegmenter:
 
         with self._lock, manager.use(manager.default_id(ModelKind.SEGMENTER)) as model:
             if self._predictor is None or self._predictor.predictor.model is not model:
-                self._predictor = CachedPredictor(BoxPromptPredictor(model))
+                self._predictor = CachedPredictor(BoxPromptPredictor(model), manager=manager)
             _, score = corrections.ask_segmenter(self._predictor, session, item_id)
         return score
 
