@@ -28,7 +28,7 @@ from fetalstudio.anatomy.editor_boxes import (TABLE_COLUMNS, PendingEchoes, anno
 from fetalstudio.anatomy.editor_store import EditorSession
 from fetalstudio.anatomy.examples import list_examples
 from fetalstudio.anatomy.flex import CONDITIONS, STAGES, FlexOptions, flex_settings, run_flex
-from fetalstudio.anatomy.flex_cli import detect_structures, detector_for_plane, structure_detector
+from fetalstudio.anatomy.flex_cli import detect_structures, detector_planes, structure_detector
 from fetalstudio.anatomy.layout import Layout
 from fetalstudio.anatomy.presets import load_presets
 from fetalstudio.anatomy.roi import changed_boxes
@@ -510,9 +510,9 @@ def wire(context: AppContext, c: AnatomyComponents) -> TabLinks:
     def detections_on(gray: np.ndarray, plane: str) -> tuple[list | None, str, dict[str, bytes]]:
         """The detector's boxes on a result, when the detector knows the plane's structures, with the note for
         the status and the project file that keeps them."""
-        if detector_for_plane(manager, plane) is None:
-            return None, f"(the structure detector knows no {plane} structures: no anatomy check)", {}
         detector, detector_id = structure_detector(manager)
+        if plane not in detector_planes(detector):
+            return None, f"(the structure detector knows no {plane} structures: no anatomy check)", {}
         found = detector.detect(gray)
         return found, "", {FOUND_FILE: found_json(found, detector_id)}
 
