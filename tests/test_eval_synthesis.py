@@ -295,6 +295,20 @@ def test_exact_copies_of_training_images_are_near_copies(copies_report):
 
 
 @needs_data
+def test_kept_csv_drops_the_near_copies_and_reads_as_training_data(copies_report):
+    from fetalstudio.data.tables import read_classification
+
+    out, headline, _ = copies_report
+    kept = read_classification(out / "kept.csv")
+    # the five exact copies are dropped; the two head images have no training images of their plane: kept
+    assert headline["kept_after_filter"] == 2 == len(kept)
+    assert {item.plane for item in kept} == {"head_second"}
+    generated = out.parent / "generated"
+    assert {item.path.resolve() for item in kept} == {p.resolve() for p in (generated / "head_second").rglob("*.png")}
+    assert "kept.csv" in (out / "summary.md").read_text()
+
+
+@needs_data
 def test_planes_without_real_images_or_with_one_image_get_n_a(copies_report):
     out, headline, _ = copies_report
     planes = {r["plane"]: r for r in _read_rows(out / "per_plane.csv")}

@@ -33,8 +33,9 @@ What is measured (per plane and overall):
 Every image is first made square (--crop center, as `train sd`/`train lora` do by default; or
 pad / stretch) and converted to grayscale.
 
-Report folder: summary.md, per_plane.csv, per_image.csv, summary.json, tsne.png,
-nearest_neighbours.png. --json FILE also writes the headline numbers {"accuracy",
+Report folder: summary.md, per_plane.csv, per_image.csv, kept.csv, summary.json, tsne.png,
+nearest_neighbours.png. kept.csv is the memorisation filter: filename,plane of every audited
+generated image that is not a near copy, ready for `train classifier --data REPORT/kept.csv`. --json FILE also writes the headline numbers {"accuracy",
 "classifier_feature_frechet", "ms_ssim_synthetic", "ms_ssim_real", "near_copy_fraction", "fid",
 ...}; the same object is printed on stdout.
 """
@@ -54,14 +55,14 @@ from fetalstudio.evaluation.synthesis.data import CROP_MODES, load_images, read_
 from fetalstudio.evaluation.synthesis.features import classifier_outputs, inception_features, load_inception
 from fetalstudio.evaluation.synthesis.metrics import unit_rows
 from fetalstudio.evaluation.synthesis.plots import draw_nearest_neighbours, draw_tsne, tsne_embedding
-from fetalstudio.evaluation.synthesis.report import write_reports
+from fetalstudio.evaluation.synthesis.report import kept_images, write_reports
 from fetalstudio.evaluation.synthesis.scoring import closest_pairs, evaluate
 from fetalstudio.paths import APP_ROOT
 
 DEFAULT_REAL = APP_ROOT.parent / "shared" / "data" / "spanish_planes"
 HEADLINE = (
     "accuracy", "classifier_feature_frechet", "ms_ssim_synthetic", "ms_ssim_real", "near_copy_fraction",
-    "near_copy_fraction_pixel", "near_copy_fraction_feature", "fid", "fid_weights", "n_synthetic", "n_real",
+    "near_copy_fraction_pixel", "near_copy_fraction_feature", "fid", "fid_weights", "n_synthetic", "n_real", "kept_after_filter",
 )
 
 
@@ -217,7 +218,10 @@ def _run(args: argparse.Namespace) -> int:
         "device": manager.placement.label,
         "time": f"{seconds:.1f} s",
     }
-    summary_path = write_reports(args.out, result, setup, fid_label)
+    kept = kept_images(result, [item.path for item in synthetic_items], args.out)
+    result["headline"]["kept_after_filter"] = len(kept)
+    setup["memorisation filter"] = f"kept.csv: {len(kept)} of {len(synthetic)} generated images (near copies dropped)"
+    summary_path = write_reports(args.out, result, setup, fid_label, kept)
     headline = {key: result["headline"].get(key) for key in HEADLINE}
     if "classifier_feature_frechet_real_vs_african" in result["headline"]:
         headline["classifier_feature_frechet_real_vs_african"] = result["headline"]["classifier_feature_frechet_real_vs_african"]

@@ -26,7 +26,17 @@ PER_IMAGE_COLUMNS = ["file", "plane", "target", "predicted", "probability", "p_t
                      "nn_pixel_relative", "near_copy"]
 
 
-def write_reports(out: Path, result: dict, setup: dict, fid_label: str | None) -> Path:
+def kept_images(result: dict, paths: list[Path], out: Path) -> list[dict]:
+    """The memorisation filter: every generated image that is not a near copy (one not audited, e.g. a plane without
+    training images, is kept), as filename,plane rows with paths relative to the report folder ``out``."""
+    import os
+
+    folder = Path(out).resolve()
+    return [{"filename": Path(os.path.relpath(Path(path).resolve(), folder)).as_posix(), "plane": entry["plane"]}
+            for entry, path in zip(result["per_image"], paths) if entry.get("near_copy") is not True]
+
+
+def write_reports(out: Path, result: dict, setup: dict, fid_label: str | None, kept_rows: list[dict] | None = None) -> Path:
     from fetalstudio.data.reports import markdown_table, write_report
 
     h = result["headline"]
@@ -96,9 +106,11 @@ def write_reports(out: Path, result: dict, setup: dict, fid_label: str | None) -
         "t-SNE of classifier features": "Colour = plane, shape = source (circle: real Spanish, square: real African, triangle: generated).\n\n![t-SNE](tsne.png)",
         "Notes": notes,
         "Files": "per_plane.csv (every per-plane number), per_image.csv (prediction and nearest training images of each generated image), "
-                 "summary.json, tsne.png, nearest_neighbours.png.",
+                 "kept.csv (the memorisation filter: filename,plane of every audited generated image that is not a near copy, paths relative "
+                 "to this folder; train on it with `train classifier --data REPORT/kept.csv`), summary.json, tsne.png, nearest_neighbours.png.",
     }
     per_image_rows = [_blank_nan({k: e.get(k) for k in PER_IMAGE_COLUMNS}) for e in result["per_image"]]
     per_plane_rows = [_blank_nan(row) for row in result["per_plane"]]
-    return write_report(out, "Synthesis evaluation", sections, csv_files={"per_plane.csv": per_plane_rows, "per_image.csv": per_image_rows},
+    return write_report(out, "Synthesis evaluation", sections, csv_files={"per_plane.csv": per_plane_rows, "per_image.csv": per_image_rows,
+                                                                         "kept.csv": kept_rows or []},
                         json_files={"summary.json": {"headline": h, "setup": setup, "per_plane": result["per_plane"], "notes": result["notes"]}})
