@@ -183,6 +183,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
     from fetalstudio.training import controlnet as train_controlnet
     from fetalstudio.training import detector as train_detector
     from fetalstudio.training import head_unet as train_head_unet
+    from fetalstudio.training import ssl as train_ssl
     from fetalstudio.training import lora as train_lora
     from fetalstudio.training import sd as train_sd
     from fetalstudio.training import segmenter as train_segmenter
@@ -195,7 +196,7 @@ def commands() -> tuple[Command | CommandGroup, ...]:
         analyze_cli.COMMAND,
         CommandGroup("train", "train a model (writes a checkpoint the model manager loads)",
                      (train_sd.COMMAND, train_lora.COMMAND, train_classifier.COMMAND, train_segmenter.COMMAND, train_controlnet.COMMAND,
-                      train_detector.COMMAND, train_head_unet.COMMAND)),
+                      train_detector.COMMAND, train_head_unet.COMMAND, train_ssl.COMMAND)),
         CommandGroup("eval", "evaluate a model (writes a report folder)",
                      (eval_classifier.COMMAND, eval_segmenter.COMMAND, eval_synthesis.COMMAND, eval_flex.COMMAND)),
         CommandGroup("flex", "anatomy-controlled synthesis (FetalFlex): edit a scan's layout, anomaly presets", (flex_cli.PRESETS, flex_cli.PAIRS),

@@ -206,7 +206,7 @@ def test_every_command_is_a_command_listed_once_and_runs_its_own_run():
             listed[f"{entry.name} {command.name}" if isinstance(entry, CommandGroup) else command.name] = command
     parsers = _subcommand_parsers(build_parser())
     assert set(parsers) == set(listed) == {"generate", "models", "params", "extract", "analyze", "train sd", "train lora",
-                                           "train classifier", "train segmenter", "train controlnet", "train detector", "train head-unet", "eval classifier", "eval segmenter",
+                                           "train classifier", "train segmenter", "train controlnet", "train detector", "train head-unet", "train ssl", "eval classifier", "eval segmenter",
                                            "eval synthesis", "eval flex", "flex presets", "flex pairs"}
     for words, parser in parsers.items():
         assert parser.get_default("handler") is listed[words].run, words

@@ -61,7 +61,7 @@ from pathlib import Path
 from fetalstudio.classification.augment import AUGMENTATIONS
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
+from fetalstudio.training.common import StepBatchesBase, add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
 
 CHECKPOINT = "model.safetensors"
 LAST_CHECKPOINT = "last.safetensors"
@@ -306,22 +306,18 @@ class ImageStore:
         return image
 
 
-class StepBatches:
-    """A map-style dataset whose item ``i`` is the whole batch of step ``start + i``."""
+class StepBatches(StepBatchesBase):
+    """Step ``s``'s batch of augmented training images and their labels."""
 
     def __init__(self, sources, sampler, store, augmentation, preprocessing, seed, start, steps, batch_size) -> None:
+        super().__init__(seed, start, steps, batch_size)
         self.sources, self.sampler, self.store = sources, sampler, store
         self.augmentation, self.preprocessing = augmentation, preprocessing
-        self.seed, self.start, self.steps, self.batch_size = seed, start, steps, batch_size
 
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start)
-
-    def __getitem__(self, index: int):
+    def batch(self, step: int):
         import numpy as np
         import torch
 
-        step = self.start + index
         inputs, labels = [], []
         for position, (source, item) in enumerate(self.sampler.draw(step, self.batch_size)):
             rng = np.random.default_rng([self.seed, step, position, 1])
@@ -349,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     from fetalstudio.classification.augment import make_augmentation
     from fetalstudio.classification.model import ClassifierSpec, build_model, resolve_backbone, save_classifier, size_kwargs
     from fetalstudio.classification.predict import PLANE_CLASSES, Preprocessing
-    from fetalstudio.training.common import STATE_DIR, LOG_NAME, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
+    from fetalstudio.training.common import STATE_DIR, LOG_NAME, open_run, optimizer_step, TrainingLog, device_description, finish_run, make_accelerator, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -396,11 +392,7 @@ def run(args: argparse.Namespace) -> int:
 
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema, use_warmup=True, warmup_power=0.75)
         accelerator.register_for_checkpointing(ema)  # saved and resumed with the state
-    state = ResumableState(accelerator, out)
-    start = state.load()
-    if start:
-        print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
-    write_json(out / "run.json", settings)
+    state, start = open_run(accelerator, out, settings)
     previous_seconds = previous_seconds_of(out, start)
 
     base_size = args.input_size if args.augment not in ("strong", "domain") else int(round(args.input_size * 1.25))
@@ -426,14 +418,11 @@ def run(args: argparse.Namespace) -> int:
         inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
         with accelerator.autocast():
             loss = loss_fn(model(inputs), labels)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_value = optimizer_step(accelerator, loss, optimizer, scheduler)
         step += 1
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=step)
-        running.append(float(loss.detach()))
+        running.append(loss_value)
         if step % args.log_every == 0 or step == end:
             log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0])
             running = []

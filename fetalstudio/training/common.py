@@ -110,6 +110,17 @@ class ResumableState:
             shutil.rmtree(previous)
 
 
+def open_run(accelerator, out: Path, settings: dict) -> tuple[ResumableState, int]:
+    """The run's resumable state and the step to continue from (0 for a new run, said when resuming);
+    ``settings`` are recorded in ``out/run.json`` for the next resume's check."""
+    state = ResumableState(accelerator, out)
+    start = state.load()
+    if start:
+        print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
+    write_json(out / "run.json", settings)
+    return state, start
+
+
 def check_resume_settings(out: Path, settings: dict, fixed: tuple[str, ...]) -> list[str]:
     """Refuse to resume a run in ``out`` whose ``fixed`` settings differ from ``settings``.
 
@@ -129,6 +140,35 @@ def check_resume_settings(out: Path, settings: dict, fixed: tuple[str, ...]) -> 
             "add --no-resume to start over, or pick another --out."
         )
     return [key for key in settings if key not in fixed and saved.get(key) != settings.get(key)]
+
+
+class StepBatchesBase:
+    """A map-style dataset whose item ``i`` is the whole batch of step ``start + i``, up to step ``end``.
+
+    Subclasses build a step's batch in ``batch(step)`` from generators seeded by (seed, step, ...), so
+    the batches do not depend on where a run was interrupted and resumed.
+    """
+
+    def __init__(self, seed: int, start: int, end: int, batch_size: int) -> None:
+        self.seed, self.start, self.end, self.batch_size = seed, start, end, batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __getitem__(self, index: int):
+        return self.batch(self.start + index)
+
+    def batch(self, step: int):
+        raise NotImplementedError
+
+
+def optimizer_step(accelerator, loss, optimizer, scheduler) -> float:
+    """Backward pass, optimizer and LR-scheduler step, gradients cleared; returns the loss as a float."""
+    accelerator.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def infinite(loader):

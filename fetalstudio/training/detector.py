@@ -36,7 +36,7 @@ import numpy as np
 
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.training.common import add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
+from fetalstudio.training.common import StepBatchesBase, add_common_arguments, check_resume_settings, previous_seconds_of, remove_run_files
 
 CHECKPOINT = "model.safetensors"
 LAST_CHECKPOINT = "last.safetensors"
@@ -137,23 +137,19 @@ def augmented_sample(image: CachedImage, size: int, rng: np.random.Generator, au
     return square, boxes
 
 
-class StepBatches:
-    """A map-style dataset whose item ``i`` is the whole batch of step ``start + i`` (drawn from
-    ``numpy.random.default_rng([seed, step])``, so a resumed run sees the same batches)."""
+class StepBatches(StepBatchesBase):
+    """Step ``s``'s batch (drawn from ``numpy.random.default_rng([seed, step])``, so a resumed run sees the
+    same batches): augmented squares, heatmap targets, annotated-structure masks and box targets."""
 
     def __init__(self, images: list[CachedImage], n_classes: int, size: int, seed: int, start: int, end: int, batch_size: int) -> None:
+        super().__init__(seed, start, end, batch_size)
         self.images, self.n_classes, self.size = images, n_classes, size
-        self.seed, self.start, self.end, self.batch_size = seed, start, end, batch_size
 
-    def __len__(self) -> int:
-        return max(0, self.end - self.start)
-
-    def __getitem__(self, index: int):
+    def batch(self, step: int):
         import torch
 
         from fetalstudio.detection.targets import encode
 
-        step = self.start + index
         rng = np.random.default_rng([self.seed, step])
         inputs, heatmaps, masks, objects = [], [], [], []
         for position, chosen in enumerate(rng.integers(len(self.images), size=self.batch_size)):
@@ -233,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     from fetalstudio.detection.targets import detector_loss
     from fetalstudio.models.detector import DetectorConfig, build_detector, save_detector
     from fetalstudio.training.classifier import lr_factor
-    from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, finish_run, write_json
+    from fetalstudio.training.common import LOG_NAME, STATE_DIR, open_run, optimizer_step, TrainingLog, device_description, finish_run, write_json
     from fetalstudio.vocabulary import structures_for
 
     if args.threads:
@@ -271,11 +267,7 @@ def run(args: argparse.Namespace) -> int:
     total = args.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, args.warmup))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = ResumableState(accelerator, out)
-    start = state.load()
-    if start:
-        print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
-    write_json(out / "run.json", settings)
+    state, start = open_run(accelerator, out, settings)
     previous_seconds = previous_seconds_of(out, start)
 
     print(f"{len(train_items)} training and {len(val_items)} validation images; decoding...", flush=True)
@@ -301,12 +293,9 @@ def run(args: argparse.Namespace) -> int:
         if not torch.isfinite(loss):
             raise FetalStudioError(f"the loss became {float(loss)} at step {step + 1}; lower --lr and run again "
                                    "(the last saved state is kept).")
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_value = optimizer_step(accelerator, loss, optimizer, scheduler)
         step += 1
-        running.append(float(loss.detach()))
+        running.append(loss_value)
         if step % args.log_every == 0 or step == end:
             log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0], **parts)
             running = []

@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     from fetalstudio.data.reports import write_csv
     from fetalstudio.models.segmenter import build_segmenter, load_sam_checkpoint
     from fetalstudio.segmentation.model import count_parameters, model_config, save_segmenter, small_config
-    from fetalstudio.training.common import LOG_NAME, STATE_DIR, ResumableState, TrainingLog, device_description, finish_run, make_accelerator, write_json
+    from fetalstudio.training.common import LOG_NAME, STATE_DIR, open_run, TrainingLog, device_description, finish_run, make_accelerator, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -363,11 +363,7 @@ def run(args: argparse.Namespace) -> int:
     total = args.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, args.warmup))
     trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
-    state = ResumableState(accelerator, out)
-    start = state.load()
-    if start:
-        print(f"resuming from step {start} (saved state in {out / STATE_DIR})", flush=True)
-    write_json(out / "run.json", settings)
+    state, start = open_run(accelerator, out, settings)
     time_path, best_path = out / "time.json", out / "best.json"
     previous_seconds = json.loads(time_path.read_text())["seconds"] if start and time_path.is_file() else 0.0
     best = json.loads(best_path.read_text()) if start and best_path.is_file() else None
