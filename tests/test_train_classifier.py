@@ -158,14 +158,35 @@ def test_real_and_synthetic_shares_are_honoured(small_csv, synthetic_folder, tmp
     assert sampler.draw(7, 32) == MixtureSampler(sources, seed=1, balance=True).draw(7, 32)  # redrawable
 
 
+def test_pooled_sources_share_the_rest_beside_a_shared_source(small_csv, synthetic_folder):
+    from fetalstudio.training.classifier import MixtureSampler, count_draws, load_sources
+
+    hc18 = SHARED_DATA / "hc18_heads" / "pairs.csv"
+    sources = load_sources([str(small_csv), f"{hc18}=brain", f"{synthetic_folder}:0.5"], PLANE_CLASSES)
+    assert [s.share for s in sources] == [None, None, 0.5]
+    sampler = MixtureSampler(sources, seed=3, balance=True)
+    counts = count_draws(sampler, sources, steps=400, batch_size=32, classes=PLANE_CLASSES)
+    total = sum(c["total"] for c in counts)
+    assert abs(counts[2]["total"] / total - 0.5) < 0.02  # the synthetic share
+    real = {plane: counts[0]["per_plane"][plane] + counts[1]["per_plane"][plane] for plane in PLANE_CLASSES}
+    assert max(real.values()) / min(real.values()) < 1.15  # the pool's planes balanced over both real sources
+    assert counts[1]["per_plane"]["brain"] > 5 * counts[0]["per_plane"]["brain"]  # 805 heads vs 2 Spanish brains
+    synthetic = counts[2]["per_plane"]
+    assert max(synthetic.values()) / min(synthetic.values()) < 1.15
+    assert sampler.draw(9, 16) == MixtureSampler(sources, seed=3, balance=True).draw(9, 16)
+    flat = MixtureSampler(sources, seed=3, balance=False)
+    drawn = count_draws(flat, sources, steps=200, batch_size=32, classes=PLANE_CLASSES)
+    assert drawn[1]["total"] > 20 * max(1, drawn[0]["total"]) / 2  # unbalanced: every pooled image equally likely
+
+
 def test_data_arguments_are_checked(small_csv, synthetic_folder, tmp_path, capsys):
     from fetalstudio.training.classifier import parse_data_argument
 
     assert parse_data_argument("/a/b:c/d") == (Path("/a/b:c/d"), None)
     assert parse_data_argument("/a/b:0.3") == (Path("/a/b"), 0.3)
     out = str(tmp_path / "x")
-    assert _train(Path(out), "--data", f"{small_csv}:0.5", "--data", str(synthetic_folder), "--steps", "1") == 2
-    assert "share to every --data" in capsys.readouterr().err
+    assert _train(Path(out), "--data", f"{small_csv}:1.5", "--data", str(synthetic_folder), "--steps", "1") == 2
+    assert "add up to less than 1" in capsys.readouterr().err
     assert _train(Path(out), "--data", str(small_csv), "--val", str(small_csv), "--steps", "1") == 2
     assert "never be trained on" in capsys.readouterr().err
     odd = tmp_path / "odd"

@@ -12,8 +12,9 @@ Mixing real and synthetic images: give each source a share after a colon,
 
     --data ../shared/data/spanish_planes:0.5 --data datasets/fetalstudio-tiny:0.5
 
-and that share of all training samples is drawn from it (shares are normalised; without any
-shares the sources are pooled, each image equally likely). --balance (default) draws the
+and that share of all training samples is drawn from it (shares on every source are normalised;
+without any shares the sources are pooled; sources without a share beside ones with a share are
+pooled and drawn with the rest, e.g. five real sources pooled beside --data synthetic:0.5). --balance (default) draws the
 planes of each source equally often (pooled sources: the planes of the pool, each plane's images
 from every source together).
 
@@ -76,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="labelled training images: folder of plane sub-folders or CSV (filename,plane); repeatable; "
                            "=PLANE labels every image of a CSV (image or filename column) or folder with that plane "
                            "(e.g. hc18_heads/pairs.csv=brain); "
-                           "SHARE = part of the training samples drawn from this source (e.g. real:0.3 synthetic:0.7)")
+                           "SHARE = part of the training samples drawn from this source (e.g. real:0.3 synthetic:0.7); "
+                           "sources without a share are pooled and drawn with the rest (e.g. the real sources beside synthetic:0.5)")
     data.add_argument("--val", type=Path, help="labelled validation images for checkpoint selection (never trained on)")
     data.add_argument("--val-every", type=int, default=50, help="evaluate on --val every N steps (default: %(default)s)")
     data.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
@@ -198,9 +200,13 @@ def load_sources(values: list[str], classes: tuple[str, ...]) -> list[Source]:
         check_labelled(items, classes, f"--data {value}")
         refuse_african(items, f"--data {value}")
         sources.append(Source(path, share, items, [classes.index(item.plane) for item in items], plane))
-    given = [s.share is not None for s in sources]
-    if any(given) and not all(given):
-        raise FetalStudioError("Give a share to every --data source (PATH:SHARE) or to none (then the sources are pooled).")
+    given = [s.share for s in sources if s.share is not None]
+    if given and len(given) < len(sources) and not sum(given) < 1:
+        raise FetalStudioError(
+            f"The --data shares add up to {sum(given):g}, but the sources without a share are pooled and drawn with the rest "
+            "(1 - the shares): make the given shares add up to less than 1 (e.g. synthetic:0.5 beside the real sources), "
+            "or give every source a share."
+        )
     return sources
 
 
@@ -220,9 +226,11 @@ def check_labelled(items, classes: tuple[str, ...], what: str) -> None:
 class MixtureSampler:
     """Draws (source, item) pairs: a source by its share, then (balanced) a plane, then an image.
 
-    Several sources without shares are pooled: balanced, a plane is drawn first and then an image
-    of that plane from any source (so a large one-plane set such as HC18 adds variety to its
-    plane, not weight); unbalanced, every pooled image is equally likely.
+    Sources without a share are pooled: balanced, a plane of the pool is drawn first and then an
+    image of that plane from any pooled source (so a large one-plane set such as HC18 adds variety
+    to its plane, not weight); unbalanced, every pooled image is equally likely. With shares on some
+    sources only, the pool is drawn with the rest of the probability (1 - the given shares), e.g.
+    the real sources pooled at 0.5 beside ``synthetic:0.5``. Shares on every source are normalised.
     Step ``s`` uses ``numpy.random.default_rng([seed, s])``, so any step can be redrawn exactly.
     """
 
@@ -231,11 +239,15 @@ class MixtureSampler:
 
         self.seed = seed
         self.balance = balance
-        if all(s.share is not None for s in sources):
+        shared = [s.share is not None for s in sources]
+        self.mixed = any(shared) and not all(shared)
+        if all(shared):
             weights = np.asarray([s.share for s in sources], dtype=np.float64)
+        elif self.mixed:
+            weights = np.asarray([s.share or 0.0 for s in sources], dtype=np.float64)
         else:
             weights = np.asarray([len(s.items) for s in sources], dtype=np.float64)
-        self.probabilities = weights / weights.sum()
+        self.probabilities = weights / weights.sum() if not self.mixed else weights
         self.by_class = []
         for source in sources:
             groups: dict[int, list[int]] = {}
@@ -243,34 +255,42 @@ class MixtureSampler:
                 groups.setdefault(label, []).append(index)
             self.by_class.append([groups[k] for k in sorted(groups)])
         self.sizes = [len(s.items) for s in sources]
+        pooled_numbers = [n for n, s in enumerate(sources) if s.share is None]
+        pooled: dict[int, list[tuple[int, int]]] = {}
+        for number in pooled_numbers:
+            for index, label in enumerate(sources[number].labels):
+                pooled.setdefault(label, []).append((number, index))
+        self.pooled_items = [pair for k in sorted(pooled) for pair in pooled[k]]
         self.pooled_by_class: list[list[tuple[int, int]]] = []
-        if balance and len(sources) > 1 and not all(s.share is not None for s in sources):
-            pooled: dict[int, list[tuple[int, int]]] = {}
-            for number, source in enumerate(sources):
-                for index, label in enumerate(source.labels):
-                    pooled.setdefault(label, []).append((number, index))
+        if balance and (self.mixed or (len(sources) > 1 and not any(shared))):
             self.pooled_by_class = [pooled[k] for k in sorted(pooled)]
+        # mixed: one unit per shared source, then the pool with the rest of the probability
+        self.unit_probabilities = np.append(self.probabilities, 1.0 - self.probabilities.sum()) if self.mixed else None
+
+    def _from_pool(self, rng) -> tuple[int, int]:
+        if self.pooled_by_class:
+            group = self.pooled_by_class[int(rng.integers(len(self.pooled_by_class)))]
+            return group[int(rng.integers(len(group)))]
+        return self.pooled_items[int(rng.integers(len(self.pooled_items)))]
+
+    def _from_source(self, source: int, rng) -> tuple[int, int]:
+        if self.balance:
+            group = self.by_class[source][int(rng.integers(len(self.by_class[source])))]
+            return source, group[int(rng.integers(len(group)))]
+        return source, int(rng.integers(self.sizes[source]))
 
     def draw(self, step: int, batch_size: int) -> list[tuple[int, int]]:
         import numpy as np
 
         rng = np.random.default_rng([self.seed, step])
+        if self.mixed:
+            pool = len(self.sizes)
+            units = rng.choice(pool + 1, size=batch_size, p=self.unit_probabilities)
+            return [self._from_pool(rng) if int(unit) == pool else self._from_source(int(unit), rng) for unit in units]
         if self.pooled_by_class:
-            pairs = []
-            for _ in range(batch_size):
-                group = self.pooled_by_class[int(rng.integers(len(self.pooled_by_class)))]
-                pairs.append(group[int(rng.integers(len(group)))])
-            return pairs
+            return [self._from_pool(rng) for _ in range(batch_size)]
         chosen = rng.choice(len(self.sizes), size=batch_size, p=self.probabilities)
-        pairs = []
-        for source in chosen:
-            source = int(source)
-            if self.balance:
-                group = self.by_class[source][int(rng.integers(len(self.by_class[source])))]
-                pairs.append((source, group[int(rng.integers(len(group)))]))
-            else:
-                pairs.append((source, int(rng.integers(self.sizes[source]))))
-        return pairs
+        return [self._from_source(int(source), rng) for source in chosen]
 
 
 def count_draws(sampler: MixtureSampler, sources: list[Source], steps: int, batch_size: int, classes) -> list[dict]:
