@@ -27,11 +27,11 @@ BOX_SOURCES = ("user", "auto", "none")
 HEAD_PLANES = ("brain",)
 NOT_HEAD_PLANE = "not a head plane: HC not meaningful"
 #: A plane is called "not a head plane" only when the classifier gives the head planes less than
-#: this probability: the bundled classifier names few HC18 heads "brain" (12 % of 120 are top-1
-#: brain; they are cropped scans from another centre), so its top-1 plane would flag most real heads.
-#: P(brain) < 0.1 (bundled classifier, CPU, 2026-12-01) flags 20 % of 120 HC18 heads, 3 % of 40
-#: es_heads, none of the 73 African/Spanish brain planes, and 45-70 % of Spanish and 28-68 % of
-#: African abdomen/femur/thorax planes. A better classifier (issue 15) makes the flag surer.
+#: this probability (and does not rank brain first), so a real head is seldom flagged. Measured with the
+#: bundled classifier of issue 15 (CPU, 2026-12-02): P(brain) < 0.1 flags none of the 53 African brain
+#: planes (the unseen population), 3 % of 115 HC18 heads and none of the 20 es_heads (both were training
+#: data as brain), and 47 % / 55 % / 31 % of the African abdomen / femur / thorax planes (0.2 would flag
+#: 4 % of the African brains; 0.05 only 13 % / 34 % / 10 % of the other planes).
 NOT_HEAD_MAX_PROBABILITY = 0.1
 #: Below this extractor quality the ellipse follows the mask poorly (the "poor" band of
 #: imaging.extract.fit_label). Bundled segmenter, automatic mode, 104 HC18 heads (2-core EPYC, CPU):
