@@ -28,6 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from fetalstudio.classification.augment import AUGMENTATIONS
 from fetalstudio.cli_args import Command
 from fetalstudio.errors import FetalStudioError
@@ -87,25 +90,19 @@ def load_unlabelled(values: list[str]) -> list[UnlabelledSource]:
     return sources
 
 
-class SimCLRModel:
-    """A timm backbone (no head) and lightly's SimCLR projection head, as one torch module."""
+class SimCLRNetwork(torch.nn.Module):
+    """A timm backbone (no head) followed by lightly's SimCLR projection head."""
 
-    @staticmethod
-    def build(architecture: str, channels: int, timm_kwargs: dict, hidden_dim: int, projection_dim: int):
+    def __init__(self, architecture: str, channels: int, timm_kwargs: dict, hidden_dim: int, projection_dim: int) -> None:
         import timm
-        import torch
         from lightly.models.modules import SimCLRProjectionHead
 
-        class Module(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.backbone = timm.create_model(architecture, pretrained=False, num_classes=0, in_chans=channels, **timm_kwargs)
-                self.projection = SimCLRProjectionHead(self.backbone.num_features, hidden_dim, projection_dim)
+        super().__init__()
+        self.backbone = timm.create_model(architecture, pretrained=False, num_classes=0, in_chans=channels, **timm_kwargs)
+        self.projection = SimCLRProjectionHead(self.backbone.num_features, hidden_dim, projection_dim)
 
-            def forward(self, images):
-                return self.projection(self.backbone(images))
-
-        return Module()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone(images))
 
 
 class ViewBatches(StepBatchesBase):
@@ -117,9 +114,6 @@ class ViewBatches(StepBatchesBase):
         self.augmentation, self.preprocessing = augmentation, preprocessing
 
     def batch(self, step: int):
-        import numpy as np
-        import torch
-
         rng = np.random.default_rng([self.seed, step])
         picks = rng.choice(len(self.images), size=min(self.batch_size, len(self.images)), replace=False)
         views = ([], [])
@@ -131,7 +125,6 @@ class ViewBatches(StepBatchesBase):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from lightly.loss import NTXentLoss
     from safetensors.torch import save_file
 
@@ -171,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
     accelerator = make_accelerator(args)
     timm_kwargs = size_kwargs(architecture, args.input_size)
-    model = SimCLRModel.build(architecture, args.channels, timm_kwargs, args.hidden_dim, args.projection_dim)
+    model = SimCLRNetwork(architecture, args.channels, timm_kwargs, args.hidden_dim, args.projection_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, args.warmup))
