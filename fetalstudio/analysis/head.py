@@ -30,8 +30,8 @@ NOT_HEAD_PLANE = "not a head plane: HC not meaningful"
 #: this probability (and does not rank brain first), so a real head is seldom flagged. Measured with the
 #: bundled classifier of issue 15 (CPU, 2026-12-02): P(brain) < 0.1 flags none of the 53 African brain
 #: planes (the unseen population), 3 % of 115 HC18 heads and none of the 20 es_heads (both were training
-#: data as brain), and 47 % / 55 % / 31 % of the African abdomen / femur / thorax planes (0.2 would flag
-#: 4 % of the African brains; 0.05 only 13 % / 34 % / 10 % of the other planes).
+#: data as brain), and 42 % / 53 % / 17 % of the African abdomen / femur / thorax planes (0.2 would flag
+#: 2 % of the African brains; 0.05 only 11 % / 32 % / 7 % of the other planes). With its hflip TTA.
 NOT_HEAD_MAX_PROBABILITY = 0.1
 #: Below this extractor quality the ellipse follows the mask poorly (the "poor" band of
 #: imaging.extract.fit_label). Bundled segmenter, automatic mode, 104 HC18 heads (2-core EPYC, CPU):
