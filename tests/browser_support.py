@@ -192,6 +192,14 @@ def wait_for_text(page, selector: str, text: str, timeout_s: float = 120) -> str
     return page.inner_text(selector)
 
 
+def wait_for_empty_text(page, selector: str, timeout_s: float = 30) -> None:
+    """Wait until the element shows no text (a follow-up event's queue/progress overlay has gone)."""
+    page.wait_for_function(
+        "(selector) => { const e = document.querySelector(selector); return !!e && e.innerText.trim() === ''; }",
+        arg=selector, timeout=timeout_s * 1000,
+    )
+
+
 def wait_for_any_text(page, selector: str, texts: list[str], timeout_s: float = 120) -> str:
     page.wait_for_function(
         "([selector, texts]) => { const e = document.querySelector(selector);"
