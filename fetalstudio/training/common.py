@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class TrainingLog:
 
     path: Path
     started: float = 0.0
+    running: list[float] = field(default_factory=list)  # losses since the last logged row
 
     def __post_init__(self) -> None:
         self.started = time.perf_counter()
@@ -76,6 +77,13 @@ class TrainingLog:
             csv.writer(handle).writerow([step, f"{loss:.6f}", f"{lr:.3g}", f"{elapsed:.1f}", json.dumps(extra) if extra else ""])
         details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
         print(f"step {step} loss {loss:.5f} lr {lr:.3g} {elapsed:.0f}s {details}".rstrip(), flush=True)
+
+    def add(self, step: int, loss: float, lr: float, due: bool, **extra) -> None:
+        """Collect one step's loss; when ``due``, log the mean since the last row (``extra`` as given now)."""
+        self.running.append(loss)
+        if due:
+            self.log(step, sum(self.running) / len(self.running), lr, **extra)
+            self.running = []
 
 
 class ResumableState:

@@ -283,7 +283,6 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     step = start
-    running: list[float] = []
     model.train()
     for inputs, heatmaps, masks, objects in loader:
         device = accelerator.device
@@ -295,10 +294,7 @@ def run(args: argparse.Namespace) -> int:
                                    "(the last saved state is kept).")
         loss_value = optimizer_step(accelerator, loss, optimizer, scheduler)
         step += 1
-        running.append(loss_value)
-        if step % args.log_every == 0 or step == end:
-            log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0], **parts)
-            running = []
+        log.add(step, loss_value, scheduler.get_last_lr()[0], step % args.log_every == 0 or step == end, **parts)
         if validator is not None and (step % args.val_every == 0 or step == total):
             result = validator.evaluate(accelerator.unwrap_model(model), step)
             print(f"step {step} validation mAP50 {result['map50']:.4f} mean IoU {result['mean_iou']:.4f}", flush=True)

@@ -351,7 +351,6 @@ def run(args: argparse.Namespace) -> int:
         return {"trained_steps": step, "train_data": data_info["csv"], "train_images": data_info["train_images"], "seed": args.seed}
 
     end = min(total, start + max(1, args.stop_after)) if args.stop_after else total
-    running: list[float] = []
     model.train()
     started = time.perf_counter()
     step = start
@@ -359,10 +358,7 @@ def run(args: argparse.Namespace) -> int:
         loss, parts = _train_step(accelerator, model, optimizer, scheduler, step_batch(cache, step, args.seed, args.batch_size))
         if not math.isfinite(loss):
             raise FetalStudioError(f"the loss became {loss} at step {step}; lower --lr and run again (the last saved state is kept).")
-        running.append(loss)
-        if step % args.log_every == 0 or step == end:
-            log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0], **parts)
-            running = []
+        log.add(step, loss, scheduler.get_last_lr()[0], step % args.log_every == 0 or step == end, **parts)
         if validator is not None and (step % args.eval_every == 0 or step == total):
             result, rows = validator.evaluate(unwrapped, step)
             print(f"step {step} validation: Dice {result['dice_mean']:.4f} ± {result['dice_se']:.4f} (ellipse "

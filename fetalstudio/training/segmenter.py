@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     from fetalstudio.data.reports import write_csv
     from fetalstudio.models.segmenter import build_segmenter, load_sam_checkpoint
     from fetalstudio.segmentation.model import count_parameters, model_config, save_segmenter, small_config
-    from fetalstudio.training.common import LOG_NAME, STATE_DIR, open_run, TrainingLog, device_description, finish_run, make_accelerator, write_json
+    from fetalstudio.training.common import LOG_NAME, STATE_DIR, open_run, optimizer_step, TrainingLog, device_description, finish_run, make_accelerator, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -398,7 +398,6 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     end = total if not args.stop_after else min(total, start + max(1, args.stop_after))
     step = start
-    running: list[float] = []
     trainee.train()
     for step in range(start + 1, end + 1):
         images, sizes, boxes, targets = make_batch(cache, step, args.seed, args.batch_size, args.jitter_px, image_size)
@@ -407,14 +406,8 @@ def run(args: argparse.Namespace) -> int:
         with accelerator.autocast():
             low_res, iou = trainee(images, sizes, boxes)
         loss, parts = segmentation_loss(low_res, iou, targets)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(float(loss.detach()))
-        if step % args.log_every == 0 or step == end:
-            log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0], **parts)
-            running = []
+        loss_value = optimizer_step(accelerator, loss, optimizer, scheduler)
+        log.add(step, loss_value, scheduler.get_last_lr()[0], step % args.log_every == 0 or step == end, **parts)
         if val_items and (step % args.eval_every == 0 or step == total):
             validation, rows = validate(unwrapped, val_items, val_cache, args.jitter_px)
             jitter, exact = validation["jitter"], validation["exact"]

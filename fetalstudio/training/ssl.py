@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     loss_fn = NTXentLoss(temperature=args.temperature)
     log = TrainingLog(out / LOG_NAME)
     started = time.perf_counter()
-    step, running = start, []
+    step = start
     model.train()
     for first, second in loader:
         with accelerator.autocast():
@@ -189,10 +189,7 @@ def run(args: argparse.Namespace) -> int:
                                    "then run again with --no-resume.")
         loss_value = optimizer_step(accelerator, loss, optimizer, scheduler)
         step += 1
-        running.append(loss_value)
-        if step % args.log_every == 0 or step == end:
-            log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0])
-            running = []
+        log.add(step, loss_value, scheduler.get_last_lr()[0], step % args.log_every == 0 or step == end)
         if step % args.save_every == 0 or step == end:
             state.save(step)
             write_json(out / "time.json", {"step": step, "seconds": previous_seconds + time.perf_counter() - started})
