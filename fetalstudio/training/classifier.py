@@ -241,13 +241,11 @@ class MixtureSampler:
         self.balance = balance
         shared = [s.share is not None for s in sources]
         self.mixed = any(shared) and not all(shared)
-        if all(shared):
-            weights = np.asarray([s.share for s in sources], dtype=np.float64)
-        elif self.mixed:
-            weights = np.asarray([s.share or 0.0 for s in sources], dtype=np.float64)
-        else:
-            weights = np.asarray([len(s.items) for s in sources], dtype=np.float64)
-        self.probabilities = weights / weights.sum() if not self.mixed else weights
+        weights = np.asarray([s.share if all(shared) else len(s.items) for s in sources], dtype=np.float64)
+        self.probabilities = weights / weights.sum()  # per source, when no source is pooled beside a shared one
+        # mixed: one unit per source (a pooled source's own unit has probability 0), then the pool with the rest
+        shares = np.asarray([s.share or 0.0 for s in sources], dtype=np.float64)
+        self.unit_probabilities = np.append(shares, 1.0 - shares.sum()) if self.mixed else None
         self.by_class = []
         for source in sources:
             groups: dict[int, list[int]] = {}
@@ -264,8 +262,6 @@ class MixtureSampler:
         self.pooled_by_class: list[list[tuple[int, int]]] = []
         if balance and (self.mixed or (len(sources) > 1 and not any(shared))):
             self.pooled_by_class = [pooled[k] for k in sorted(pooled)]
-        # mixed: one unit per shared source, then the pool with the rest of the probability
-        self.unit_probabilities = np.append(self.probabilities, 1.0 - self.probabilities.sum()) if self.mixed else None
 
     def _from_pool(self, rng) -> tuple[int, int]:
         if self.pooled_by_class:
@@ -432,7 +428,6 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     step = start
-    running = []
     model.train()
     for inputs, labels in loader:
         inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
@@ -442,10 +437,7 @@ def run(args: argparse.Namespace) -> int:
         step += 1
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=step)
-        running.append(loss_value)
-        if step % args.log_every == 0 or step == end:
-            log.log(step, sum(running) / len(running), scheduler.get_last_lr()[0])
-            running = []
+        log.add(step, loss_value, scheduler.get_last_lr()[0], step % args.log_every == 0 or step == end)
         if validator is not None and (step % args.val_every == 0 or step == total):
             result = validator.evaluate(_weights_to_use(accelerator, model, ema), step)
             print(f"step {step} validation accuracy {result['accuracy']:.4f} f1 {result['f1']:.4f} "
