@@ -113,3 +113,32 @@ def test_the_automatic_box_finds_heads_without_ground_truth(predictor):
         assert len(calls) == runs  # only decoder runs
         scores.append(dice(cached.predict(box=box).mask, truth))
     assert np.mean(scores) > 0.6, scores
+
+
+def test_a_box_on_a_head_combines_the_segmenter_with_the_head_unet(predictor):
+    """With the installed head U-Net, a box prompt's mask is the mean of the two models' maps thresholded at
+    0.5 (largest region); the U-Net runs once per image, and the combined mask beats the segmenter's own."""
+    from fetalstudio.analysis.head import segment_head
+    from fetalstudio.analysis.segment import HEAD_FUSION_SEGMENTER_WEIGHT
+    from fetalstudio.imaging.ellipse import largest_component
+
+    cached, _ = predictor
+    fused_dice, own_dice = [], []
+    for index in (0, 10, 200):
+        gray, truth, pixel_size, _ = _example(index)
+        x0, y0, x1, y1 = bounding_box(truth)
+        box = (x0 - 15, y0 + 12, x1 + 10, y1 - 8)  # a rough box, as a user draws it
+        runs = cached.head_runs
+        result = segment_head(cached, gray, box=box, pixel_size_mm=pixel_size)
+        assert result.fused_with_head_unet and result.box_source == "user"
+        probability, score = cached.predictor.probability(box=box)
+        weight = HEAD_FUSION_SEGMENTER_WEIGHT
+        expected = largest_component(weight * probability + (1 - weight) * cached.head_probability(gray) > 0.5)
+        np.testing.assert_array_equal(result.mask, expected)
+        assert result.score == pytest.approx(score)
+        moved = segment_head(cached, gray, box=(box[0] + 6, box[1], box[2] + 6, box[3]), pixel_size_mm=pixel_size)
+        assert moved.fused_with_head_unet and cached.head_runs == runs + 1  # the U-Net's map is kept per image
+        fused_dice.append(dice(result.mask, truth))
+        own_dice.append(dice(cached.predict(box=box).mask, truth))
+    assert np.mean(fused_dice) > np.mean(own_dice), (fused_dice, own_dice)
+    assert min(fused_dice) > 0.9

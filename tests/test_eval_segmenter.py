@@ -48,6 +48,30 @@ def test_bundled_segmenter_segments_shared_heads(tmp_path, tmp_checkpoints):
     assert len(rows) == 6 and all(0 <= float(r["dice"]) <= 1 for r in rows)
 
 
+HEAD_UNET = ROOT / "checkpoints" / "bundled" / "fetalstudio-head-unet" / "head_unet.safetensors"
+
+
+@needs_data
+@pytest.mark.skipif(not (BUNDLED.is_file() and HEAD_UNET.is_file()), reason="bundled segmenter or head U-Net missing")
+def test_box_prompts_are_scored_as_the_analysis_tab_runs_them_with_the_head_unet(tmp_path, tmp_checkpoints):
+    """With a head U-Net, `--box jitter` scores the Analysis tab's box prompt (the two models' maps combined);
+    `--head-model none` scores the box-prompted segmenter alone."""
+    csv_path = str(DATA / "hc18_heads" / "pairs.csv")
+    results = {}
+    for head in (str(HEAD_UNET), "none"):
+        out = tmp_path / ("with" if head != "none" else "alone")
+        assert main(["eval", "segmenter", "--csv", csv_path, "--limit", "3", "--model", str(BUNDLED), "--head-model", head,
+                     "--out", str(out), "--json", str(out.with_suffix(".json"))]) == 0
+        results[head] = json.loads(out.with_suffix(".json").read_text())
+    combined, alone = results[str(HEAD_UNET)], results["none"]
+    assert combined["method"] == "box-prompted segmenter + head U-Net" and combined["head_unet_fused_share"] == 1.0
+    assert alone["method"] == "box-prompted segmenter" and alone["head_unet_fused_share"] == 0.0
+    assert combined["dice_mean"] > alone["dice_mean"] > 0.9
+    assert "refined 100% of the masks" in (tmp_path / "with" / "summary.md").read_text()
+    with_rows, alone_rows = _read_rows(tmp_path / "with" / "per_image.csv"), _read_rows(tmp_path / "alone" / "per_image.csv")
+    assert [r["box"] for r in with_rows] == [r["box"] for r in alone_rows]  # the same prompts
+
+
 @needs_data
 def test_default_model_exact_and_jittered_boxes(tmp_path, tmp_checkpoints):
     _tiny_segmenter(tmp_checkpoints / "tiny-segmenter.safetensors")  # the only segmenter: the default

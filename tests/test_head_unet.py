@@ -243,3 +243,30 @@ def test_the_automatic_mode_uses_the_installed_head_unet_and_falls_back_without_
     assert refined_box == result.box and refined.mask.shape == (90, 120)  # the box-prompted segmenter's mask from that box
     with_points = segment_head(cached, image, auto=True, points=[[60, 45]])
     assert with_points.box == result.box and with_points.box_source == "auto"
+
+
+def test_a_box_prompt_keeps_the_segmenters_mask_where_the_head_unet_sees_no_head(tmp_checkpoints, cpu_placement):
+    from fetalstudio.analysis.head import segment_head
+    from fetalstudio.analysis.segment import CachedPredictor, box_head
+    from fetalstudio.errors import FetalStudioError
+    from fetalstudio.models.manager import ModelManager
+    from fetalstudio.segmentation.predictor import BoxPromptPredictor
+
+    sam = ModelManager(tmp_checkpoints, placement=cpu_placement).get(str(_tiny_segmenter(tmp_checkpoints.parent / "sam.safetensors")))
+    image = (np.random.default_rng(2).random((90, 120)) * 255).astype(np.uint8)
+    box = (20, 15, 90, 70)
+    alone = CachedPredictor(BoxPromptPredictor(sam), head_model=None)
+    plain = segment_head(alone, image, box=box)
+    assert not plain.fused_with_head_unet and alone.head_runs == 0  # no U-Net: the segmenter's mask
+    np.testing.assert_array_equal(plain.mask, alone.predict(box=box).mask)
+
+    no_head = CachedPredictor(BoxPromptPredictor(sam), head_model=_tiny_unet(head_bias=-8.0))  # sees no head anywhere
+    with pytest.raises(FetalStudioError, match="set_image"):
+        no_head.head_probability(image)
+    no_head.set_image(image)
+    prediction, fused = box_head(no_head, image, box)
+    assert not fused and no_head.head_runs == 1
+    np.testing.assert_array_equal(prediction.mask, plain.mask)
+    result = segment_head(no_head, image, box=box)
+    assert not result.fused_with_head_unet and no_head.head_runs == 1
+    assert result.select(0, None).fused_with_head_unet is False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fetalstudio.analysis.segment import CachedPredictor, auto_head
+from fetalstudio.analysis.segment import CachedPredictor, auto_head, box_head
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.biometry import HeadBiometry, head_biometry
 from fetalstudio.imaging.ellipse import Ellipse, fit_ellipse
@@ -113,6 +113,7 @@ class HeadResult:
     candidates: tuple[BoxPrediction, ...]  # best predicted IoU first (one unless multimask)
     selected: int
     measurement: HeadMeasurement
+    fused_with_head_unet: bool = False  # a box prompt whose mask combines the head U-Net's map (``box_head``)
 
     @property
     def prediction(self) -> BoxPrediction:
@@ -130,7 +131,8 @@ class HeadResult:
         """The same prompt with another of the multimask candidates chosen (and measured)."""
         if not 0 <= index < len(self.candidates):
             raise FetalStudioError(f"There are {len(self.candidates)} candidate masks; choose 1 to {len(self.candidates)}.")
-        return HeadResult(self.box, self.box_source, self.candidates, index, measure_head(self.candidates[index].mask, pixel_size_mm))
+        return HeadResult(self.box, self.box_source, self.candidates, index, measure_head(self.candidates[index].mask, pixel_size_mm),
+                          self.fused_with_head_unet)
 
     def remeasure(self, pixel_size_mm: float | None) -> HeadResult:
         return self.select(self.selected, pixel_size_mm)
@@ -152,6 +154,8 @@ def segment_head(
     ``auto``: no user prompt; box and mask come from ``auto_head`` (the head U-Net when one is
     installed, else the box search ``auto_box`` and a second pass with its box). With points or
     ``multimask`` the automatic box prompts the box-prompted segmenter together with the points.
+    A box alone goes through ``box_head``: with a head U-Net installed, its map refines the box-prompted
+    segmenter's mask when both see the same head (``HeadResult.fused_with_head_unet``).
     """
     predictor.set_image(image)
     source = "user" if box is not None else "none"
@@ -164,9 +168,12 @@ def segment_head(
             return HeadResult(box, source, (automatic,), 0, measure_head(automatic.mask, pixel_size_mm))
     if box is None and points is None:
         raise FetalStudioError("Draw a box around the head, click a point on it, or use the automatic mode.")
+    box_tuple = None if box is None else tuple(float(v) for v in np.asarray(box, np.float64).reshape(4))
+    if box is not None and points is None and not multimask:
+        prediction, fused = box_head(predictor, image, box)
+        return HeadResult(box_tuple, source, (prediction,), 0, measure_head(prediction.mask, pixel_size_mm), fused)
     if multimask:
         candidates = predictor.predictor.predict_candidates(box=box, points=points, point_labels=point_labels)
     else:
         candidates = [predictor.predict(box=box, points=points, point_labels=point_labels)]
-    box_tuple = None if box is None else tuple(float(v) for v in np.asarray(box, np.float64).reshape(4))
     return HeadResult(box_tuple, source, tuple(candidates), 0, measure_head(candidates[0].mask, pixel_size_mm))

@@ -9,7 +9,8 @@ predictor holds "the current image" and must not be shared between users.
 The automatic mode (``auto_head``: no prompt at all) runs the prompt-free head U-Net
 (``fetalstudio.segmentation.head_unet``) when one is installed — the catalog's default model of kind
 ``head_segmenter`` — and otherwise searches candidate boxes with the box-prompted segmenter
-(``auto_box``).
+(``auto_box``). A box prompt on a head (``box_head``) combines the box-prompted segmenter's map with
+the same U-Net's when both see the same head.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from fetalstudio.errors import FetalStudioError
+from fetalstudio.imaging.ellipse import largest_component
 from fetalstudio.imaging.image_input import check_image_side
 from fetalstudio.segmentation.head_unet import HeadMaskPredictor
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
@@ -56,7 +59,10 @@ class CachedPredictor:
         self.predictor = predictor
         self.capacity = capacity
         self.encoder_runs = 0
+        self.head_runs = 0
         self._embeddings: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        # full-resolution float32 maps (a 4000 x 3000 image: 48 MB), so fewer are kept than embeddings
+        self._head_probabilities: OrderedDict[str, np.ndarray] = OrderedDict()
         self._current: str | None = None
         self._head_model = head_model
         self._manager = manager
@@ -96,8 +102,66 @@ class CachedPredictor:
     def predict(self, box=None, points=None, point_labels=None) -> BoxPrediction:
         return self.predictor.predict(box=box, points=points, point_labels=point_labels)
 
+    def head_probability(self, image) -> np.ndarray | None:
+        """The head U-Net's probability map of ``image`` — the current image (``set_image``) — at its own
+        resolution, computed once per image (the last HEAD_PROBABILITY_CACHE images are kept); None
+        without a head U-Net."""
+        head = self.head_predictor()
+        if head is None:
+            return None
+        if self._current is None:
+            raise FetalStudioError("Call set_image(image) before asking for the head U-Net's map.")
+        key = self._current
+        probability = self._head_probabilities.get(key)
+        if probability is None:
+            probability = head.probability(image)
+            self.head_runs += 1
+            self._head_probabilities[key] = probability
+            while len(self._head_probabilities) > HEAD_PROBABILITY_CACHE:
+                self._head_probabilities.popitem(last=False)
+        self._head_probabilities.move_to_end(key)
+        return probability
+
     def cached_images(self) -> int:
         return len(self._embeddings)
+
+
+#: Head U-Net probability maps kept per CachedPredictor (full-resolution float32, so only a few).
+HEAD_PROBABILITY_CACHE = 2
+#: A box prompt on a head (``box_head``): the box-prompted segmenter's probability map is averaged with the
+#: head U-Net's, with this weight on the segmenter's, and the mean is thresholded at 0.5. Where the segmenter
+#: says ~0 the mean stays below 0.5, so the segmenter's answer to the box decides which object. Measured on
+#: the segmenter's held-out split (89 images x 3 jitter draws of 0-20 px): mean Dice 0.9710 -> 0.9769
+#: (paired +0.0059 +- 0.0004), HC MAE 2.19 -> 1.79 mm (paired -0.40 +- 0.10 mm), bias +0.57 -> +0.09 mm;
+#: weights 0.25 / 0.75 gave 0.9768 / 1.86 mm and 0.9734 / 1.99 mm. The U-Net alone: 0.9758 / 1.99 mm.
+HEAD_FUSION_SEGMENTER_WEIGHT = 0.5
+#: The mean is kept only when its mask agrees with the segmenter's own (Dice at least this): when the U-Net
+#: sees no head where the box is (another structure, or a head it misses), the segmenter's mask is kept.
+#: On the held-out heads the two models' masks agree with Dice >= 0.87 (IoU >= 0.78) for every jittered box.
+HEAD_FUSION_MIN_DICE = 0.85
+
+
+def box_head(predictor: CachedPredictor, image, box) -> tuple[BoxPrediction, bool]:
+    """The head mask for a box prompt on ``image`` (the predictor's current image), and whether the head
+    U-Net's map was combined into it (see HEAD_FUSION_SEGMENTER_WEIGHT). Without a head U-Net, or when its
+    head does not agree with the box-prompted segmenter's mask, the segmenter's own mask. The score is
+    the segmenter's predicted IoU either way."""
+    from fetalstudio.imaging.ellipse import dice
+
+    segmenter = predictor.predictor
+    probability, score = segmenter.probability(box=box)
+    raw = probability > 0.5
+    own = BoxPrediction(mask=largest_component(raw) if segmenter.postprocess else raw, score=score, raw_mask=raw)
+    head = predictor.head_probability(image)
+    if head is None:
+        return own, False
+    weight = HEAD_FUSION_SEGMENTER_WEIGHT
+    fused_raw = (weight * probability + (1.0 - weight) * head) > 0.5
+    fused = largest_component(fused_raw) if segmenter.postprocess else fused_raw
+    if not fused.any() or dice(fused, own.mask) < HEAD_FUSION_MIN_DICE:
+        log.info("box prompt: the head U-Net's map does not agree with the box-prompted segmenter's mask; keeping the segmenter's")
+        return own, False
+    return BoxPrediction(mask=fused, score=score, raw_mask=fused_raw), True
 
 
 def _device_of(model) -> Any:
@@ -121,7 +185,6 @@ def installed_head_model(manager) -> Any:
     """The installed head U-Net through ``manager`` (the catalog's default ``head_segmenter``:
     ``default = true`` in the manifest, else the first on disk), or None when there is none or it cannot
     be loaded (logged; the automatic mode then searches boxes)."""
-    from fetalstudio.errors import FetalStudioError
     from fetalstudio.models.entries import ModelKind
 
     try:
@@ -153,7 +216,7 @@ def auto_head(predictor: CachedPredictor, image, refine_with_box_segmenter: bool
     head = predictor.head_predictor()
     found = None
     if head is not None:
-        prediction = head.predict(image)
+        prediction = head.mask_from(predictor.head_probability(image))
         found = bounding_box(prediction.mask)
         if found is None:
             log.info("the head U-Net found no head; searching boxes with the box-prompted segmenter")
@@ -229,7 +292,6 @@ def auto_box(predictor: CachedPredictor) -> tuple[tuple[float, float, float, flo
 
     Raises FetalStudioError when no prompt gives a mask.
     """
-    from fetalstudio.errors import FetalStudioError
     from fetalstudio.imaging.ellipse import bounding_box
 
     decoder = _BatchDecoder(predictor.predictor)

@@ -170,6 +170,7 @@ class AnalysisSession:
         if result is not None:
             record["segmentation"] = {
                 "box_source": result.box_source,
+                "head_unet_fusion": result.fused_with_head_unet,
                 "score": result.score,
                 "candidate_scores": [c.score for c in result.candidates],
                 "selected_candidate": result.selected,

@@ -50,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the summary numbers to this JSON file")
     parser.add_argument("--box", choices=(*BOX_MODES, AUTO), default="jitter",
                         help="box prompt: the mask's exact bounding box, a jittered one, or auto (the Analysis automatic mode, no prompt)")
-    parser.add_argument("--head-model", help="--box auto: head U-Net id or path, or 'none' for the candidate-box search "
-                                             "(default: the installed head U-Net, if any)")
+    parser.add_argument("--head-model", help="head U-Net id or path, or 'none' (default: the installed head U-Net, if any). "
+                                             "--box auto: the U-Net finds the head ('none': the candidate-box search). "
+                                             "--box jitter/exact: as in the Analysis tab, the U-Net's map refines the "
+                                             "box-prompted mask ('none': the box-prompted segmenter alone)")
     parser.add_argument("--auto-refine", action="store_true",
                         help="--box auto: prompt the box-prompted segmenter with the U-Net mask's box and keep its mask")
     parser.add_argument("--jitter-px", type=float, default=DEFAULT_JITTER_PX, help="largest move of each box coordinate, original pixels")
@@ -104,6 +106,29 @@ def evaluate_auto_items(predictor, items, jitter_px: float, seed: int, refine: b
     return rows
 
 
+class AnalysisBoxPredictor:
+    """``evaluate_items``' predictor for the Analysis tab's box prompt: ``box_head`` on a ``CachedPredictor``
+    (the box-prompted segmenter, refined by the head U-Net's map when both see the same head)."""
+
+    def __init__(self, cached) -> None:
+        self.cached = cached
+        self.image = None
+        self.prompts = 0
+        self.fused = 0
+
+    def set_image(self, image) -> None:
+        self.cached.set_image(image)
+        self.image = image
+
+    def predict(self, box):
+        from fetalstudio.analysis.segment import box_head
+
+        prediction, fused = box_head(self.cached, self.image, box)
+        self.prompts += 1
+        self.fused += int(fused)
+        return prediction
+
+
 def _head_model(manager, value: str | None):
     """The head U-Net to evaluate --box auto with: --head-model's (None for 'none'), else the installed one."""
     from fetalstudio.analysis.segment import INSTALLED
@@ -123,6 +148,7 @@ def _head_model(manager, value: str | None):
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from fetalstudio.analysis.segment import CachedPredictor
     from fetalstudio.app_context import build_manager
     from fetalstudio.errors import ModelNotFoundError
     from fetalstudio.data.reports import write_json, write_report
@@ -152,14 +178,13 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with manager.use(model_id) as model:
+        cached = CachedPredictor(BoxPromptPredictor(model), capacity=1, head_model=_head_model(manager, args.head_model),
+                                 manager=manager)
         if args.box == AUTO:
-            from fetalstudio.analysis.segment import CachedPredictor
-
-            cached = CachedPredictor(BoxPromptPredictor(model), capacity=1, head_model=_head_model(manager, args.head_model),
-                                     manager=manager)
             rows = evaluate_auto_items(cached, items, args.jitter_px, args.seed, args.auto_refine, progress=progress)
         else:
-            rows = evaluate_items(BoxPromptPredictor(model), items, (args.box,), args.jitter_px, args.seed, progress=progress)
+            box_predictor = AnalysisBoxPredictor(cached) if cached.head_predictor() is not None else cached.predictor
+            rows = evaluate_items(box_predictor, items, (args.box,), args.jitter_px, args.seed, progress=progress)
     seconds = time.perf_counter() - started
     summary = summarize(rows)
     by_source = summarize_by_source(rows)
@@ -172,14 +197,26 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.box == AUTO:
         result.update(_auto_figures(rows))
+    else:
+        fused = isinstance(box_predictor, AnalysisBoxPredictor)
+        result["method"] = "box-prompted segmenter + head U-Net" if fused else "box-prompted segmenter"
+        result["head_unet_fused_share"] = box_predictor.fused / max(box_predictor.prompts, 1) if fused else 0.0
     if args.box == AUTO:
         box_text = f"none: the automatic mode ({result['method']}); baseline box jittered as --box jitter (seed {args.seed})"
     else:
         box_text = f"jittered ({args.jitter_px:g} px at most per coordinate, seed {args.seed})" if args.box == "jitter" else "exact bounding box"
+    method_line = ""
+    if args.box != AUTO:
+        method_line = f"- method: {result['method']}"
+        if isinstance(box_predictor, AnalysisBoxPredictor):
+            method_line += (f" (as in the Analysis tab; the U-Net's map refined {result['head_unet_fused_share']:.0%} of the masks; "
+                            "`--head-model none` scores the box-prompted segmenter alone)")
+        method_line += "\n"
     setup = (
         f"- model: `{entry.id}` ({entry.kind.value}, {entry.format.value})\n"
         f"- data: {', '.join(f'`{p}`' for p in args.csv)} ({len(items)} images)\n"
         f"- box prompt: {box_text} of the filled ground-truth mask\n"
+        f"{method_line}"
         f"- time: {seconds:.1f} s"
     )
     notes = (

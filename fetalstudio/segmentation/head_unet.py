@@ -107,7 +107,10 @@ class HeadMaskPredictor:
         return np.clip(cv2.resize(window, (cols, rows), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
     def predict(self, image) -> HeadMaskPrediction:
-        probability = self.probability(image)
+        return self.mask_from(self.probability(image))
+
+    def mask_from(self, probability: np.ndarray) -> HeadMaskPrediction:
+        """The prediction for a probability map from ``probability`` (e.g. one kept from an earlier call)."""
         raw = probability > self.threshold
         mask = largest_component(raw)
         return HeadMaskPrediction(mask=mask, probability=probability, score=soft_iou(probability, mask), raw_mask=raw)

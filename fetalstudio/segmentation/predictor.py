@@ -206,7 +206,23 @@ class BoxPromptPredictor:
         scores = iou[:, 0].float().cpu().numpy()
         return [(largest_component(mask), float(score)) for mask, score in zip(masks, scores)]
 
+    def probability(self, box=None, points=None, point_labels=None) -> tuple[np.ndarray, float]:
+        """The single-mask output for a prompt as a probability map (sigmoid of the logits, float32,
+        original image size) and its predicted IoU: for combining with another model's map."""
+        logits, iou = self._logits(box, points, point_labels, multimask=False)
+        return torch.sigmoid(logits[0, 0].float() - self.model.mask_threshold).cpu().numpy(), float(iou[0, 0].float())
+
     def _decode(self, box, points, point_labels, multimask: bool) -> list[BoxPrediction]:
+        logits, iou = self._logits(box, points, point_labels, multimask)
+        predictions = []
+        for index in range(logits.shape[1]):
+            raw = (logits[0, index].float() > self.model.mask_threshold).cpu().numpy()
+            mask = largest_component(raw) if self.postprocess else raw
+            predictions.append(BoxPrediction(mask=mask, score=float(iou[0, index].float()), raw_mask=raw))
+        return predictions
+
+    def _logits(self, box, points, point_labels, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-resolution mask logits (1 x masks x H x W) and predicted IoUs (1 x masks) for one prompt."""
         if not self._sam.is_image_set:
             raise FetalStudioError("Call set_image(image) before predict(box=...).")
         if box is None and points is None:
@@ -226,12 +242,7 @@ class BoxPromptPredictor:
             labels_torch = torch.as_tensor(labels[None], dtype=torch.int, device=sam.device)
         with torch.inference_mode(), self._autocast():
             logits, iou, _ = sam.predict_torch(coords_torch, labels_torch, box_torch, None, multimask_output=multimask, return_logits=True)
-        predictions = []
-        for index in range(logits.shape[1]):
-            raw = (logits[0, index].float() > self.model.mask_threshold).cpu().numpy()
-            mask = largest_component(raw) if self.postprocess else raw
-            predictions.append(BoxPrediction(mask=mask, score=float(iou[0, index].float()), raw_mask=raw))
-        return predictions
+        return logits, iou
 
     def segment(self, image, box, points=None, point_labels=None) -> BoxPrediction:
         """``set_image`` + ``predict`` for a single prompt."""

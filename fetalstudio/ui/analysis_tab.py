@@ -101,6 +101,7 @@ def measurement_text(session: AnalysisSession) -> str:
         return "Draw a box around the head, click on it, or press **Find the head automatically**."
     head = result.measurement
     lines = [f"**Mask**: predicted IoU {result.score:.3f} · box from {'the automatic mode' if result.box_source == 'auto' else 'your prompt'}"
+             + (" · edge refined with the head U-Net" if result.fused_with_head_unet else "")
              + (f" · candidate {result.selected + 1} of {len(result.candidates)}" if len(result.candidates) > 1 else "")]
     if head.biometry is None:
         lines.append(f"No ellipse: {head.reason}.")
