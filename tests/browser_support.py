@@ -184,12 +184,14 @@ def choose(page, elem_id: str, option: str) -> None:
 
 
 def wait_for_text(page, selector: str, text: str, timeout_s: float = 120) -> str:
-    """Wait until the element's visible text contains ``text``; returns that text."""
-    page.wait_for_function(
-        "([selector, text]) => { const e = document.querySelector(selector); return !!e && e.innerText.includes(text); }",
+    """Wait until an element matching ``selector`` shows ``text`` (any of them: an earlier toast may still be
+    on screen above a new one); returns that element's visible text."""
+    handle = page.wait_for_function(
+        "([selector, text]) => { for (const e of document.querySelectorAll(selector)) {"
+        " if (e.innerText.includes(text)) return e.innerText; } return false; }",
         arg=[selector, text], timeout=timeout_s * 1000,
     )
-    return page.inner_text(selector)
+    return handle.json_value()
 
 
 def wait_for_empty_text(page, selector: str, timeout_s: float = 30) -> None:

@@ -86,14 +86,18 @@ def test_session_box_prompt_mask_measurements_and_saved_outputs(models, tmp_path
     with pytest.raises(FetalStudioError, match="Load an image"):
         session.set_box((0, 0, 10, 10))
     session.load(image_path)
+    head_runs = predictor.head_runs
     assert session.encode(predictor) in (True, False)
     assert session.encode(predictor) is False  # cached: no second encoder run
+    unet = predictor.head_predictor() is not None
+    assert predictor.head_runs == head_runs + unet  # the head U-Net's map is made while encoding, once
     with pytest.raises(FetalStudioError, match="Draw a box"):
         session.segment(predictor)
     x0, y0, x1, y1 = bounding_box(truth)
     session.set_box((x0 - 5, y0 - 5, x1 + 5, y1 + 5))
     result = session.segment(predictor)
-    assert dice(result.mask, truth) > 0.8
+    assert dice(result.mask, truth) > 0.8 and result.fused_with_head_unet is unet
+    assert predictor.head_runs == head_runs + unet  # the box used the map made while encoding
     assert result.measurement.biometry.hc_mm is None
     session.set_pixel_size(row["pixel_size_mm"])
     hc_mm = session.result.measurement.biometry.hc_mm
@@ -112,6 +116,7 @@ def test_session_box_prompt_mask_measurements_and_saved_outputs(models, tmp_path
     assert saved.shape == truth.shape and set(np.unique(saved)) <= {0, 255}
     assert np.array_equal(saved > 0, session.result.mask)
     record = json.loads(json_file.read_text())
+    assert record["segmentation"]["head_unet_fusion"] is False  # the last prompt had a point: the segmenter alone
     assert record["head"]["hc_mm"] == pytest.approx(session.result.measurement.biometry.hc_mm)
     assert record["pixel_size_source"] == "typed" and record["prompt"]["point_labels"] == [1]
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left

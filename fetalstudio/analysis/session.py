@@ -97,9 +97,13 @@ class AnalysisSession:
 
     # --- models ----------------------------------------------------------------------------
     def encode(self, predictor: CachedPredictor) -> bool:
-        """Compute (or restore) the image embedding now, so the first prompt is fast."""
+        """Compute (or restore) the image embedding, and the head U-Net's map when one is installed, now,
+        so the first prompt is fast. True when the image encoder ran."""
         with self.lock:
-            return predictor.set_image(self.require_image().gray)
+            gray = self.require_image().gray
+            encoded = predictor.set_image(gray)
+            predictor.head_probability(gray)
+            return encoded
 
     def classify(self, classifier, k: int = 3) -> list[tuple[str, float]]:
         from PIL import Image
