@@ -25,7 +25,7 @@ import numpy as np
 from fetalstudio.errors import FetalStudioError
 from fetalstudio.imaging.ellipse import largest_component
 from fetalstudio.imaging.image_input import check_image_side
-from fetalstudio.segmentation.head_unet import HeadMaskPredictor
+from fetalstudio.segmentation.head_unet import HeadMaskPredictor, upsampled
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ class CachedPredictor:
         self.encoder_runs = 0
         self.head_runs = 0
         self._embeddings: OrderedDict[str, ImageEmbedding] = OrderedDict()
-        # full-resolution float32 maps (a 4000 x 3000 image: 48 MB), so fewer are kept than embeddings
-        self._head_probabilities: OrderedDict[str, np.ndarray] = OrderedDict()
+        # the head U-Net's maps at its working resolution (e.g. 384 x 259 float32, 0.4 MB), as many as embeddings
+        self._head_windows: OrderedDict[str, np.ndarray] = OrderedDict()
         self._current: str | None = None
         self._head_model = head_model
         self._manager = manager
@@ -103,31 +103,29 @@ class CachedPredictor:
         return self.predictor.predict(box=box, points=points, point_labels=point_labels)
 
     def head_probability(self, image) -> np.ndarray | None:
-        """The head U-Net's probability map of ``image`` — the current image (``set_image``) — at its own
-        resolution, computed once per image (the last HEAD_PROBABILITY_CACHE images are kept); None
-        without a head U-Net."""
+        """The head U-Net's probability map of ``image`` — the current image (``set_image``) — at the image's
+        own resolution; the U-Net runs once per image (its working-resolution map is kept like the
+        embeddings). None without a head U-Net."""
         head = self.head_predictor()
         if head is None:
             return None
         if self._current is None:
             raise FetalStudioError("Call set_image(image) before asking for the head U-Net's map.")
         key = self._current
-        probability = self._head_probabilities.get(key)
-        if probability is None:
-            probability = head.probability(image)
+        window = self._head_windows.get(key)
+        if window is None:
+            window = head.window_probability(image)
             self.head_runs += 1
-            self._head_probabilities[key] = probability
-            while len(self._head_probabilities) > HEAD_PROBABILITY_CACHE:
-                self._head_probabilities.popitem(last=False)
-        self._head_probabilities.move_to_end(key)
-        return probability
+            self._head_windows[key] = window
+            while len(self._head_windows) > self.capacity:
+                self._head_windows.popitem(last=False)
+        self._head_windows.move_to_end(key)
+        return upsampled(window, np.shape(image))
 
     def cached_images(self) -> int:
         return len(self._embeddings)
 
 
-#: Head U-Net probability maps kept per CachedPredictor (full-resolution float32, so only a few).
-HEAD_PROBABILITY_CACHE = 2
 #: A box prompt on a head (``box_head``): the box-prompted segmenter's probability map is averaged with the
 #: head U-Net's, with this weight on the segmenter's, and the mean is thresholded at 0.5. Where the segmenter
 #: says ~0 the mean stays below 0.5, so the segmenter's answer to the box decides which object. Measured on

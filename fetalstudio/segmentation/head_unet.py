@@ -70,6 +70,14 @@ def soft_iou(probability: np.ndarray, mask: np.ndarray) -> float:
     return float(np.minimum(probability, inside).sum()) / union if union else 0.0
 
 
+def upsampled(window: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A working-resolution probability map resized (bilinear) to ``shape`` (rows, columns), in [0, 1]."""
+    import cv2
+
+    rows, cols = shape[:2]
+    return np.clip(cv2.resize(window, (cols, rows), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+
 class HeadMaskPredictor:
     """The head U-Net on whole images; ``flip_tta`` averages the prediction with the mirrored image's."""
 
@@ -98,13 +106,14 @@ class HeadMaskPredictor:
 
     def probability(self, image) -> np.ndarray:
         """The head probability of every pixel of ``image``, at the image's own rows x columns."""
-        import cv2
-
         gray = as_gray(image)
-        square, box = letterboxed_input(gray, self.input_size)
-        window = self.square_probability(square)[box.pad_y:box.pad_y + box.fitted_height, box.pad_x:box.pad_x + box.fitted_width]
-        rows, cols = gray.shape
-        return np.clip(cv2.resize(window, (cols, rows), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+        return upsampled(self.window_probability(gray), gray.shape)
+
+    def window_probability(self, image) -> np.ndarray:
+        """The probability map at the model's working resolution: the letterboxed square cropped to the image
+        (e.g. 384 x 259 for an 800 x 540 image); ``upsampled`` brings it to the image's size. Small enough to keep."""
+        square, box = letterboxed_input(as_gray(image), self.input_size)
+        return self.square_probability(square)[box.pad_y:box.pad_y + box.fitted_height, box.pad_x:box.pad_x + box.fitted_width]
 
     def predict(self, image) -> HeadMaskPrediction:
         return self.mask_from(self.probability(image))
