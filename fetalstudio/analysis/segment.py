@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.imaging.ellipse import largest_component
+from fetalstudio.imaging.ellipse import dice, largest_component
 from fetalstudio.imaging.image_input import check_image_side
 from fetalstudio.segmentation.head_unet import HeadMaskPredictor, upsampled
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
@@ -144,8 +144,6 @@ def box_head(predictor: CachedPredictor, image, box) -> tuple[BoxPrediction, boo
     U-Net's map was combined into it (see HEAD_FUSION_SEGMENTER_WEIGHT). Without a head U-Net, or when its
     head does not agree with the box-prompted segmenter's mask, the segmenter's own mask. The score is
     the segmenter's predicted IoU either way."""
-    from fetalstudio.imaging.ellipse import dice
-
     segmenter = predictor.predictor
     probability, score = segmenter.probability(box=box)
     raw = probability > 0.5
