@@ -138,6 +138,8 @@ def test_a_box_on_a_head_combines_the_segmenter_with_the_head_unet(predictor):
         assert result.score == pytest.approx(score)
         moved = segment_head(cached, gray, box=(box[0] + 6, box[1], box[2] + 6, box[3]), pixel_size_mm=pixel_size)
         assert moved.fused_with_head_unet and cached.head_runs == runs + 1  # the U-Net's map is kept per image
+        # ... at the U-Net's working resolution (384 x 259 for 800 x 540), not as a full-resolution float map
+        assert max(window.shape[1] for window in cached._head_windows.values()) <= 384
         fused_dice.append(dice(result.mask, truth))
         own_dice.append(dice(cached.predict(box=box).mask, truth))
     assert np.mean(fused_dice) > np.mean(own_dice), (fused_dice, own_dice)
