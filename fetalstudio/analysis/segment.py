@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fetalstudio.errors import FetalStudioError
-from fetalstudio.imaging.ellipse import dice, largest_component
+from fetalstudio.imaging.ellipse import dice
 from fetalstudio.imaging.image_input import check_image_side
 from fetalstudio.segmentation.head_unet import HeadMaskPredictor, upsampled
 from fetalstudio.segmentation.predictor import BoxPrediction, BoxPromptPredictor, ImageEmbedding, grayscale_rgb
@@ -104,8 +104,13 @@ class CachedPredictor:
 
     def head_probability(self, image) -> np.ndarray | None:
         """The head U-Net's probability map of ``image`` — the current image (``set_image``) — at the image's
-        own resolution; the U-Net runs once per image (its working-resolution map is kept like the
-        embeddings). None without a head U-Net."""
+        own resolution (``head_window`` upsampled). None without a head U-Net."""
+        window = self.head_window(image)
+        return None if window is None else upsampled(window, np.shape(image))
+
+    def head_window(self, image) -> np.ndarray | None:
+        """The head U-Net's map of the current image ``image`` at the U-Net's working resolution: computed once
+        per image and kept like the embeddings. None without a head U-Net."""
         head = self.head_predictor()
         if head is None:
             return None
@@ -120,7 +125,7 @@ class CachedPredictor:
             while len(self._head_windows) > self.capacity:
                 self._head_windows.popitem(last=False)
         self._head_windows.move_to_end(key)
-        return upsampled(window, np.shape(image))
+        return window
 
     def cached_images(self) -> int:
         return len(self._embeddings)
@@ -146,18 +151,16 @@ def box_head(predictor: CachedPredictor, image, box) -> tuple[BoxPrediction, boo
     the segmenter's predicted IoU either way."""
     segmenter = predictor.predictor
     probability, score = segmenter.probability(box=box)
-    raw = probability > 0.5
-    own = BoxPrediction(mask=largest_component(raw) if segmenter.postprocess else raw, score=score, raw_mask=raw)
+    own = segmenter.prediction_from(probability > 0.5, score)
     head = predictor.head_probability(image)
     if head is None:
         return own, False
     weight = HEAD_FUSION_SEGMENTER_WEIGHT
-    fused_raw = (weight * probability + (1.0 - weight) * head) > 0.5
-    fused = largest_component(fused_raw) if segmenter.postprocess else fused_raw
-    if not fused.any() or dice(fused, own.mask) < HEAD_FUSION_MIN_DICE:
+    fused = segmenter.prediction_from((weight * probability + (1.0 - weight) * head) > 0.5, score)
+    if not fused.mask.any() or dice(fused.mask, own.mask) < HEAD_FUSION_MIN_DICE:
         log.info("box prompt: the head U-Net's map does not agree with the box-prompted segmenter's mask; keeping the segmenter's")
         return own, False
-    return BoxPrediction(mask=fused, score=score, raw_mask=fused_raw), True
+    return fused, True
 
 
 def _device_of(model) -> Any:

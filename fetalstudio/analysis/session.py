@@ -102,7 +102,7 @@ class AnalysisSession:
         with self.lock:
             gray = self.require_image().gray
             encoded = predictor.set_image(gray)
-            predictor.head_probability(gray)
+            predictor.head_window(gray)
             return encoded
 
     def classify(self, classifier, k: int = 3) -> list[tuple[str, float]]:

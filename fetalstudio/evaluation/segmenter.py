@@ -198,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if args.box == AUTO:
         result.update(_auto_figures(rows))
     else:
-        fused = isinstance(box_predictor, AnalysisBoxPredictor)
-        result["method"] = "box-prompted segmenter + head U-Net" if fused else "box-prompted segmenter"
-        result["head_unet_fused_share"] = box_predictor.fused / max(box_predictor.prompts, 1) if fused else 0.0
+        with_unet = isinstance(box_predictor, AnalysisBoxPredictor)
+        result["method"] = "box-prompted segmenter + head U-Net" if with_unet else "box-prompted segmenter"
+        result["head_unet_fused_share"] = box_predictor.fused / max(box_predictor.prompts, 1) if with_unet else 0.0
     if args.box == AUTO:
         box_text = f"none: the automatic mode ({result['method']}); baseline box jittered as --box jitter (seed {args.seed})"
     else:
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     method_line = ""
     if args.box != AUTO:
         method_line = f"- method: {result['method']}"
-        if isinstance(box_predictor, AnalysisBoxPredictor):
+        if with_unet:
             method_line += (f" (as in the Analysis tab; the U-Net's map refined {result['head_unet_fused_share']:.0%} of the masks; "
                             "`--head-model none` scores the box-prompted segmenter alone)")
         method_line += "\n"

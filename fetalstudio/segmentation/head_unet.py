@@ -107,12 +107,15 @@ class HeadMaskPredictor:
     def probability(self, image) -> np.ndarray:
         """The head probability of every pixel of ``image``, at the image's own rows x columns."""
         gray = as_gray(image)
-        return upsampled(self.window_probability(gray), gray.shape)
+        return upsampled(self._window_of_gray(gray), gray.shape)
 
     def window_probability(self, image) -> np.ndarray:
         """The probability map at the model's working resolution: the letterboxed square cropped to the image
         (e.g. 384 x 259 for an 800 x 540 image); ``upsampled`` brings it to the image's size. Small enough to keep."""
-        square, box = letterboxed_input(as_gray(image), self.input_size)
+        return self._window_of_gray(as_gray(image))
+
+    def _window_of_gray(self, gray: np.ndarray) -> np.ndarray:
+        square, box = letterboxed_input(gray, self.input_size)
         return self.square_probability(square)[box.pad_y:box.pad_y + box.fitted_height, box.pad_x:box.pad_x + box.fitted_width]
 
     def predict(self, image) -> HeadMaskPrediction:

@@ -214,12 +214,12 @@ class BoxPromptPredictor:
 
     def _decode(self, box, points, point_labels, multimask: bool) -> list[BoxPrediction]:
         logits, iou = self._logits(box, points, point_labels, multimask)
-        predictions = []
-        for index in range(logits.shape[1]):
-            raw = (logits[0, index].float() > self.model.mask_threshold).cpu().numpy()
-            mask = largest_component(raw) if self.postprocess else raw
-            predictions.append(BoxPrediction(mask=mask, score=float(iou[0, index].float()), raw_mask=raw))
-        return predictions
+        return [self.prediction_from((logits[0, index].float() > self.model.mask_threshold).cpu().numpy(), float(iou[0, index].float()))
+                for index in range(logits.shape[1])]
+
+    def prediction_from(self, raw_mask: np.ndarray, score: float) -> BoxPrediction:
+        """A thresholded map as a prediction: its largest region with holes filled (when postprocessing)."""
+        return BoxPrediction(mask=largest_component(raw_mask) if self.postprocess else raw_mask, score=score, raw_mask=raw_mask)
 
     def _logits(self, box, points, point_labels, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-resolution mask logits (1 x masks x H x W) and predicted IoUs (1 x masks) for one prompt."""
