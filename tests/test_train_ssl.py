@@ -100,3 +100,41 @@ def test_bad_inputs_are_refused_with_what_to_do(unlabelled_csv, tmp_path, capsys
     assert _ssl(tmp_path / "e", unlabelled_csv, "--steps", "2") == 0
     assert _ssl(tmp_path / "e", unlabelled_csv, "--steps", "3", "--input-size", "48") == 2  # another network: not resumed
     assert "other settings" in capsys.readouterr().err
+
+
+def test_pretraining_goes_on_from_an_earlier_backbone_with_its_steps_counted(unlabelled_csv, tmp_path, capsys):
+    from safetensors import safe_open
+
+    first = tmp_path / "first"
+    assert _ssl(first, unlabelled_csv, "--steps", "2", "--crop", "fan") == 0
+    earlier = first / "backbone.safetensors"
+    second = tmp_path / "second"
+    assert _ssl(second, unlabelled_csv, "--steps", "1", "--crop", "fan", "--pretrained", str(earlier), "--lr", "1e-9", "--warmup", "0") == 0
+    assert "2 SimCLR steps" in capsys.readouterr().out
+    before, after = _weights(earlier), _weights(second / "backbone.safetensors")
+    # one step at a vanishing learning rate: the weights are the earlier backbone's (batch-norm statistics move on)
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before if k.endswith("conv1.weight"))
+    assert _ssl(tmp_path / "fresh", unlabelled_csv, "--steps", "1", "--crop", "fan", "--lr", "1e-9", "--warmup", "0") == 0
+    fresh = _weights(tmp_path / "fresh" / "backbone.safetensors")
+    assert not torch.allclose(fresh["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
+    with safe_open(str(second / "backbone.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["fetalstudio.steps"] == "3" and metadata["fetalstudio.pretrained"] == str(earlier)
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["earlier_steps"] == 2 and summary["settings"]["pretrained"] == str(earlier)
+    assert "2 SimCLR steps before these" in (second / "README.md").read_text()
+
+
+def test_pretraining_on_refuses_another_preprocessing_or_architecture(unlabelled_csv, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert _ssl(first, unlabelled_csv, "--steps", "1", "--crop", "fan") == 0
+    earlier = first / "backbone.safetensors"
+    assert _ssl(tmp_path / "a", unlabelled_csv, "--steps", "1", "--pretrained", str(earlier)) == 2  # crop none
+    error = capsys.readouterr().err
+    assert "crop fan (this run: none)" in error and "--crop" in error
+    assert _ssl(tmp_path / "b", unlabelled_csv, "--steps", "1", "--crop", "fan", "--input-size", "48", "--pretrained", str(earlier)) == 2
+    assert "input size 32 (this run: 48)" in capsys.readouterr().err
+    assert _ssl(tmp_path / "c", unlabelled_csv, "--steps", "1", "--crop", "fan", "--backbone", "resnet34", "--pretrained", str(earlier)) == 2
+    assert "do not fit" in capsys.readouterr().err
+    assert _ssl(tmp_path / "d", unlabelled_csv, "--steps", "1", "--pretrained", str(tmp_path / "missing.safetensors")) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -19,6 +19,11 @@ Output folder: backbone.safetensors (the timm backbone without a head, the same 
 size and crop as `train classifier --backbone ... --input-size ... --crop ...` builds; give it to
 `train classifier --pretrained`), README.md (model card), summary.json, train_log.csv, state/
 (resumable: run the same command again to continue, or with a larger --steps to train on).
+
+--pretrained FILE starts the backbone from an earlier backbone.safetensors (or any timm weights of the same
+architecture) instead of random weights, with a new learning-rate schedule: a long pretraining can go on
+across machines that keep nothing but that file. The projection head starts new. The backbone's metadata
+counts the steps of both (``fetalstudio.steps``).
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fan = crop each image to its ultrasound sector first, as train classifier --crop fan (default: %(default)s)")
     model.add_argument("--projection-dim", type=int, default=128, help="SimCLR projection output size (default: %(default)s)")
     model.add_argument("--hidden-dim", type=int, default=512, help="SimCLR projection hidden size (default: %(default)s)")
+    model.add_argument("--pretrained", type=Path, metavar="FILE",
+                       help="start the backbone from these weights (an earlier backbone.safetensors of the same --backbone, "
+                            "to pretrain on with a new schedule) instead of random ones; a resumed run keeps its own state")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--augment", choices=[a for a in AUGMENTATIONS if a != "none"], default="domain",
                        help="how each of the two views is made (see train classifier --augment) (default: %(default)s)")
@@ -157,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"method": "simclr", "backbone": architecture, "input_size": args.input_size, "channels": args.channels,
                 "crop": args.crop, "augment": args.augment, "projection_dim": args.projection_dim, "hidden_dim": args.hidden_dim,
                 "temperature": args.temperature, "data": [str(s.path) for s in sources], "batch_size": args.batch_size,
-                "lr": args.lr, "seed": args.seed}
+                "lr": args.lr, "seed": args.seed, "pretrained": str(args.pretrained) if args.pretrained else None}
     other = check_resume_settings(out, settings, FIXED_SETTINGS)
     if other:
         print(f"note: resuming with changed {', '.join(other)}", flush=True)
@@ -165,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator = make_accelerator(args)
     timm_kwargs = size_kwargs(architecture, args.input_size)
     model = SimCLRNetwork(architecture, args.channels, timm_kwargs, args.hidden_dim, args.projection_dim)
+    earlier_steps = start_from_pretrained(model.backbone, args.pretrained, args.input_size, args.crop) if args.pretrained else 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, args.warmup))
@@ -198,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
     backbone = accelerator.unwrap_model(model).backbone
     metadata = {"fetalstudio.kind": "backbone", "fetalstudio.architecture": architecture, "fetalstudio.method": "simclr",
                 "fetalstudio.input_size": str(args.input_size), "fetalstudio.in_chans": str(args.channels), "fetalstudio.crop": args.crop,
-                "fetalstudio.steps": str(step)}
+                "fetalstudio.steps": str(earlier_steps + step)}
+    if args.pretrained:
+        metadata["fetalstudio.pretrained"] = str(args.pretrained)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
     temporary = out / (BACKBONE_FILE + ".tmp")
     save_file(weights, str(temporary), metadata=metadata)
@@ -209,9 +220,38 @@ def run(args: argparse.Namespace) -> int:
         "parameters": sum(p.numel() for p in backbone.parameters()), "settings": settings,
         "sources": [{"path": str(s.path), "images": len(s.images)} for s in sources], "images": len(images),
         "checkpoint": str(out / BACKBONE_FILE), "final_loss": log_tail_loss(out / LOG_NAME),
+        "earlier_steps": earlier_steps,
     }
     finish_run(out, summary, "summary.json", "README.md", model_card(summary), step, total, {})
     return 0
+
+
+def start_from_pretrained(backbone: torch.nn.Module, path: Path, input_size: int, crop: str) -> int:
+    """Load ``path`` into ``backbone``; the SimCLR steps it already had (0 if not a train ssl backbone).
+
+    A train ssl backbone records the input size and crop it learnt with; pretraining it on with others
+    would mix two preprocessings, so that is refused.
+    """
+    from safetensors import safe_open
+
+    from fetalstudio.classification.model import load_pretrained_weights
+
+    report = load_pretrained_weights(backbone, path)
+    metadata = {}
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    if metadata.get("fetalstudio.kind") != "backbone":
+        print(f"pretrained weights: {report['tensors_loaded']} tensors from {path}", flush=True)
+        return 0
+    learnt = {"input size": (metadata.get("fetalstudio.input_size"), str(input_size)), "crop": (metadata.get("fetalstudio.crop"), crop)}
+    differing = [f"{name} {theirs} (this run: {ours})" for name, (theirs, ours) in learnt.items() if theirs is not None and theirs != ours]
+    if differing:
+        raise FetalStudioError(f"--pretrained {path.name} was pretrained with {', '.join(differing)}. Give the same "
+                               "--input-size and --crop to pretrain it on, or leave out --pretrained to start anew.")
+    steps = int(metadata.get("fetalstudio.steps", "0") or 0)
+    print(f"pretrained backbone: {report['tensors_loaded']} tensors, {steps} SimCLR steps, from {path}", flush=True)
+    return steps
 
 
 def log_tail_loss(path: Path) -> float | None:
@@ -233,6 +273,8 @@ def model_card(summary: dict) -> str:
         f"projection {settings['hidden_dim']} -> {settings['projection_dim']}",
         f"- steps: {summary['step']} of {summary['steps']} (batch {settings['batch_size']} images = {2 * settings['batch_size']} views, "
         f"lr {settings['lr']}, seed {settings['seed']}); final loss {summary['final_loss']}",
+        f"- started from: {settings['pretrained']} ({summary['earlier_steps']} SimCLR steps before these)" if settings.get("pretrained")
+        else "- started from: random weights",
         f"- hardware: {summary['device']}; wall time {summary['wall_time_s']} s",
         f"- data ({summary['images']} images, no labels used, no African image): "
         + ", ".join(f"`{s['path']}` ({s['images']})" for s in summary["sources"]), "",
