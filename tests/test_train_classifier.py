@@ -248,3 +248,42 @@ def test_local_pretrained_weights_are_used(small_csv, tmp_path, capsys):
     assert "do not fit resnet18" in message and "--pretrained" in message
     assert _train(tmp_path / "missing", "--data", str(small_csv), "--pretrained", str(tmp_path / "nope.pth"), "--steps", "1") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_linear_probe_keeps_the_backbone_then_trains_it_at_its_own_scale(small_csv, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    source = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1)
+    file = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
+    conv = "layer2.0.conv1.weight"
+
+    probe = tmp_path / "probe"
+    assert _train(probe, "--data", str(small_csv), "--pretrained", str(file), "--steps", "3", "--linear-probe-steps", "2",
+                  "--stop-after", "2", "--lr", "1e-2") == 0
+    after_probe = _weights(probe / "model.safetensors")
+    assert torch.equal(after_probe[conv], source.state_dict()[conv])  # the backbone was not moved by the probe
+    assert not torch.allclose(after_probe["fc.weight"], torch.zeros_like(after_probe["fc.weight"]))  # the head was trained
+    assert _train(probe, "--data", str(small_csv), "--pretrained", str(file), "--steps", "3", "--linear-probe-steps", "2", "--lr", "1e-2") == 0
+    assert not torch.allclose(_weights(probe / "model.safetensors")[conv], source.state_dict()[conv])  # resumed: step 3 trains it
+    summary = _summary(probe)
+    assert summary["settings"]["linear_probe_steps"] == 2 and summary["resumed_from"] == 2
+    assert "head alone for the first 2 steps" in (probe / "README.md").read_text()
+    logged = [float(row.split(",")[2]) for row in (probe / "train_log.csv").read_text().splitlines()[1:]]
+    assert all(lr > 0 for lr in logged)  # the logged rate is the head's, which trains from step 1
+
+    def moved(scale: str) -> float:
+        out = tmp_path / f"scale{scale}"
+        assert _train(out, "--data", str(small_csv), "--pretrained", str(file), "--steps", "2", "--warmup", "0",
+                      "--backbone-lr-scale", scale, "--lr", "1e-3") == 0
+        return float((_weights(out / "model.safetensors")[conv] - source.state_dict()[conv]).abs().max())
+
+    # Adam's first steps move each weight by about the learning rate, so the backbone moves about 10x less at scale 0.1
+    assert 5 < moved("1.0") / moved("0.1") < 20
+
+    assert _train(tmp_path / "bad1", "--data", str(small_csv), "--steps", "3", "--linear-probe-steps", "3") == 2
+    assert "--linear-probe-steps" in capsys.readouterr().err
+    assert _train(tmp_path / "bad2", "--data", str(small_csv), "--steps", "3", "--backbone-lr-scale", "0") == 2
+    assert "--backbone-lr-scale" in capsys.readouterr().err

@@ -110,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                        help="keep an exponential moving average of the weights (e.g. 0.99, with warm-up); "
                             "validation and the checkpoints use it (0 = off)")
+    optim.add_argument("--linear-probe-steps", type=int, default=0, metavar="N",
+                       help="train only the new head for the first N steps, then everything (LP-FT: the head is fitted "
+                            "before it can pull the --pretrained features around; the backbone gets its own warm-up) (default: %(default)s)")
+    optim.add_argument("--backbone-lr-scale", type=float, default=1.0, metavar="S",
+                       help="the backbone's learning rate is S times --lr, the head's is --lr (e.g. 0.1 keeps --pretrained "
+                            "features closer to what they learnt) (default: %(default)s)")
     optim.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     optim.add_argument("--stop-after", type=int, metavar="N",
                        help="stop after N steps of this run (state saved; run again to continue)")
@@ -353,6 +359,34 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model, args: argparse.Namespace, total: int):
+    """AdamW and its warm-up + cosine schedule; the head and the backbone as two groups when they differ.
+
+    The backbone's factor is 0 during the linear probe, then ``--backbone-lr-scale`` times a schedule of
+    its own over the remaining steps (a fresh warm-up); the head follows the whole run's schedule.
+    """
+    import torch
+
+    def head_factor(step: int) -> float:
+        return lr_factor(step, total, args.warmup)
+
+    if args.linear_probe_steps == 0 and args.backbone_lr_scale == 1.0:  # one group, as runs before these levers
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, head_factor)
+    head = model.get_classifier()
+    head_ids = {id(p) for p in head.parameters()}
+    if not head_ids:
+        raise FetalStudioError(f"--linear-probe-steps / --backbone-lr-scale: {type(model).__name__} has no separate head to train apart.")
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    probe = args.linear_probe_steps
+
+    def backbone_factor(step: int) -> float:
+        return 0.0 if step < probe else args.backbone_lr_scale * lr_factor(step - probe, total - probe, args.warmup)
+
+    optimizer = torch.optim.AdamW([{"params": backbone}, {"params": list(head.parameters())}], lr=args.lr, weight_decay=args.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [backbone_factor, head_factor])
+
+
 def run(args: argparse.Namespace) -> int:
     import shutil
 
@@ -369,6 +403,10 @@ def run(args: argparse.Namespace) -> int:
         raise FetalStudioError("--steps and --batch-size must be at least 1.")
     if args.input_size < 16:
         raise FetalStudioError("--input-size must be at least 16 pixels.")
+    if not 0 <= args.linear_probe_steps < args.steps:
+        raise FetalStudioError(f"--linear-probe-steps must be from 0 to below --steps ({args.steps}): the backbone needs steps after the probe.")
+    if not 0 < args.backbone_lr_scale <= 10:
+        raise FetalStudioError("--backbone-lr-scale must be above 0 and at most 10 (e.g. 0.1); to keep the backbone fixed, use --linear-probe-steps.")
     classes = PLANE_CLASSES
     architecture = resolve_backbone(args.backbone)
     preprocessing = Preprocessing(input_size=args.input_size, in_chans=args.channels,
@@ -387,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
                 "augment": args.augment, "data": [s.name for s in sources],
                 "crop": None if args.crop == "none" else args.crop,  # None: as runs from before --crop recorded it
                 "balance": args.balance, "ema": args.ema, "head_init": args.head_init, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
-                "pretrained": str(args.pretrained) if args.pretrained else None}
+                "pretrained": str(args.pretrained) if args.pretrained else None,
+                "linear_probe_steps": args.linear_probe_steps, "backbone_lr_scale": args.backbone_lr_scale}
     other = check_resume_settings(out, settings, ARCHITECTURE_SETTINGS)
     if other:
         print(f"note: resuming with changed {', '.join(other)}", flush=True)
@@ -396,9 +435,8 @@ def run(args: argparse.Namespace) -> int:
     model, pretrained_report = build_model(spec, args.pretrained, drop_rate=args.drop_rate, zero_head=args.head_init == "zero")
     if pretrained_report:
         print(f"pretrained weights: {pretrained_report['tensors_loaded']} tensors from {args.pretrained}", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, args.warmup))
+    optimizer, scheduler = make_optimizer(model, args, total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = None
     if args.ema > 0:
@@ -424,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
     save_dtype = torch.float16 if args.save_dtype == "fp16" else None
     training_info = {"architecture": architecture, "data": settings["data"], "augment": args.augment, "steps": total,
                      "batch_size": args.batch_size, "input_size": args.input_size, "channels": args.channels,
-                     "crop": args.crop, "pretrained": settings["pretrained"], "seed": args.seed, "ema": args.ema}
+                     "crop": args.crop, "pretrained": settings["pretrained"], "seed": args.seed, "ema": args.ema,
+                     "linear_probe_steps": args.linear_probe_steps, "backbone_lr_scale": args.backbone_lr_scale}
 
     started = time.perf_counter()
     step = start
@@ -437,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         step += 1
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=step)
-        log.add(step, loss_value, scheduler.get_last_lr()[0], step % args.log_every == 0 or step == end)
+        log.add(step, loss_value, scheduler.get_last_lr()[-1], step % args.log_every == 0 or step == end)  # the head's
         if validator is not None and (step % args.val_every == 0 or step == total):
             result = validator.evaluate(_weights_to_use(accelerator, model, ema), step)
             print(f"step {step} validation accuracy {result['accuracy']:.4f} f1 {result['f1']:.4f} "
@@ -566,6 +605,9 @@ def model_card(summary: dict) -> str:
         f"- weights: {'from ' + settings['pretrained'] if settings['pretrained'] else 'random initialisation (from scratch)'}",
         f"- augmentation: {settings['augment']}; balanced planes: {settings['balance']}; "
         f"weight EMA: {settings.get('ema') or 'off'}",
+        *([f"- fine-tuning: head alone for the first {settings.get('linear_probe_steps', 0)} steps; backbone learning rate "
+           f"{settings.get('backbone_lr_scale', 1.0)} x the head's"]
+          if settings.get("linear_probe_steps") or settings.get("backbone_lr_scale", 1.0) != 1.0 else []),
         f"- steps: {summary['step']} of {summary['steps']} (batch {settings['batch_size']}, lr {settings['lr']}, seed {settings['seed']})",
         f"- hardware: {summary['device']}; wall time {summary['wall_time_s']} s",
         f"- parameters: {summary['parameters']:,}; checkpoint {summary['checkpoint_bytes'] / 2**20:.1f} MiB", "",
