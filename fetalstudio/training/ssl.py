@@ -230,25 +230,25 @@ def start_from_pretrained(backbone: torch.nn.Module, path: Path, input_size: int
     """Load ``path`` into ``backbone``; the SimCLR steps it already had (0 if not a train ssl backbone).
 
     A train ssl backbone records the input size and crop it learnt with; pretraining it on with others
-    would mix two preprocessings, so that is refused.
+    would mix two preprocessings, so that is refused, from the file's header before its weights are read.
     """
-    from safetensors import safe_open
-
     from fetalstudio.classification.model import load_pretrained_weights
+    from fetalstudio.models.inspect import read_safetensors_header
 
-    report = load_pretrained_weights(backbone, path)
     metadata = {}
-    if path.suffix.lower() == ".safetensors":
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-    if metadata.get("fetalstudio.kind") != "backbone":
+    if path.is_file() and path.suffix.lower() == ".safetensors":  # a missing file is reported by load_pretrained_weights
+        _, metadata = read_safetensors_header(path)
+    is_ssl_backbone = metadata.get("fetalstudio.kind") == "backbone"
+    if is_ssl_backbone:
+        learnt = {"input size": (metadata.get("fetalstudio.input_size"), str(input_size)), "crop": (metadata.get("fetalstudio.crop"), crop)}
+        differing = [f"{name} {theirs} (this run: {ours})" for name, (theirs, ours) in learnt.items() if theirs is not None and theirs != ours]
+        if differing:
+            raise FetalStudioError(f"--pretrained {path.name} was pretrained with {', '.join(differing)}. Give the same "
+                                   "--input-size and --crop to pretrain it on, or leave out --pretrained to start anew.")
+    report = load_pretrained_weights(backbone, path)
+    if not is_ssl_backbone:
         print(f"pretrained weights: {report['tensors_loaded']} tensors from {path}", flush=True)
         return 0
-    learnt = {"input size": (metadata.get("fetalstudio.input_size"), str(input_size)), "crop": (metadata.get("fetalstudio.crop"), crop)}
-    differing = [f"{name} {theirs} (this run: {ours})" for name, (theirs, ours) in learnt.items() if theirs is not None and theirs != ours]
-    if differing:
-        raise FetalStudioError(f"--pretrained {path.name} was pretrained with {', '.join(differing)}. Give the same "
-                               "--input-size and --crop to pretrain it on, or leave out --pretrained to start anew.")
     steps = int(metadata.get("fetalstudio.steps", "0") or 0)
     print(f"pretrained backbone: {report['tensors_loaded']} tensors, {steps} SimCLR steps, from {path}", flush=True)
     return steps
