@@ -214,7 +214,7 @@ def write_reports(out: Path, result: dict, stages: Sequence[str], structures: Se
         ("Files", "reconstruction.csv (one row per image, ROI and stage), layout_fidelity.csv (per structure), presets.csv "
                   "(one row per image and preset), presets_skipped.csv (presets that did not fit an image, and why), summary.json (everything in --json), the three PNG grids."),
     ]
-    text = "\n".join([f"# Anatomy engine (FetalFlex) evaluation", ""] + [part for heading, body in sections for part in (f"## {heading}", "", body, "")])
+    text = "\n".join(["# Anatomy engine (FetalFlex) evaluation", ""] + [part for heading, body in sections for part in (f"## {heading}", "", body, "")])
     write_csv(out / "reconstruction.csv", reconstruction)
     write_csv(out / "layout_fidelity.csv", layout)
     write_csv(out / "presets.csv", edits)

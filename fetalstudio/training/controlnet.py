@@ -332,8 +332,6 @@ def controlnet_loss(controlnet, unet, noise_scheduler, latents, hidden, layout_m
 
 
 def score_prediction(controlnet, unet, noise_scheduler, latents, noise, timesteps, hidden, layout_maps, roi, weights: LossWeights, ssim):
-    import torch
-
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     down, mid = (None, None) if controlnet is None else \
         controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=layout_maps, return_dict=False)

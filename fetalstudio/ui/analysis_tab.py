@@ -495,7 +495,7 @@ def wire(context: AppContext, c: AnalysisComponents) -> TabLinks:
     c.annotator.change(on_box, [c.annotator, c.segmenter, c.multimask], results, **gpu)
     c.picture.select(on_click, [c.point_kind, c.segmenter, c.multimask], results, **gpu)
     c.auto.click(on_auto, [c.segmenter, c.multimask], results, **gpu)
-    for trigger in (c.coords.click, *(field.submit for field in c.box_fields)):  # the button, or Enter in a field
+    for trigger in (c.coords.click, *(box_field.submit for box_field in c.box_fields)):  # the button, or Enter in a field
         trigger(on_coords, [*c.box_fields, c.segmenter, c.multimask], results, **gpu)
     c.multimask.change(on_multimask, [c.segmenter, c.multimask], results, **gpu)
     c.candidate.input(on_candidate, [c.candidate], results)

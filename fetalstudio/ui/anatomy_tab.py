@@ -27,7 +27,7 @@ from fetalstudio.anatomy.editor_boxes import (TABLE_COLUMNS, PendingEchoes, anno
                                               annotator_value, apply_annotator_value, apply_table, table_rows)
 from fetalstudio.anatomy.editor_store import EditorSession
 from fetalstudio.anatomy.examples import list_examples
-from fetalstudio.anatomy.flex import CONDITIONS, STAGES, FlexOptions, flex_settings, run_flex
+from fetalstudio.anatomy.flex import CONDITIONS, FlexOptions, flex_settings, run_flex
 from fetalstudio.anatomy.flex_cli import detect_structures, detector_planes, structure_detector
 from fetalstudio.anatomy.layout import Layout
 from fetalstudio.anatomy.presets import load_presets
@@ -46,7 +46,7 @@ from fetalstudio.paths import app_file
 from fetalstudio.pipelines.samplers import SAMPLERS
 from fetalstudio.pipelines.ssa import SSAParameters
 from fetalstudio.ui import anatomy_pairs
-from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, refusals_as_warnings, user_errors
+from fetalstudio.ui.common import GPU_QUEUE, CancelFlags, refusals_as_warnings
 from fetalstudio.ui.tab import Handler, Receiver, Sender, TabLinks, join_page_js
 from fetalstudio.vocabulary import ANATOMY_PLANES, FACIAL_SAGITTAL
 
